@@ -1,0 +1,33 @@
+# Two entry points: `make run` (a pool serving, visibly) and `make test` (the whole suite).
+# Both create .venv on first use. Needs python3 >= 3.11 with venv (Debian: python3-venv).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test venv clean bench
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "asyncmsgr needs Python >= 3.11, found " + sys.version.split()[0])'
+	@$(PY) -m venv $(VENV) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq python3-venv && $(PY) -m venv $(VENV); \
+	  else echo "python3 -m venv failed: install your distribution's venv package (Debian: apt-get install python3-venv)"; exit 1; fi; }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/msgr demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/msgr bench tcp --json bench-tcp.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

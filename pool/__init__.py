@@ -1,0 +1,1 @@
+"""Where protocol meets transport: Messenger, connections, workers, supervisor."""

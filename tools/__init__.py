@@ -1,0 +1,1 @@
+"""Command line: ``msgr serve/status/scale/stop/stress/bench``."""

@@ -1,0 +1,1 @@
+"""Moving bytes and fds: event loop, network stacks, fd passing, rings. Knows nothing of messages."""
