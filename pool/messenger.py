@@ -1,0 +1,409 @@
+"""Messenger: connections, the session registry, policies, throttles and dispatch.
+
+One Messenger lives on one EventCenter (one worker). It owns:
+
+* ``conns`` — the session registry keyed by the peer's advertised address (Ceph's
+  ``conns``); a server looks up an existing session here on CLIENT_IDENT and
+  SESSION_RECONNECT and applies the decision table in :mod:`protocol.session`;
+* the policies per peer entity type, and the receive throttles (messages, bytes);
+* dispatch to the registered :class:`~pool.dispatcher.Dispatcher` objects.
+
+Not thread-safe: call it from its EventCenter's thread, or hop there with
+``center.dispatch_event_external``. In the pool, a hook (``route_request``) lets the
+worker hand a reconnect for a session owned by another worker to that worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from protocol import features
+from protocol.connection import Config, Connection, IdentRequest, ReconnectRequest, Role
+from protocol.control import EntityAddr
+from protocol.frames import FrameLimits
+from protocol.message import Message
+from protocol.policy import Backoff, Policy
+from protocol.session import Decision, Session, Verdict, decide_ident, decide_reconnect
+from transport.event_center import READABLE, EventCenter
+from transport.posix import PosixStack
+from transport.stack import Address, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
+
+from .connection import AsyncConnection, ConnState
+from .dispatcher import Dispatcher
+from .throttle import Throttle
+
+__all__ = ["Messenger"]
+
+log = logging.getLogger("pool.messenger")
+
+#: route_request(conn, event) -> True when the request was handed to another owner
+RouteHook = Callable[[AsyncConnection, "IdentRequest | ReconnectRequest"], bool]
+
+
+def _addr_entity(addr: Address | None, nonce: int) -> EntityAddr:
+    if isinstance(addr, tuple):
+        return EntityAddr(nonce, str(addr[0]), int(addr[1]))
+    return EntityAddr(nonce, str(addr or ""), 0)
+
+
+class Messenger:
+    """A set of sessions on one EventCenter."""
+
+    def __init__(self, center: EventCenter, *, entity_type: int, name: str = "",
+                 policy: Policy | None = None, stack: NetworkStack | None = None,
+                 inject_socket_failures: int = 0, throttle_messages: int = 0,
+                 throttle_bytes: int = 0, limits: FrameLimits | None = None,
+                 backoff: Backoff | None = None, nonce: int | None = None,
+                 cookie_tag: int = 0, seed: int | None = None,
+                 ready_timeout: float = 10.0, idle_timeout: float = 900.0) -> None:
+        self.center = center
+        self.entity_type = entity_type
+        self.name = name
+        self.stack = stack or PosixStack()
+        self.socket_options = SocketOptions()
+        self.default_policy = policy or Policy.lossless_client()
+        self.policies: dict[int, Policy] = {}
+        self.dispatchers: list[Dispatcher] = []
+        self.nonce = nonce if nonce is not None else secrets.randbits(32)
+        self.my_addr = EntityAddr(self.nonce, "", 0)
+        self.rng = random.Random(seed)
+        self.inject_socket_failures = inject_socket_failures
+        self.backoff = backoff or Backoff()
+        self.ready_timeout = ready_timeout
+        self.idle_timeout = idle_timeout
+        #: high byte of server cookies: the pool puts the worker slot here so any worker
+        #: can tell which one owns a session (DESIGN.md, Processes).
+        self.cookie_tag = cookie_tag
+        self._global_seq = 0
+        self.proto_config = Config(
+            entity_type=entity_type, my_addr=self.my_addr,
+            features_supported=features.SUPPORTED, features_required=features.REQUIRED,
+            limits=limits or FrameLimits(), next_global_seq=self._next_global_seq,
+            new_cookie=self._new_cookie)
+        self.conns: dict[str, AsyncConnection] = {}
+        self.anon: set[AsyncConnection] = set()
+        self.accepting: set[AsyncConnection] = set()
+        self.listeners: list[ServerSocket] = []
+        self.throttle_msgs = Throttle("messages", throttle_messages)
+        self.throttle_bytes = Throttle("bytes", throttle_bytes)
+        self.route_request: RouteHook | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.msgs_in = 0
+        self.msgs_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._held: dict[int, int] = {}
+        self._tick_id: int | None = None
+        self._stopped = False
+        self._tick_id = center.create_time_event(1.0, self._tick)
+
+    # -- configuration ---------------------------------------------------------------------
+    def set_policy(self, entity_type: int, policy: Policy) -> None:
+        self.policies[entity_type] = policy
+
+    def policy_for(self, entity_type: int) -> Policy:
+        return self.policies.get(entity_type, self.default_policy)
+
+    def add_dispatcher(self, d: Dispatcher) -> None:
+        self.dispatchers.append(d)
+
+    def _next_global_seq(self, old: int) -> int:
+        self._global_seq = max(self._global_seq, old) + 1
+        return self._global_seq
+
+    def _new_cookie(self) -> int:
+        low = secrets.randbits(56) or 1
+        return (self.cookie_tag << 56) | low
+
+    def target_entity_addr(self, addr: Address | None) -> EntityAddr:
+        return _addr_entity(addr, 0)
+
+    # -- server side -------------------------------------------------------------------------
+    def bind(self, addr: Address, opts: SocketOptions | None = None) -> Address:
+        """Listen on ``addr`` and accept on this messenger's loop; returns the bound address."""
+        server = self.stack.listen(addr, opts or self.socket_options)
+        self.listeners.append(server)
+        bound = server.address
+        self.my_addr = _addr_entity(bound, self.nonce)
+        self.proto_config.my_addr = self.my_addr
+        self.center.create_file_event(server.fileno(), READABLE,
+                                      lambda _fd, s=server: self._accept_ready(s))
+        return bound
+
+    def set_address(self, addr: Address) -> None:
+        """Advertise ``addr`` (a pool worker serves the supervisor's listening address)."""
+        self.my_addr = _addr_entity(addr, self.nonce)
+        self.proto_config.my_addr = self.my_addr
+
+    def _accept_ready(self, server: ServerSocket) -> None:
+        for _ in range(64):  # bounded accepts per wake-up
+            try:
+                sock = server.accept()
+            except OSError as err:
+                log.warning("accept failed on %s: %s", server.address, err)
+                self.stats["accept_errors"] += 1
+                return
+            if sock is None:
+                return
+            self.add_accept(sock)
+
+    def add_accept(self, sock: ConnectedSocket) -> AsyncConnection:
+        """Serve a freshly accepted socket (from our listener or handed to us)."""
+        conn = AsyncConnection(self, self.default_policy, peer_addr=sock.peer_address,
+                               outgoing=False)
+        wire = Connection(Role.SERVER, self.proto_config,
+                          seen_peer_addr=_addr_entity(sock.peer_address, 0))
+        self.accepting.add(conn)
+        conn.accept(sock, wire)
+        return conn
+
+    def adopt_handshake(self, sock: ConnectedSocket, wire: Connection,
+                        event: IdentRequest | ReconnectRequest) -> AsyncConnection:
+        """Continue a handshake another worker started, then decide on its request."""
+        conn = AsyncConnection(self, self.default_policy, peer_addr=sock.peer_address,
+                               outgoing=False)
+        self.accepting.add(conn)
+        conn.accept(sock, wire)
+        if isinstance(event, IdentRequest):
+            self.handle_ident(conn, event, routed=True)
+        else:
+            self.handle_reconnect(conn, event, routed=True)
+        return conn
+
+    def _registry_key(self, addr: EntityAddr) -> str:
+        return f"{addr.host}:{addr.port}/{addr.nonce}"
+
+    def handle_ident(self, conn: AsyncConnection, ev: IdentRequest, routed: bool = False) -> None:
+        if not routed and self.route_request is not None and self.route_request(conn, ev):
+            return
+        wire = conn.wire
+        assert wire is not None
+        policy = self.policy_for(ev.peer_type)
+        conn.policy = policy
+        peer = ev.ident.addrs[0]
+        key = self._registry_key(peer)
+        existing = self.conns.get(key)
+        if existing is conn:
+            existing = None
+        register = not policy.lossy or policy.register_lossy_clients
+        d = decide_ident(existing.view() if existing else None, ev.ident, policy,
+                         self.my_addr, peer)
+        self.stats[f"ident_{d.verdict.value}"] += 1
+        if d.verdict is Verdict.NEW_SESSION:
+            if existing is not None:
+                existing._stop(notify=d.reset_existing)
+            self._new_server_session(conn, key if register else None, policy)
+        elif d.verdict is Verdict.REUSE:
+            assert existing is not None and existing.session is not None
+            if d.reset_existing:
+                existing.session.reset()
+                self.dispatch_remote_reset(existing)
+            self._reuse(conn, existing, lambda w, s: w.accept_new_session(s, self._new_cookie()))
+        elif d.verdict is Verdict.WAIT:
+            if existing is not None:
+                existing.send_keepalive()
+            wire.reject("wait")
+            conn._schedule_flush()
+        else:  # STALE
+            conn._stop(notify=False)
+
+    def _new_server_session(self, conn: AsyncConnection, key: str | None, policy: Policy) -> None:
+        wire = conn.wire
+        assert wire is not None
+        session = Session(policy)
+        conn.session = session
+        wire.accept_new_session(session, self._new_cookie())
+        self.accepting.discard(conn)
+        if key is not None:
+            conn.key = key
+            self.conns[key] = conn
+        else:
+            self.anon.add(conn)
+        conn.server_ready(new_session=True)
+        self.dispatch_accept(conn)
+
+    def _reuse(self, conn: AsyncConnection, existing: AsyncConnection,
+               answer: Callable[[Connection, Session], None]) -> None:
+        """Move ``conn``'s socket into ``existing`` and answer the request there."""
+        sock, wire = conn.detach_socket()
+        assert sock is not None and wire is not None and existing.session is not None
+        self.accepting.discard(conn)
+        conn.state = ConnState.CLOSED
+        existing.replace_socket(sock, wire)
+        answer(wire, existing.session)
+        existing.server_ready(new_session=False)
+
+    def handle_reconnect(self, conn: AsyncConnection, ev: ReconnectRequest,
+                         routed: bool = False) -> None:
+        if not routed and self.route_request is not None and self.route_request(conn, ev):
+            return
+        wire = conn.wire
+        assert wire is not None
+        policy = self.policy_for(ev.peer_type)
+        conn.policy = policy
+        peer = ev.request.addrs[0]
+        key = self._registry_key(peer)
+        existing = self.conns.get(key)
+        if existing is conn:
+            existing = None
+        d: Decision = decide_reconnect(existing.view() if existing else None, ev.request,
+                                       policy, self.my_addr, peer)
+        self.stats[f"reconnect_{d.verdict.value}"] += 1
+        if d.verdict is Verdict.REUSE:
+            assert existing is not None
+            self.stats["sessions_resumed"] += 1
+            self._reuse(conn, existing, lambda w, s: w.accept_reconnect(s))
+            return
+        if d.verdict is Verdict.RESET:
+            wire.reject("reset", full=d.full)
+        elif d.verdict is Verdict.RETRY:
+            wire.reject("retry", value=d.value)
+        elif d.verdict is Verdict.RETRY_GLOBAL:
+            wire.reject("retry_global", value=d.value)
+        elif d.verdict is Verdict.WAIT:
+            wire.reject("wait")
+        conn._schedule_flush()
+
+    # -- client side ----------------------------------------------------------------------------
+    def connect(self, addr: Address, policy: Policy | None = None) -> AsyncConnection:
+        """A new session to ``addr`` (always a fresh one; see get_connection)."""
+        conn = AsyncConnection(self, policy or self.default_policy, peer_addr=addr, outgoing=True)
+        conn.key = f"out:{addr}:{id(conn)}"
+        self.conns[conn.key] = conn
+        conn._start_connect()
+        return conn
+
+    def get_connection(self, addr: Address, policy: Policy | None = None) -> AsyncConnection:
+        """The existing outgoing session to ``addr``, or a new one."""
+        for c in self.conns.values():
+            if c.outgoing and c.peer_addr == addr and c.state is not ConnState.CLOSED:
+                return c
+        return self.connect(addr, policy)
+
+    def send_message(self, msg: Message, conn: AsyncConnection) -> None:
+        conn.send_message(msg)
+
+    def unregister(self, conn: AsyncConnection) -> None:
+        if conn.key is not None and self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+        self.anon.discard(conn)
+        self.accepting.discard(conn)
+
+    def connections(self) -> list[AsyncConnection]:
+        return [c for c in list(self.conns.values()) + list(self.anon)
+                if c.state is not ConnState.CLOSED]
+
+    # -- throttles and dispatch ------------------------------------------------------------
+    def throttle_take(self, size: int) -> bool:
+        if not self.throttle_msgs.get_or_fail(1):
+            return False
+        if not self.throttle_bytes.get_or_fail(size):
+            self.throttle_msgs.put(1)
+            return False
+        return True
+
+    def throttle_wait(self, cb: Callable[[], None]) -> None:
+        # Whichever throttle refused, a release of either may let us proceed.
+        self.throttle_msgs.wait(cb)
+        self.throttle_bytes.wait(cb)
+
+    def throttle_discard_waiter(self, cb: Callable[[], None]) -> None:
+        self.throttle_msgs.discard_waiter(cb)
+        self.throttle_bytes.discard_waiter(cb)
+
+    def deliver(self, conn: AsyncConnection, msg: Message, size: int) -> None:
+        self.msgs_in += 1
+        key = id(msg)
+        self._held[key] = 0
+        try:
+            for d in self.dispatchers:
+                d.ms_dispatch(conn, msg)
+        except Exception:  # noqa: BLE001 - a dispatcher bug must not kill the worker
+            log.exception("dispatcher raised on %r", msg)
+            self.stats["dispatch_errors"] += 1
+        if self._held.pop(key) == 0:
+            self.throttle_bytes.put(size)
+            self.throttle_msgs.put(1)
+
+    def hold(self, msg: Message) -> Callable[[], None]:
+        """Called inside ms_dispatch: keep ``msg`` past the callback. The throttles stay
+        charged until the returned function is called (exactly once)."""
+        key = id(msg)
+        if key not in self._held:
+            raise RuntimeError("hold() must be called from ms_dispatch for that message")
+        self._held[key] = 1
+        size = len(msg.data) + 64
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.throttle_bytes.put(size)
+            self.throttle_msgs.put(1)
+        return release
+
+    def _each(self, name: str, conn: AsyncConnection) -> None:
+        for d in self.dispatchers:
+            try:
+                getattr(d, name)(conn)
+            except Exception:  # noqa: BLE001
+                log.exception("dispatcher %s raised", name)
+                self.stats["dispatch_errors"] += 1
+
+    def dispatch_connect(self, conn: AsyncConnection) -> None:
+        self._each("ms_handle_connect", conn)
+
+    def dispatch_accept(self, conn: AsyncConnection) -> None:
+        self._each("ms_handle_accept", conn)
+
+    def dispatch_reset(self, conn: AsyncConnection) -> None:
+        self._each("ms_handle_reset", conn)
+
+    def dispatch_remote_reset(self, conn: AsyncConnection) -> None:
+        self._each("ms_handle_remote_reset", conn)
+
+    def dispatch_refused(self, conn: AsyncConnection) -> None:
+        self._each("ms_handle_refused", conn)
+
+    # -- timers ---------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        """Ready and idle timeouts (Ceph's connection tick, notes §5)."""
+        self._tick_id = None
+        if self._stopped:
+            return
+        now = self.center.now()
+        for conn in list(self.conns.values()) + list(self.accepting) + list(self.anon):
+            if conn.state in (ConnState.CONNECTING, ConnState.HANDSHAKE, ConnState.ACCEPTING):
+                if now - conn.connect_started >= self.ready_timeout:
+                    self.stats["ready_timeouts"] += 1
+                    conn._fault("not ready within the ready timeout")
+            elif conn.state is ConnState.READY and now - conn.last_active > self.idle_timeout:
+                self.stats["idle_timeouts"] += 1
+                conn._fault("idle timeout")
+        self._tick_id = self.center.create_time_event(min(1.0, self.idle_timeout / 2), self._tick)
+
+    # -- shutdown -------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Close every listener and connection (no reset callbacks)."""
+        self._stopped = True
+        if self._tick_id is not None:
+            self.center.delete_time_event(self._tick_id)
+            self._tick_id = None
+        for server in self.listeners:
+            self.center.delete_file_event(server.fileno(), READABLE)
+            server.close()
+        self.listeners.clear()
+        for conn in list(self.conns.values()) + list(self.anon) + list(self.accepting):
+            conn.mark_down()
+
+    def counters(self) -> dict[str, Any]:
+        return {"msgs_in": self.msgs_in, "msgs_out": self.msgs_out, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "connections": len(self.connections()),
+                **dict(self.stats)}

@@ -1,0 +1,669 @@
+"""One socket's worth of msgr2: the handshake and the frame exchange, sans I/O.
+
+Usage (h11 shape, with an outbox because replies arise from input):
+
+    conn = Connection(Role.CLIENT, config, session=Session(policy))
+    out = conn.data_to_send()            # banner; write these buffers
+    conn.receive_data(bytes_from_peer)   # or get_buffer()/buffer_updated() for zero copy
+    while (ev := conn.next_event()) is not NEED_DATA:
+        ...                              # Ready, MessageReceived, IdentRequest, ...
+    conn.write_messages()                # encode queued session messages into the outbox
+
+Handshake (crc mode). Both roles first exchange banners, then HELLO:
+
+    client                                   server
+    banner, HELLO            ─────────▶      banner, HELLO
+    AUTH_REQUEST             ─────────▶      AUTH_DONE, AUTH_SIGNATURE
+    AUTH_SIGNATURE           ─────────▶
+    CLIENT_IDENT | SESSION_RECONNECT ──▶      (owner decides: IdentRequest/ReconnectRequest)
+                             ◀─────────      SERVER_IDENT | RECONNECT_OK | RESET | RETRY* | WAIT
+    READY: MESSAGE / ACK / KEEPALIVE2 / KEEPALIVE2_ACK in both directions
+
+Every legal (role, state, tag) lives in :data:`TRANSITIONS`; anything else is a remote
+protocol error that faults the connection (never the worker). The owner supplies time,
+randomness and the session registry, so the whole exchange is testable without sockets.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from . import features as feat
+from .auth import AuthResult, ClientAuth, NoneClientAuth, NoneServerAuth, ServerAuth, signature
+from .control import (
+    IDENT_FLAG_LOSSY, Ack, AuthBadMethod, AuthDone, AuthReplyMore, AuthRequest,
+    AuthRequestMore, AuthSignature, ClientIdent, EntityAddr, Hello, IdentMissingFeatures,
+    Keepalive2, Keepalive2Ack, ServerIdent, SessionReconnect, SessionReconnectOk,
+    SessionReset, SessionRetry, SessionRetryGlobal, Wait, decode_control, encode_control,
+)
+from .errors import LocalProtocolError, RemoteProtocolError
+from .frames import Banner, FrameDecoder, FrameLimits, Tag, encode_banner, encode_frame
+from .message import Message, decode_message, message_segments
+from .session import Session
+
+__all__ = [
+    "Role", "State", "Config", "Connection", "NEED_DATA", "TRANSITIONS",
+    "Ready", "IdentRequest", "ReconnectRequest", "ResetReceived", "RetryReceived",
+    "WaitReceived", "MessageReceived", "KeepaliveReceived", "KeepaliveAckReceived",
+    "Event",
+]
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Any = _NeedData()
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    BANNER = "banner"
+    HELLO = "hello"
+    AUTH = "auth"
+    AUTH_SIGNATURE = "auth_signature"
+    SESSION_CONNECTING = "session_connecting"      # client sent CLIENT_IDENT
+    SESSION_RECONNECTING = "session_reconnecting"  # client sent SESSION_RECONNECT
+    SESSION_ACCEPTING = "session_accepting"        # server waits for / decides on ident
+    READY = "ready"
+    CLOSED = "closed"
+
+
+# -- events ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Handshake complete; ``resumed`` when an existing session continued."""
+
+    resumed: bool
+    peer_type: int
+    peer_addrs: tuple[EntityAddr, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IdentRequest:
+    """Server: the client asks for a new session. Decide, then call accept_new_session()
+    or reject()."""
+
+    ident: ClientIdent
+    peer_type: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectRequest:
+    """Server: the client asks to resume a session. Decide, then accept_reconnect() or
+    reject()."""
+
+    request: SessionReconnect
+    peer_type: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResetReceived:
+    """Client: the server has no (or a different) session. The connection already reset
+    the session when ``full`` and sent CLIENT_IDENT; the owner notifies the dispatcher."""
+
+    full: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RetryReceived:
+    """Client: the server asked us to retry with a higher connect_seq/global_seq (already
+    done by the connection; informational)."""
+
+    global_: bool
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitReceived:
+    """Client: the server's own outgoing connection wins a race; back off and retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveReceived:
+    stamp: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveAckReceived:
+    stamp: tuple[int, int]
+
+
+Event = Union[Ready, IdentRequest, ReconnectRequest, ResetReceived, RetryReceived,
+              WaitReceived, MessageReceived, KeepaliveReceived, KeepaliveAckReceived]
+
+
+@dataclass
+class Config:
+    """Per-messenger handshake parameters (no I/O inside)."""
+
+    entity_type: int
+    my_addr: EntityAddr
+    gid: int = 0
+    features_supported: int = feat.SUPPORTED
+    features_required: int = feat.REQUIRED
+    limits: FrameLimits = field(default_factory=FrameLimits)
+    client_auth: Callable[[], ClientAuth] = NoneClientAuth
+    server_auth: ServerAuth = field(default_factory=NoneServerAuth)
+    #: fresh messenger-wide global_seq strictly greater than the argument
+    next_global_seq: Callable[[int], int] = lambda old: old + 1
+    #: random non-zero 64-bit cookie
+    new_cookie: Callable[[], int] = lambda: 1
+
+
+# (role, state, tag) -> (handler name, state after the handler unless it sets another)
+_C, _S = Role.CLIENT, Role.SERVER
+TRANSITIONS: dict[tuple[Role, State, int], tuple[str, State]] = {
+    (_C, State.HELLO, Tag.HELLO): ("_on_hello", State.AUTH),
+    (_S, State.HELLO, Tag.HELLO): ("_on_hello", State.AUTH),
+    (_C, State.AUTH, Tag.AUTH_DONE): ("_on_auth_done", State.AUTH_SIGNATURE),
+    (_C, State.AUTH, Tag.AUTH_REPLY_MORE): ("_on_auth_reply_more", State.AUTH),
+    (_C, State.AUTH, Tag.AUTH_BAD_METHOD): ("_on_auth_bad_method", State.CLOSED),
+    (_S, State.AUTH, Tag.AUTH_REQUEST): ("_on_auth_request", State.AUTH_SIGNATURE),
+    (_S, State.AUTH, Tag.AUTH_REQUEST_MORE): ("_on_auth_request_more", State.AUTH_SIGNATURE),
+    (_C, State.AUTH_SIGNATURE, Tag.AUTH_SIGNATURE): ("_on_signature", State.SESSION_CONNECTING),
+    (_S, State.AUTH_SIGNATURE, Tag.AUTH_SIGNATURE): ("_on_signature", State.SESSION_ACCEPTING),
+    (_S, State.SESSION_ACCEPTING, Tag.CLIENT_IDENT): ("_on_client_ident", State.SESSION_ACCEPTING),
+    (_S, State.SESSION_ACCEPTING, Tag.SESSION_RECONNECT): ("_on_reconnect", State.SESSION_ACCEPTING),
+    (_C, State.SESSION_CONNECTING, Tag.SERVER_IDENT): ("_on_server_ident", State.READY),
+    (_C, State.SESSION_CONNECTING, Tag.IDENT_MISSING_FEATURES): ("_on_missing_features", State.CLOSED),
+    (_C, State.SESSION_CONNECTING, Tag.WAIT): ("_on_wait", State.CLOSED),
+    (_C, State.SESSION_RECONNECTING, Tag.SESSION_RECONNECT_OK): ("_on_reconnect_ok", State.READY),
+    (_C, State.SESSION_RECONNECTING, Tag.SESSION_RESET): ("_on_session_reset", State.SESSION_CONNECTING),
+    (_C, State.SESSION_RECONNECTING, Tag.SESSION_RETRY): ("_on_retry", State.SESSION_RECONNECTING),
+    (_C, State.SESSION_RECONNECTING, Tag.SESSION_RETRY_GLOBAL): ("_on_retry_global", State.SESSION_RECONNECTING),
+    (_C, State.SESSION_RECONNECTING, Tag.WAIT): ("_on_wait", State.CLOSED),
+    (_C, State.READY, Tag.MESSAGE): ("_on_message", State.READY),
+    (_S, State.READY, Tag.MESSAGE): ("_on_message", State.READY),
+    (_C, State.READY, Tag.ACK): ("_on_ack", State.READY),
+    (_S, State.READY, Tag.ACK): ("_on_ack", State.READY),
+    (_C, State.READY, Tag.KEEPALIVE2): ("_on_keepalive", State.READY),
+    (_S, State.READY, Tag.KEEPALIVE2): ("_on_keepalive", State.READY),
+    (_C, State.READY, Tag.KEEPALIVE2_ACK): ("_on_keepalive_ack", State.READY),
+    (_S, State.READY, Tag.KEEPALIVE2_ACK): ("_on_keepalive_ack", State.READY),
+}
+
+
+class Connection:
+    """The msgr2 exchange over one socket. Not thread-safe; owned by one event loop."""
+
+    def __init__(self, role: Role, config: Config, session: Session | None = None,
+                 seen_peer_addr: EntityAddr | None = None,
+                 target_addr: EntityAddr | None = None) -> None:
+        if role is Role.CLIENT and session is None:
+            raise LocalProtocolError("a client connection needs its session up front")
+        self.role = role
+        self.config = config
+        self.session = session
+        self.state = State.BANNER
+        self.decoder = FrameDecoder(config.limits)
+        self.peer_type = 0
+        self.peer_addrs: tuple[EntityAddr, ...] = ()
+        self.peer_features = 0
+        self.seen_peer_addr = seen_peer_addr or EntityAddr(0, "", 0)
+        self.target_addr = target_addr or EntityAddr(0, "", 0)
+        self.learned_addr: EntityAddr | None = None
+        self.auth: AuthResult | None = None
+        self.pending_request: ClientIdent | SessionReconnect | None = None
+        self._client_auth: ClientAuth | None = config.client_auth() if role is Role.CLIENT else None
+        self._pre_auth_rx = bytearray()
+        self._pre_auth_tx = bytearray()
+        self._out: list[Buffer] = []
+        self._peer_signature: bytes | None = None
+        self._events: list[Event] = []
+        self.messages_in = 0
+        self.messages_out = 0
+        self._send_raw(encode_banner(config.features_supported, config.features_required))
+
+    # -- I/O surface -----------------------------------------------------------------
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.decoder.buffer_updated(nbytes)
+
+    def receive_data(self, data: Buffer) -> None:
+        self.decoder.feed(data)
+
+    def data_to_send(self) -> list[Buffer]:
+        out = self._out
+        self._out = []
+        return out
+
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state is State.READY
+
+    # -- the event pump -------------------------------------------------------------------
+    def next_event(self) -> Event | Any:
+        """Next event, or NEED_DATA. Raises RemoteProtocolError on bad input."""
+        if self._events:
+            return self._events.pop(0)
+        dec = self.decoder
+        while True:
+            state = self.state
+            if state is State.READY:
+                frame = dec.next_frame()
+                if frame is None:
+                    return NEED_DATA
+                tag = frame.tag
+                if tag == Tag.MESSAGE:
+                    ev = self._on_message_frame(frame.segments)
+                    if ev is not None:
+                        return ev
+                    continue
+            elif state is State.BANNER:
+                banner = dec.next_banner()
+                if banner is None:
+                    return NEED_DATA
+                self._on_banner(banner)
+                continue
+            elif state is State.CLOSED:
+                return NEED_DATA  # nothing more is read from a closed exchange
+            else:
+                frame = dec.next_frame()
+                if frame is None:
+                    return NEED_DATA
+                tag = frame.tag
+            entry = TRANSITIONS.get((self.role, state, tag))
+            if entry is None:
+                name = Tag(tag).name if tag in Tag._value2member_map_ else str(tag)
+                raise RemoteProtocolError(
+                    f"unexpected {name} frame in state {state.value} ({self.role.value}); "
+                    "the peer is not following msgr2", "bad_tag")
+            handler, nxt = entry
+            payload = frame.segments[0] if frame.segments else memoryview(b"")
+            if self.auth is None and state is not State.READY:
+                self._record_rx(frame.tag, frame.segments)
+            self.state = nxt
+            getattr(self, handler)(decode_control(tag, payload) if tag != Tag.MESSAGE else payload)
+            if self._events:
+                return self._events.pop(0)
+
+    # -- transcript (for AUTH_SIGNATURE) ----------------------------------------------
+    def _record_rx(self, tag: int, segments: Sequence[memoryview]) -> None:
+        if self.role is Role.CLIENT:
+            wants = self._client_auth is not None and self._client_auth.wants_transcript
+        else:
+            wants = self.config.server_auth.wants_transcript
+        if wants:
+            self._pre_auth_rx += bytes([tag])
+            for s in segments:
+                self._pre_auth_rx += s
+
+    def _send_raw(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def _send_control(self, obj: Any) -> None:
+        bufs = encode_control(obj)
+        if self.auth is None:
+            wants = (self._client_auth.wants_transcript if self._client_auth
+                     else self.config.server_auth.wants_transcript)
+            if wants:
+                self._pre_auth_tx += bytes([obj.TAG]) + obj.encode()
+        self._out.extend(bufs)
+
+    # -- handshake handlers -------------------------------------------------------------
+    def _on_banner(self, banner: Banner) -> None:
+        cfg = self.config
+        missing = cfg.features_required & ~banner.supported
+        if missing:
+            raise RemoteProtocolError(
+                f"peer lacks required msgr2 features {missing:#x}; upgrade the peer", "features")
+        if banner.required & ~cfg.features_supported:
+            raise RemoteProtocolError(
+                f"peer requires msgr2 features {banner.required & ~cfg.features_supported:#x} "
+                "that this build does not support", "features")
+        if not banner.supported & feat.REVISION_1:
+            raise RemoteProtocolError("peer does not speak msgr2.1 (REVISION_1)", "features")
+        self.peer_features = banner.supported
+        self.state = State.HELLO
+        peer = self.target_addr if self.role is Role.CLIENT else self.seen_peer_addr
+        self._send_control(Hello(int(cfg.entity_type), peer))
+
+    def _on_hello(self, hello: Hello) -> None:
+        self.peer_type = hello.entity_type
+        self.learned_addr = hello.peer_addr
+        if self.role is Role.CLIENT:
+            assert self._client_auth is not None
+            method, modes, payload = self._client_auth.request()
+            self._send_control(AuthRequest(method, modes, payload))
+
+    def _on_auth_request(self, req: AuthRequest) -> None:
+        self._server_auth_outcome(self.config.server_auth.handle_request(
+            req.method, tuple(req.preferred_modes), bytes(req.payload)))
+
+    def _on_auth_request_more(self, req: AuthRequestMore) -> None:
+        self._server_auth_outcome(self.config.server_auth.handle_more(bytes(req.payload)))
+
+    def _server_auth_outcome(self, outcome: tuple[str, object]) -> None:
+        kind, value = outcome
+        if kind == "more":
+            assert isinstance(value, bytes)
+            self.state = State.AUTH
+            self._send_control(AuthReplyMore(value))
+        elif kind == "done":
+            assert isinstance(value, AuthResult)
+            self._send_control(AuthDone(value.global_id, value.con_mode, b""))
+            self._finish_auth(value)
+        else:
+            self._send_control(AuthBadMethod(0, -13, (1,), (1,)))
+            self.state = State.CLOSED
+            raise RemoteProtocolError(f"authentication rejected: {value}", "auth")
+
+    def _on_auth_reply_more(self, more: AuthReplyMore) -> None:
+        assert self._client_auth is not None
+        self._send_control(AuthRequestMore(self._client_auth.more(bytes(more.payload))))
+
+    def _on_auth_bad_method(self, bad: AuthBadMethod) -> None:
+        raise RemoteProtocolError(
+            f"server rejected auth method {bad.method} (result {bad.result}); it allows "
+            f"methods {list(bad.allowed_methods)}: configure a matching --auth", "auth")
+
+    def _on_auth_done(self, done: AuthDone) -> None:
+        assert self._client_auth is not None
+        self._finish_auth(self._client_auth.done(done.global_id, done.con_mode,
+                                                 bytes(done.payload)))
+
+    def _finish_auth(self, result: AuthResult) -> None:
+        self.auth = result
+        self._send_control(AuthSignature(signature(result.session_key, bytes(self._pre_auth_rx))))
+
+    def _on_signature(self, sig: AuthSignature) -> None:
+        assert self.auth is not None
+        expected = signature(self.auth.session_key, bytes(self._pre_auth_tx))
+        if bytes(sig.sha256) != expected:
+            raise RemoteProtocolError("AUTH_SIGNATURE mismatch: the pre-auth exchange was "
+                                      "altered in transit", "auth_signature")
+        self._pre_auth_rx = bytearray()
+        self._pre_auth_tx = bytearray()
+        if self.role is Role.CLIENT:
+            assert self.session is not None
+            if self.session.server_cookie:
+                self._send_reconnect()
+            else:
+                self._send_client_ident()
+
+    # -- client: ident / reconnect ---------------------------------------------------------
+    def _send_client_ident(self) -> None:
+        s = self.session
+        assert s is not None
+        cfg = self.config
+        if not s.client_cookie and not s.policy.lossy:
+            s.client_cookie = cfg.new_cookie()
+        s.global_seq = cfg.next_global_seq(s.global_seq)
+        self.state = State.SESSION_CONNECTING
+        self._send_control(ClientIdent(
+            (cfg.my_addr,), self.target_addr, cfg.gid, s.global_seq,
+            cfg.features_supported, cfg.features_required,
+            IDENT_FLAG_LOSSY if s.policy.lossy else 0, s.client_cookie))
+
+    def _send_reconnect(self) -> None:
+        s = self.session
+        assert s is not None
+        s.global_seq = self.config.next_global_seq(s.global_seq)
+        self.state = State.SESSION_RECONNECTING
+        self._send_control(SessionReconnect(
+            (self.config.my_addr,), s.client_cookie, s.server_cookie, s.global_seq,
+            s.connect_seq, s.in_seq))
+
+    def _on_server_ident(self, ident: ServerIdent) -> None:
+        s = self.session
+        assert s is not None
+        if self.target_addr.port and not any(
+                a.port == self.target_addr.port for a in ident.addrs):
+            raise RemoteProtocolError(
+                f"server identifies as {[str(a) for a in ident.addrs]}, not the "
+                f"{self.target_addr} we dialled", "bad_ident")
+        s.server_cookie = ident.server_cookie
+        s.peer_global_seq = ident.global_seq
+        s.connect_seq = 0
+        # A fresh session on the server: it has nothing of ours, start numbering from 1.
+        s.in_seq = 0
+        s.discard_requeued_up_to(0)
+        self.peer_addrs = tuple(ident.addrs)
+        self._events.append(Ready(False, self.peer_type, self.peer_addrs))
+
+    def _on_missing_features(self, m: IdentMissingFeatures) -> None:
+        raise RemoteProtocolError(f"server requires features {m.features:#x} we lack",
+                                  "features")
+
+    def _on_wait(self, _w: Wait) -> None:
+        self._events.append(WaitReceived())
+
+    def _on_reconnect_ok(self, ok: SessionReconnectOk) -> None:
+        s = self.session
+        assert s is not None
+        s.discard_requeued_up_to(ok.msg_seq)
+        self._events.append(Ready(True, self.peer_type, self.peer_addrs))
+
+    def _on_session_reset(self, reset: SessionReset) -> None:
+        s = self.session
+        assert s is not None
+        if reset.full:
+            s.reset()
+        else:
+            s.server_cookie = 0
+            s.connect_seq = 0
+            s.in_seq = 0
+        self._events.append(ResetReceived(reset.full))
+        self._send_client_ident()
+
+    def _on_retry(self, retry: SessionRetry) -> None:
+        assert self.session is not None
+        self.session.connect_seq = retry.connect_seq + 1
+        self._events.append(RetryReceived(False, retry.connect_seq))
+        self._send_reconnect()
+
+    def _on_retry_global(self, retry: SessionRetryGlobal) -> None:
+        assert self.session is not None
+        self.session.global_seq = max(self.session.global_seq, retry.global_seq)
+        self._events.append(RetryReceived(True, retry.global_seq))
+        self._send_reconnect()
+
+    # -- server: ident / reconnect -----------------------------------------------------------
+    def _on_client_ident(self, ident: ClientIdent) -> None:
+        if not ident.addrs:
+            raise RemoteProtocolError("CLIENT_IDENT without an address", "bad_ident")
+        missing = self.config.features_required & ~ident.features_supported
+        if missing:
+            self._send_control(IdentMissingFeatures(missing))
+            return
+        self.peer_addrs = tuple(ident.addrs)
+        self.pending_request = ident
+        self._events.append(IdentRequest(ident, self.peer_type))
+
+    def _on_reconnect(self, req: SessionReconnect) -> None:
+        if not req.addrs:
+            raise RemoteProtocolError("SESSION_RECONNECT without an address", "bad_ident")
+        self.peer_addrs = tuple(req.addrs)
+        self.pending_request = req
+        self._events.append(ReconnectRequest(req, self.peer_type))
+
+    def accept_new_session(self, session: Session, server_cookie: int) -> None:
+        """Server: answer the pending CLIENT_IDENT with SERVER_IDENT; the session starts."""
+        ident = self.pending_request
+        if self.state is not State.SESSION_ACCEPTING or not isinstance(ident, ClientIdent):
+            raise LocalProtocolError("no CLIENT_IDENT pending")
+        cfg = self.config
+        self.session = session
+        session.client_cookie = ident.client_cookie
+        session.peer_global_seq = ident.global_seq
+        if not session.policy.lossy and not session.server_cookie:
+            session.server_cookie = server_cookie
+        session.in_seq = 0
+        session.discard_requeued_up_to(0)
+        session.global_seq = cfg.next_global_seq(session.global_seq)
+        self.pending_request = None
+        self.state = State.READY
+        self._send_control(ServerIdent(
+            (cfg.my_addr,), cfg.gid, session.global_seq, cfg.features_supported,
+            cfg.features_required, IDENT_FLAG_LOSSY if session.policy.lossy else 0,
+            session.server_cookie))
+
+    def accept_reconnect(self, session: Session) -> None:
+        """Server: resume ``session`` for the pending SESSION_RECONNECT."""
+        req = self.pending_request
+        if self.state is not State.SESSION_ACCEPTING or not isinstance(req, SessionReconnect):
+            raise LocalProtocolError("no SESSION_RECONNECT pending")
+        self.session = session
+        session.connect_seq = req.connect_seq  # adopt (notes §2.5, last row)
+        session.peer_global_seq = req.global_seq
+        session.requeue_sent()
+        session.discard_requeued_up_to(req.msg_seq)
+        self.pending_request = None
+        self.state = State.READY
+        self._send_control(SessionReconnectOk(session.in_seq))
+
+    def reject(self, verdict: str, *, full: bool = True, value: int = 0) -> None:
+        """Server: answer the pending request with RESET / RETRY / RETRY_GLOBAL / WAIT."""
+        if self.state is not State.SESSION_ACCEPTING:
+            raise LocalProtocolError(f"cannot reject in state {self.state.value}")
+        self.pending_request = None
+        if verdict == "reset":
+            self._send_control(SessionReset(full))
+        elif verdict == "retry":
+            self._send_control(SessionRetry(value))
+        elif verdict == "retry_global":
+            self._send_control(SessionRetryGlobal(value))
+        elif verdict == "wait":
+            self._send_control(Wait())
+        else:
+            raise LocalProtocolError(f"unknown rejection {verdict!r}")
+
+    # -- READY ----------------------------------------------------------------------------
+    def _on_message_frame(self, segments: Sequence[memoryview]) -> Event | None:
+        msg = decode_message(segments)
+        s = self.session
+        assert s is not None
+        if s.sent:
+            s.on_ack(msg.ack_seq)
+        if not s.on_receive(msg.seq):
+            return None
+        self.messages_in += 1
+        return MessageReceived(msg)
+
+    def _on_message(self, _payload: object) -> None:  # pragma: no cover - handled inline
+        raise AssertionError("MESSAGE frames are handled on the fast path")
+
+    def _on_ack(self, ack: Ack) -> None:
+        assert self.session is not None
+        self.session.on_ack(ack.seq)
+
+    def _on_keepalive(self, ka: Keepalive2) -> None:
+        self._send_control(Keepalive2Ack(ka.sec, ka.nsec))
+        self._events.append(KeepaliveReceived((ka.sec, ka.nsec)))
+
+    def _on_keepalive_ack(self, ka: Keepalive2Ack) -> None:
+        self._events.append(KeepaliveAckReceived((ka.sec, ka.nsec)))
+
+    def write_messages(self, max_messages: int = 1 << 30) -> int:
+        """Encode queued session messages (and a standalone ACK when owed) into the
+        outbox. Returns the number of messages written."""
+        if self.state is not State.READY:
+            return 0
+        s = self.session
+        assert s is not None
+        out = self._out
+        n = 0
+        pop = s.pop_outgoing
+        while n < max_messages and s.has_outgoing():
+            msg = pop()
+            out.extend(encode_frame(Tag.MESSAGE, message_segments(msg, msg.seq, msg.ack_seq)))
+            n += 1
+        if n == 0 and s.ack_pending:
+            s.ack_pending = 0
+            out.extend(encode_control(Ack(s.in_seq)))
+        self.messages_out += n
+        return n
+
+    def send_keepalive(self, stamp: tuple[int, int]) -> None:
+        """Queue a KEEPALIVE2 carrying the caller's timestamp (sec, nsec)."""
+        if self.state is State.READY:
+            self._send_control(Keepalive2(stamp[0], stamp[1]))
+
+    def close(self) -> None:
+        self.state = State.CLOSED
+
+    # -- handoff ----------------------------------------------------------------------
+    def export_handshake(self) -> dict[str, Any]:
+        """State of a server connection waiting in SESSION_ACCEPTING, so another process
+        can finish the handshake on the same socket (the pool's reconnect routing)."""
+        if self.role is not Role.SERVER or self.state is not State.SESSION_ACCEPTING \
+                or self.pending_request is None:
+            raise LocalProtocolError("only a server connection with a pending session "
+                                     "request can be exported")
+        req = self.pending_request
+        return {
+            "peer_type": self.peer_type,
+            "peer_features": self.peer_features,
+            "seen_peer_addr": self.seen_peer_addr.encode(),
+            "tag": int(req.TAG),
+            "request": req.encode(),
+            "global_id": self.auth.global_id if self.auth else 0,
+            "con_mode": self.auth.con_mode if self.auth else 0,
+            "pending": self.decoder.take_pending(),
+        }
+
+    @classmethod
+    def import_handshake(cls, config: Config, state: dict[str, Any]) -> tuple[Connection, Event]:
+        """Rebuild an exported server connection; returns it and the request event."""
+        conn = cls(Role.SERVER, config)
+        conn._out.clear()  # the banner was sent by the exporting process
+        conn.peer_type = int(state["peer_type"])
+        conn.peer_features = int(state["peer_features"])
+        conn.seen_peer_addr = EntityAddr.decode(memoryview(state["seen_peer_addr"]))
+        conn.auth = AuthResult(int(state["global_id"]), int(state["con_mode"]), None)
+        conn.state = State.SESSION_ACCEPTING
+        req = decode_control(int(state["tag"]), memoryview(state["request"]))
+        if state.get("pending"):
+            conn.decoder.feed(state["pending"])
+        if isinstance(req, ClientIdent):
+            conn._on_client_ident(req)
+        elif isinstance(req, SessionReconnect):
+            conn._on_reconnect(req)
+        else:
+            raise RemoteProtocolError("exported handshake holds no session request", "handoff")
+        return conn, conn._events.pop(0)
+
+    def export_ready(self) -> bytes:
+        """Unparsed bytes of a READY connection (the session itself is exported by the
+        owner); the connection must not be used afterwards."""
+        if self.state is not State.READY:
+            raise LocalProtocolError("only a READY connection can be migrated")
+        self.state = State.CLOSED
+        return self.decoder.take_pending()
+
+    @classmethod
+    def import_ready(cls, role: Role, config: Config, session: Session, peer_type: int,
+                     peer_addrs: tuple[EntityAddr, ...], pending: bytes) -> Connection:
+        """A READY connection continuing a migrated session on a handed-off socket."""
+        conn = cls(role, config, session if role is Role.CLIENT else None)
+        conn._out.clear()
+        conn.session = session
+        conn.peer_type = peer_type
+        conn.peer_addrs = peer_addrs
+        conn.auth = AuthResult(0, 1, None)
+        conn.state = State.READY
+        if pending:
+            conn.decoder.feed(pending)
+        return conn

@@ -1,0 +1,283 @@
+"""Session state that outlives sockets: sequence numbers, acks, replay, and the server's
+decision table for CLIENT_IDENT / SESSION_RECONNECT (ceph-asyncmessenger.md §2.3–2.6).
+
+A :class:`Session` belongs to one peer. Sockets come and go underneath it; what it keeps:
+
+* ``out_seq`` / ``in_seq`` — the last sequence number sent / delivered.
+* ``sent`` — messages written but not yet acknowledged (lossless policies only). On a
+  fault they are *requeued* ahead of everything else with their original sequence numbers
+  and replayed after reconnect; the peer tells us (``msg_seq`` of SESSION_RECONNECT /
+  RECONNECT_OK) how far it got, and we discard what it already has.
+* an out-queue served highest priority first, FIFO within a priority.
+* cookies and sequence counters identifying the session across reconnects.
+
+The decision functions at the bottom are pure: the pool's registry supplies a
+:class:`SessionView` of the existing session (if any) and gets back a :class:`Decision`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .control import ClientIdent, EntityAddr, SessionReconnect
+from .message import PRIO_HIGHEST, Message
+from .policy import Policy
+
+__all__ = [
+    "Session",
+    "SessionView",
+    "Decision",
+    "Verdict",
+    "decide_ident",
+    "decide_reconnect",
+    "addr_key",
+]
+
+
+def addr_key(addr: EntityAddr) -> tuple[str, int, int]:
+    """Total order on addresses used for the race tie-break (lower address wins)."""
+    return (addr.host, addr.port, addr.nonce)
+
+
+class Session:
+    """Sequence, queue and identity state of one peer session (no I/O, no clock)."""
+
+    __slots__ = (
+        "policy", "out_seq", "in_seq", "sent", "requeued", "_queues", "_prios",
+        "client_cookie", "server_cookie", "connect_seq", "global_seq", "peer_global_seq",
+        "ack_pending", "keepalive_pending", "duplicates_dropped", "queued_count",
+    )
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.out_seq = 0
+        self.in_seq = 0
+        self.sent: deque[Message] = deque()
+        # Requeued messages keep their seq and go out before anything else.
+        self.requeued: deque[Message] = deque()
+        self._queues: dict[int, deque[Message]] = {}
+        self._prios: list[int] = []  # priorities with a non-empty queue, descending
+        self.client_cookie = 0
+        self.server_cookie = 0
+        self.connect_seq = 0
+        self.global_seq = 0
+        self.peer_global_seq = 0
+        self.ack_pending = 0
+        self.keepalive_pending = False
+        self.duplicates_dropped = 0
+        self.queued_count = 0
+
+    # -- sending ---------------------------------------------------------------------
+    def queue(self, msg: Message) -> None:
+        """Append to the out-queue of the message's priority."""
+        prio = msg.priority
+        q = self._queues.get(prio)
+        if q is None:
+            q = self._queues[prio] = deque()
+        if not q:
+            self._prios.append(prio)
+            self._prios.sort(reverse=True)
+        q.append(msg)
+        self.queued_count += 1
+
+    def has_outgoing(self) -> bool:
+        return bool(self.requeued) or self.queued_count > 0
+
+    def pop_outgoing(self) -> Message:
+        """Next message to write, with ``seq`` and ``ack_seq`` assigned.
+
+        Lossless policies keep it in ``sent`` until the peer acknowledges it.
+        """
+        if self.requeued:
+            msg = self.requeued.popleft()
+            self.out_seq = msg.seq
+        else:
+            prio = self._prios[0]
+            q = self._queues[prio]
+            msg = q.popleft()
+            if not q:
+                self._prios.pop(0)
+            self.queued_count -= 1
+            self.out_seq += 1
+            msg.seq = self.out_seq
+        msg.ack_seq = self.in_seq
+        self.ack_pending = 0
+        if not self.policy.lossy:
+            self.sent.append(msg)
+        return msg
+
+    def queued_messages(self) -> Iterator[Message]:
+        """Requeued then queued messages in sending order (for state export)."""
+        yield from self.requeued
+        for prio in self._prios:
+            yield from self._queues[prio]
+
+    # -- receiving -------------------------------------------------------------------
+    def on_receive(self, seq: int) -> bool:
+        """Account for an incoming message; False means a duplicate to drop.
+
+        A gap (``seq > in_seq + 1``) is accepted as Ceph does ("missed message?"): the
+        sender numbers messages of a fresh session from 1, so a gap only follows a
+        session reset the peer already told us about.
+        """
+        if seq <= self.in_seq:
+            self.duplicates_dropped += 1
+            return False
+        self.in_seq = seq
+        if not self.policy.lossy:
+            self.ack_pending += 1
+        return True
+
+    def on_ack(self, seq: int) -> int:
+        """Drop acknowledged messages from ``sent``; return how many."""
+        sent = self.sent
+        n = 0
+        while sent and sent[0].seq <= seq:
+            sent.popleft()
+            n += 1
+        return n
+
+    # -- faults and reconnects ------------------------------------------------------
+    def requeue_sent(self) -> None:
+        """Move unacknowledged messages back in front, keeping their sequence numbers."""
+        if not self.sent:
+            return
+        self.sent.extend(self.requeued)
+        self.requeued = self.sent
+        self.sent = deque()
+        self.out_seq = self.requeued[0].seq - 1
+
+    def discard_requeued_up_to(self, seq: int) -> int:
+        """The peer has everything up to ``seq``: drop those from the requeued list."""
+        rq = self.requeued
+        n = 0
+        while rq and rq[0].seq <= seq:
+            rq.popleft()
+            n += 1
+        if rq:
+            self.out_seq = rq[0].seq - 1
+        else:
+            self.out_seq = max(self.out_seq, seq)
+        return n
+
+    def reset(self) -> list[Message]:
+        """Forget the session (peer reset or lossy fault); return the messages dropped."""
+        dropped = list(self.sent) + list(self.queued_messages())
+        self.sent.clear()
+        self.requeued.clear()
+        self._queues.clear()
+        self._prios.clear()
+        self.queued_count = 0
+        self.out_seq = 0
+        self.in_seq = 0
+        self.ack_pending = 0
+        self.connect_seq = 0
+        self.client_cookie = 0
+        self.server_cookie = 0
+        self.keepalive_pending = False
+        return dropped
+
+    def unacked_count(self) -> int:
+        return len(self.sent) + len(self.requeued) + self.queued_count
+
+
+# -- server-side decisions (ProtocolV2::handle_client_ident / handle_reconnect) -------
+
+class Verdict(enum.Enum):
+    NEW_SESSION = "new_session"        # accept as a fresh session (reset existing if set)
+    REUSE = "reuse"                    # move this socket into the existing session
+    RESET = "reset"                    # SESSION_RESET(full)
+    RETRY = "retry"                    # SESSION_RETRY(connect_seq)
+    RETRY_GLOBAL = "retry_global"      # SESSION_RETRY_GLOBAL(global_seq)
+    WAIT = "wait"                      # the existing connection wins a race
+    STALE = "stale"                    # this connection is older than the existing one: drop it
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """What the decision table needs to know about an existing session."""
+
+    closed: bool
+    replacing: bool
+    ready_or_standby: bool            # READY, or STANDBY/idle with a session
+    connecting: bool                  # our own outgoing attempt is in progress
+    lossy: bool
+    server_policy: bool
+    client_cookie: int
+    server_cookie: int
+    peer_global_seq: int
+    connect_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reset_existing: bool = False       # discard the existing session's state first
+    full: bool = True                  # for RESET
+    value: int = 0                     # connect_seq / global_seq for RETRY(_GLOBAL)
+    reason: str = ""
+
+
+def decide_ident(existing: SessionView | None, ident: ClientIdent, policy: Policy,
+                 my_addr: EntityAddr, peer_addr: EntityAddr) -> Decision:
+    """CLIENT_IDENT against an existing session for the same peer (notes §2.5, §2.6)."""
+    if existing is None or existing.closed:
+        return Decision(Verdict.NEW_SESSION, reason="no live session for this peer")
+    if existing.replacing:
+        return Decision(Verdict.WAIT, reason="existing session is being replaced")
+    if existing.peer_global_seq > ident.global_seq:
+        return Decision(Verdict.STALE, reason="older than the existing connection")
+    if existing.lossy:
+        return Decision(Verdict.NEW_SESSION, reset_existing=True, reason="existing is lossy")
+    if existing.client_cookie and existing.server_cookie \
+            and existing.client_cookie != ident.client_cookie:
+        # The peer restarted: its old session is gone.
+        return Decision(Verdict.REUSE, reset_existing=policy.resetcheck,
+                        reason="peer restarted (new client cookie)")
+    if existing.client_cookie == ident.client_cookie:
+        return Decision(Verdict.REUSE, reason="handshake interrupted before SERVER_IDENT")
+    if existing.ready_or_standby:
+        return Decision(Verdict.REUSE, reason="replacing a ready/standby connection")
+    # Both sides are connecting to each other: a race.
+    if addr_key(peer_addr) < addr_key(my_addr) or existing.server_policy:
+        return Decision(Verdict.REUSE, reason="race: incoming wins (lower peer address)")
+    return Decision(Verdict.WAIT, reason="race: our outgoing connection wins")
+
+
+def decide_reconnect(existing: SessionView | None, req: SessionReconnect, policy: Policy,
+                     my_addr: EntityAddr, peer_addr: EntityAddr) -> Decision:
+    """SESSION_RECONNECT against an existing session (the table in notes §2.5)."""
+    if existing is None or existing.closed:
+        return Decision(Verdict.RESET, full=True, reason="no session to resume")
+    if existing.replacing:
+        return Decision(Verdict.RETRY_GLOBAL, value=existing.peer_global_seq,
+                        reason="existing session is being replaced")
+    if existing.client_cookie != req.client_cookie:
+        return Decision(Verdict.RESET, full=policy.resetcheck, reason="client cookie mismatch")
+    if existing.server_cookie == 0:
+        return Decision(Verdict.RESET, full=False, reason="session never completed")
+    if existing.peer_global_seq > req.global_seq:
+        return Decision(Verdict.RETRY_GLOBAL, value=existing.peer_global_seq,
+                        reason="stale global_seq")
+    if existing.connect_seq > req.connect_seq:
+        return Decision(Verdict.RETRY, value=existing.connect_seq, reason="stale connect_seq")
+    if existing.connect_seq == req.connect_seq and existing.connecting:
+        # Reconnect race: the existing (outgoing) connection wins when the peer's address
+        # is greater than ours and we are not a server.
+        if addr_key(peer_addr) > addr_key(my_addr) and not existing.server_policy:
+            return Decision(Verdict.WAIT, reason="reconnect race: existing wins")
+    return Decision(Verdict.REUSE, reason="resume")
+
+
+@dataclass(slots=True)
+class SessionCounters:
+    """Per-session counters exposed by the pool's perf output."""
+
+    faults: int = 0
+    reconnects: int = 0
+    resets: int = 0
+    replayed: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
