@@ -60,7 +60,8 @@ class Messenger:
                  throttle_bytes: int = 0, limits: FrameLimits | None = None,
                  backoff: Backoff | None = None, nonce: int | None = None,
                  cookie_tag: int = 0, seed: int | None = None,
-                 ready_timeout: float = 10.0, idle_timeout: float = 900.0) -> None:
+                 ready_timeout: float = 10.0, idle_timeout: float = 900.0,
+                 standby_timeout: float = 900.0) -> None:
         self.center = center
         self.entity_type = entity_type
         self.name = name
@@ -76,6 +77,9 @@ class Messenger:
         self.backoff = backoff or Backoff()
         self.ready_timeout = ready_timeout
         self.idle_timeout = idle_timeout
+        #: a server forgets a session whose client stayed away this long (the client
+        #: then gets SESSION_RESET and ms_handle_remote_reset: never silent loss)
+        self.standby_timeout = standby_timeout
         #: high byte of server cookies: the pool puts the worker slot here so any worker
         #: can tell which one owns a session (DESIGN.md, Processes).
         self.cookie_tag = cookie_tag
@@ -98,6 +102,8 @@ class Messenger:
         self.bytes_in = 0
         self.bytes_out = 0
         self._held: dict[int, int] = {}
+        self._throttle_waiters: dict[Callable[[], None], None] = {}
+        self._resume_scheduled = False
         self._tick_id: int | None = None
         self._stopped = False
         self._tick_id = center.create_time_event(1.0, self._tick)
@@ -175,8 +181,18 @@ class Messenger:
             self.handle_reconnect(conn, event, routed=True)
         return conn
 
-    def _registry_key(self, addr: EntityAddr) -> str:
-        return f"{addr.host}:{addr.port}/{addr.nonce}"
+    @staticmethod
+    def _registry_key(addr: EntityAddr) -> str:
+        """One session per peer messenger (Ceph keys ``conns`` by address): a bound peer
+        by host:port, so a restarted peer (new nonce) is recognised by its new client
+        cookie; an unbound client by its nonce."""
+        return f"{addr.host}:{addr.port}" if addr.port else f"anon/{addr.nonce}"
+
+    @staticmethod
+    def _target_key(addr: Address) -> str:
+        if isinstance(addr, tuple):
+            return f"{addr[0]}:{addr[1]}"
+        return str(addr)
 
     def handle_ident(self, conn: AsyncConnection, ev: IdentRequest, routed: bool = False) -> None:
         if not routed and self.route_request is not None and self.route_request(conn, ev):
@@ -271,19 +287,21 @@ class Messenger:
 
     # -- client side ----------------------------------------------------------------------------
     def connect(self, addr: Address, policy: Policy | None = None) -> AsyncConnection:
-        """A new session to ``addr`` (always a fresh one; see get_connection)."""
+        """The session to ``addr``: the live one if there is one, else a new one (Ceph's
+        ``get_connection``). A messenger has one session per peer; to open several
+        independent sessions to one server, use several messengers (they can share an
+        EventCenter)."""
+        key = self._target_key(addr)
+        existing = self.conns.get(key)
+        if existing is not None and existing.state is not ConnState.CLOSED:
+            return existing
         conn = AsyncConnection(self, policy or self.default_policy, peer_addr=addr, outgoing=True)
-        conn.key = f"out:{addr}:{id(conn)}"
-        self.conns[conn.key] = conn
+        conn.key = key
+        self.conns[key] = conn
         conn._start_connect()
         return conn
 
-    def get_connection(self, addr: Address, policy: Policy | None = None) -> AsyncConnection:
-        """The existing outgoing session to ``addr``, or a new one."""
-        for c in self.conns.values():
-            if c.outgoing and c.peer_addr == addr and c.state is not ConnState.CLOSED:
-                return c
-        return self.connect(addr, policy)
+    get_connection = connect
 
     def send_message(self, msg: Message, conn: AsyncConnection) -> None:
         conn.send_message(msg)
@@ -308,13 +326,30 @@ class Messenger:
         return True
 
     def throttle_wait(self, cb: Callable[[], None]) -> None:
-        # Whichever throttle refused, a release of either may let us proceed.
-        self.throttle_msgs.wait(cb)
-        self.throttle_bytes.wait(cb)
+        """Call ``cb`` (on the loop, FIFO, once) after the next release of either throttle."""
+        self._throttle_waiters[cb] = None
 
     def throttle_discard_waiter(self, cb: Callable[[], None]) -> None:
-        self.throttle_msgs.discard_waiter(cb)
-        self.throttle_bytes.discard_waiter(cb)
+        self._throttle_waiters.pop(cb, None)
+
+    def _throttle_put(self, size: int) -> None:
+        self.throttle_bytes.put(size)
+        self.throttle_msgs.put(1)
+        if self._throttle_waiters and not self._resume_scheduled:
+            # Resume from the loop, not from inside whatever released (possibly a
+            # dispatch callback): no re-entrant delivery.
+            self._resume_scheduled = True
+            self.center.call_soon(self._resume_throttled)
+
+    def _resume_throttled(self) -> None:
+        self._resume_scheduled = False
+        waiters = self._throttle_waiters
+        while waiters:
+            cb = next(iter(waiters))
+            del waiters[cb]
+            cb()
+            if cb in waiters:  # still refused: no capacity left, wait for the next put
+                break
 
     def deliver(self, conn: AsyncConnection, msg: Message, size: int) -> None:
         self.msgs_in += 1
@@ -327,8 +362,7 @@ class Messenger:
             log.exception("dispatcher raised on %r", msg)
             self.stats["dispatch_errors"] += 1
         if self._held.pop(key) == 0:
-            self.throttle_bytes.put(size)
-            self.throttle_msgs.put(1)
+            self._throttle_put(size)
 
     def hold(self, msg: Message) -> Callable[[], None]:
         """Called inside ms_dispatch: keep ``msg`` past the callback. The throttles stay
@@ -345,8 +379,7 @@ class Messenger:
             if released:
                 return
             released = True
-            self.throttle_bytes.put(size)
-            self.throttle_msgs.put(1)
+            self._throttle_put(size)
         return release
 
     def _each(self, name: str, conn: AsyncConnection) -> None:
@@ -387,7 +420,12 @@ class Messenger:
             elif conn.state is ConnState.READY and now - conn.last_active > self.idle_timeout:
                 self.stats["idle_timeouts"] += 1
                 conn._fault("idle timeout")
-        self._tick_id = self.center.create_time_event(min(1.0, self.idle_timeout / 2), self._tick)
+            elif conn.state is ConnState.STANDBY and not conn.outgoing \
+                    and now - conn.last_active > self.standby_timeout:
+                self.stats["standby_reaped"] += 1
+                conn._stop(notify=True)
+        period = min(1.0, self.idle_timeout / 2, self.standby_timeout / 2)
+        self._tick_id = self.center.create_time_event(period, self._tick)
 
     # -- shutdown -------------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -1,10 +1,8 @@
 """Receive throttles (Ceph's ``Throttle::get_or_fail``): never block, never buffer without
 bound. A connection that cannot take a unit stops reading its socket (TCP backpressure
-reaches the sender) and is resumed when the holder releases."""
+reaches the sender); the Messenger resumes it when the holder releases."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 __all__ = ["Throttle"]
 
@@ -12,7 +10,7 @@ __all__ = ["Throttle"]
 class Throttle:
     """A counter with a limit (0 = unlimited) and wake-ups for those who were refused."""
 
-    __slots__ = ("name", "limit", "current", "_waiters", "refused")
+    __slots__ = ("name", "limit", "current", "refused")
 
     def __init__(self, name: str, limit: int = 0) -> None:
         if limit < 0:
@@ -21,7 +19,6 @@ class Throttle:
         self.limit = limit
         self.current = 0
         self.refused = 0
-        self._waiters: list[Callable[[], None]] = []
 
     def get_or_fail(self, n: int = 1) -> bool:
         """Take ``n`` units if they fit. A single request larger than the whole limit is
@@ -36,17 +33,3 @@ class Throttle:
         self.current -= n
         if self.current < 0:
             raise RuntimeError(f"throttle {self.name} released more than it held")
-        if self._waiters and (not self.limit or self.current < self.limit):
-            waiters, self._waiters = self._waiters, []
-            for w in waiters:
-                w()
-
-    def wait(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once after the next release."""
-        self._waiters.append(callback)
-
-    def discard_waiter(self, callback: Callable[[], None]) -> None:
-        try:
-            self._waiters.remove(callback)
-        except ValueError:
-            pass

@@ -1,0 +1,688 @@
+"""The supervisor: owns the listeners, the control page, the admin socket and the workers.
+
+Loop shape from gunicorn's arbiter (style-anchors.md §3): signal handlers only enqueue
+(and ``signal.set_wakeup_fd`` wakes the EventCenter); each iteration then runs
+``handle_<sig>`` for queued signals, reaps, enforces deadlines, and reconciles the
+desired count with the slot table. All per-slot decisions go through
+:class:`pool.lifecycle.WorkerSlot`, whose transitions live in one table.
+
+Facts and choices:
+
+* **Reaping.** ``waitpid(-1, WNOHANG)`` until it returns 0 (supervisors.md 2.6), so
+  foreign children (we may be PID 1 in a container) are reaped too. multiprocess's
+  ``Popen`` caches the status in ``returncode`` and would otherwise keep polling a pid we
+  already reaped (and might later signal a recycled pid), so we store it there.
+* **Heartbeats** are read from the control page. Boot and steady state have separate
+  deadlines; a miss sends SIGABRT (the worker's faulthandler dumps its stack), then
+  SIGKILL after ``kill_grace`` (gunicorn ``murder_workers``).
+* **reuseport slots** (supervisors.md 2.1). Listener ``i`` is created for slot ``i``
+  and the supervisor keeps its own copy, so a worker's exit is never the last close of
+  a listener: queued connections are not reset. Whenever a slot stops accepting
+  (drain, stall, death), its listeners are handed to a surviving ACCEPTING worker, so
+  no queue is left unpolled; a new worker for slot ``i`` gets listener ``i`` back and
+  the interim owner is then told to drop it. With ``net.ipv4.tcp_migrate_req=1`` the
+  kernel could migrate the queue on close instead, but handover needs no sysctl and
+  also covers crashes; the value is logged at start.
+* **No threads before fork** (supervisors.md 2.9): nothing here starts a thread; logs
+  are plain writes to stderr (no logging locks inherited by children).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import multiprocess
+
+from transport import fdpass, shmname
+from transport.event_center import READABLE, EventCenter
+from transport.listener import AcceptLoop
+from transport.posix import PosixServerSocket, PosixStack
+from transport.stack import ConnectedSocket, SocketOptions
+
+from .admin import AdminServer
+from .app import AppFactory
+from .config import PoolConfig
+from .control_page import ControlPage
+from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
+from .processor import Channel, Kind, Message, Processor
+from .titles import set_title
+from .worker import BOOT_ERROR, WorkerSpec, worker_main
+
+__all__ = ["Supervisor", "EXIT_NO_WORKERS", "describe_exit"]
+
+#: the supervisor's exit status when no worker can be kept alive (all slots FAILED)
+EXIT_NO_WORKERS = 3
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return "boot error (status 3)" if code == BOOT_ERROR else f"status {code}"
+
+
+@dataclass
+class _Proc:
+    """The supervisor's handle on one running worker process."""
+
+    proc: Any
+    pid: int
+    generation: int
+    channel: Channel
+    stalled_at: float = 0.0
+    deadline: float = 0.0  # drain or stop deadline (0 = none)
+    killed: bool = False
+
+
+class Supervisor:
+    def __init__(self, cfg: PoolConfig, factory: AppFactory, log: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.factory = factory
+        self._log = log
+        self.rng = random.Random()
+        self.slots = [WorkerSlot(i, backoff=cfg.backoff, flap=FlapGuard(cfg.flap_window, cfg.flap_max))
+                      for i in range(cfg.max_slots)]
+        self.procs: dict[int, _Proc] = {}
+        self.pid2slot: dict[int, int] = {}
+        self.desired = cfg.workers
+        self.mp = multiprocess.get_context(cfg.start_method)
+        self.sigqueue: deque[int] = deque()
+        self.stopping = False
+        self.done = False
+        self.exit_code = 0
+        self.stop_deadline = 0.0
+        self.next_xid = 1
+        self.deliveries: dict[int, tuple[int, Callable[[bool], None]]] = {}
+        self.stats = {"spawned": 0, "restarts": 0, "heartbeat_kills": 0, "relayed": 0,
+                      "relay_failures": 0, "drain_kills": 0, "reaped_foreign": 0}
+        self.center: EventCenter | None = None
+        self.page: ControlPage | None = None
+        self.admin: AdminServer | None = None
+        self.server: PosixServerSocket | None = None  # processor mode
+        self.accept_loop: AcceptLoop | None = None
+        self.processor: Processor | None = None
+        self.listeners: dict[int, PosixServerSocket] = {}  # reuseport: lid -> our copy
+        self.listener_owner: dict[int, int | None] = {}
+        self.address: tuple[str, int] = cfg.bind
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._old_handlers: dict[int, Any] = {}
+
+    def log(self, msg: str) -> None:
+        if self._log is not None:
+            self._log(msg)
+            return
+        ts = time.strftime("%H:%M:%S")
+        sys.stderr.write(f"{ts} msgr supervisor [{os.getpid()}]: {msg}\n")
+        sys.stderr.flush()
+
+    # -- start / run / teardown ------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit status."""
+        set_title("msgr supervisor")
+        removed = shmname.sweep_dead()
+        if removed:
+            self.log(f"removed {len(removed)} segment(s) of dead pools: {', '.join(removed)}")
+        self.center = EventCenter(name="supervisor")
+        try:
+            self.page = ControlPage.create(self.cfg.max_slots)
+            self._setup_signals()
+            self._setup_listeners()
+            self.admin = AdminServer(self.center, self.cfg.admin_path, {
+                "status": self.cmd_status, "perf": self.cmd_perf,
+                "scale": self.cmd_scale, "stop": self.cmd_stop}, log=self.log)
+            self.log(f"serving {self.address[0]}:{self.address[1]} accept={self.cfg.accept} "
+                     f"workers={self.desired} start={self.cfg.start_method} app={self.cfg.app} "
+                     f"admin={self.cfg.admin_path} page={self.page.name}")
+            while not self.done:
+                self._tick()
+                if not self.done:
+                    self.center.process_events(0.1)
+            return self.exit_code
+        finally:
+            self._teardown()
+
+    def _setup_signals(self) -> None:
+        assert self.center is not None
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._wake_r, self._wake_w = r, w
+        signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU,
+                    signal.SIGCHLD, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        self.center.create_file_event(r.fileno(), READABLE, self._on_wakeup)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.sigqueue.append(signum)  # only enqueue: the loop does the work
+
+    def _on_wakeup(self, _fd: int) -> None:
+        assert self._wake_r is not None
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _setup_listeners(self) -> None:
+        assert self.center is not None
+        stack = PosixStack()
+        if self.cfg.accept == "processor":
+            self.server = stack.listen(self.cfg.bind, SocketOptions(backlog=1024))
+            addr = self.server.address
+            assert isinstance(addr, tuple)
+            self.address = (addr[0], addr[1])
+            self.processor = Processor(self._accepting_load, self.deliver, self.log)
+            self.accept_loop = AcceptLoop(self.center, self.server, self._on_accept)
+            self.accept_loop.start()
+            return
+        first = self._listener(0)
+        addr = first.address
+        assert isinstance(addr, tuple)
+        self.address = (addr[0], addr[1])
+        try:
+            with open(MIGRATE_REQ) as f:
+                migrate = f.read().strip()
+        except OSError:
+            migrate = "unavailable"
+        if self.cfg.set_migrate_req and migrate == "0" and os.geteuid() == 0:
+            with open(MIGRATE_REQ, "w") as f:
+                f.write("1")
+            migrate = "1"
+            self.log(f"set net.ipv4.tcp_migrate_req=1 ({MIGRATE_REQ}); this is system-wide")
+        self.log(f"reuseport: net.ipv4.tcp_migrate_req={migrate}; a retiring slot's listener is "
+                 "handed to a surviving worker (the supervisor keeps every listener open)")
+
+    def _listener(self, lid: int) -> PosixServerSocket:
+        sock = self.listeners.get(lid)
+        if sock is None:
+            bind = self.cfg.bind if not self.listeners else self.address
+            # Identical options for every member of the group (ip-sysctl.rst warns
+            # against migrating between listeners with different settings).
+            sock = PosixStack().listen(bind, SocketOptions(reuseport=True, backlog=1024))
+            self.listeners[lid] = sock
+            self.listener_owner[lid] = None
+        return sock
+
+    def _teardown(self) -> None:
+        # Reached on a clean stop and on a supervisor bug alike: leave nothing behind.
+        for sl, p in list(self.procs.items()):
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+                os.waitpid(p.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self._forget(sl, p, 0)
+        if self.accept_loop is not None:
+            self.accept_loop.close()
+        if self.processor is not None:
+            self.processor.close()
+        if self.server is not None:
+            self.server.close()
+        for lst in self.listeners.values():
+            lst.close()
+        self.listeners.clear()
+        if self.page is not None:
+            self.page.close()
+            self.page.unlink()
+        if self._wake_w is not None:
+            signal.set_wakeup_fd(-1)
+            for sig, h in self._old_handlers.items():
+                signal.signal(sig, h)
+            assert self._wake_r is not None
+            self._wake_r.close()
+            self._wake_w.close()
+        if self.admin is not None:
+            self.admin.close()  # last: the socket file disappearing means "all gone"
+        if self.center is not None:
+            self.center.close()
+        self.log(f"stopped (exit status {self.exit_code})")
+
+    # -- the arbiter iteration -------------------------------------------------------------
+
+    def _tick(self) -> None:
+        while self.sigqueue:
+            sig = self.sigqueue.popleft()
+            name = signal.Signals(sig).name.lower()
+            getattr(self, f"handle_{name[3:]}", lambda: None)()
+        self._reap()
+        self._enforce_deadlines()
+        self._reconcile()
+
+    def handle_term(self) -> None:
+        self.begin_stop("SIGTERM")
+
+    def handle_int(self) -> None:
+        self.begin_stop("SIGINT")
+
+    def handle_ttin(self) -> None:
+        self._set_desired(self.desired + 1, "SIGTTIN")
+
+    def handle_ttou(self) -> None:
+        self._set_desired(max(1, self.desired - 1), "SIGTTOU")
+
+    def handle_chld(self) -> None:
+        pass  # _reap runs every iteration
+
+    def handle_hup(self) -> None:
+        self.log("SIGHUP: reload is not supported; ignoring")
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            slot = self.pid2slot.pop(pid, None)
+            if slot is None:
+                self.stats["reaped_foreign"] += 1
+                self.log(f"reaped unknown child {pid} ({describe_exit(code)})")
+                continue
+            self._on_exit(slot, code)
+
+    def _forget(self, slot: int, p: _Proc, code: int) -> None:
+        self.procs.pop(slot, None)
+        self.pid2slot.pop(p.pid, None)
+        if p.proc._popen is not None:  # see "Reaping" in the module doc
+            p.proc._popen.returncode = code
+        p.proc.close()
+        p.channel.read_available()  # its last acks count (e.g. a CONN_ACK before dying)
+        p.channel.close()
+        for xid, (s, cb) in list(self.deliveries.items()):
+            if s == slot:
+                del self.deliveries[xid]
+                cb(False)
+
+    def _on_exit(self, slot: int, code: int) -> None:
+        assert self.page is not None
+        p = self.procs[slot]
+        ws = self.slots[slot]
+        was = ws.state
+        self._forget(slot, p, code)
+        if ws.generation != p.generation:
+            return
+        delay = ws.exited(code, time.monotonic(), self.rng)
+        view = self.page.slot(slot)
+        view.set("pid", 0)
+        view.set("connections", 0)
+        view.set("state", int(ws.state))
+        view.set("restarts", ws.restarts)
+        tail = f"; restart in {delay:.2f}s" if delay is not None else ""
+        if ws.state is State.FAILED:
+            tail = f"; {ws.flap.count} deaths before READY within {self.cfg.flap_window:.0f}s: giving up on this slot"
+        self.log(f"slot {slot}: pid {p.pid} exited ({describe_exit(code)}); {was.name} -> {ws.state.name}{tail}")
+        if delay is not None:
+            self.stats["restarts"] += 1
+        self._rehome(slot)
+
+    def _enforce_deadlines(self) -> None:
+        assert self.page is not None
+        now = time.monotonic()
+        for slot, p in list(self.procs.items()):
+            ws = self.slots[slot]
+            st = ws.state
+            if st in (State.SPAWNING, State.READY, State.ACCEPTING, State.DRAINING):
+                if ws.ready_at is None:
+                    deadline, what = ws.spawned_at + self.cfg.boot_timeout, "boot"
+                else:
+                    hb = self.page.slot(slot).get("heartbeat_ns") / 1e9
+                    deadline, what = max(hb, ws.ready_at) + self.cfg.heartbeat_timeout, "heartbeat"
+                if now > deadline:
+                    self._transition(slot, Event.HEARTBEAT_TIMEOUT,
+                                     f"missed its {what} deadline by {now - deadline:.2f}s: SIGABRT (stack dump)")
+                    self.stats["heartbeat_kills"] += 1
+                    p.stalled_at = now
+                    self._signal(p, signal.SIGABRT)
+                    self._rehome(slot)
+                    continue
+            if p.killed:
+                continue
+            if st is State.STALLED and now > p.stalled_at + self.cfg.kill_grace:
+                self.log(f"slot {slot}: pid {p.pid} still alive {self.cfg.kill_grace}s after SIGABRT: SIGKILL")
+                self._kill(p)
+            elif st is State.DRAINING and p.deadline and now > p.deadline:
+                self.stats["drain_kills"] += 1
+                self.log(f"slot {slot}: pid {p.pid} did not finish draining in {self.cfg.drain_timeout}s: SIGKILL")
+                self._kill(p)
+            elif st is State.STOPPING and now > self.stop_deadline:
+                self.log(f"slot {slot}: pid {p.pid} did not stop in {self.cfg.graceful_timeout}s: SIGKILL")
+                self._kill(p)
+
+    def _signal(self, p: _Proc, sig: int) -> None:
+        try:
+            os.kill(p.pid, sig)  # p.pid is unreaped (we reap it), so it cannot be recycled
+        except ProcessLookupError:
+            pass
+
+    def _kill(self, p: _Proc) -> None:
+        p.killed = True
+        self._signal(p, signal.SIGKILL)
+
+    def _reconcile(self) -> None:
+        if self.stopping:
+            if not self.procs:
+                self.done = True
+            return
+        now = time.monotonic()
+        for ws in self.slots:
+            if ws.state is State.BACKOFF and ws.restart_at is not None and now >= ws.restart_at:
+                self._spawn(ws.slot)
+        wanted = [ws for ws in self.slots if ws.state in LIVE_STATES or ws.state is State.FAILED]
+        if len(wanted) < self.desired:
+            free = [ws for ws in self.slots if ws.state is State.EXITED]
+            for ws in free[: self.desired - len(wanted)]:
+                self._spawn(ws.slot)
+        elif len(wanted) > self.desired:
+            self._retire(wanted, len(wanted) - self.desired)
+        if wanted and not any(ws.state in LIVE_STATES or ws.state is State.DRAINING for ws in self.slots):
+            self.log("no worker can be kept alive (every wanted slot is FAILED): stopping with status "
+                     f"{EXIT_NO_WORKERS}")
+            self.begin_stop("no workers", EXIT_NO_WORKERS)
+
+    def _retire(self, wanted: list[WorkerSlot], n: int) -> None:
+        rank = {State.FAILED: 0, State.BACKOFF: 1, State.SPAWNING: 2, State.READY: 2,
+                State.ACCEPTING: 3, State.STALLED: 4}
+        accepting = {ws.slot for ws in wanted if ws.state is State.ACCEPTING}
+        for ws in sorted(wanted, key=lambda w: (rank[w.state], -w.slot)):
+            if n == 0:
+                return
+            if ws.state in (State.FAILED, State.BACKOFF):
+                self._transition(ws.slot, Event.RETIRE, "no longer wanted")
+            elif ws.state in (State.SPAWNING, State.READY):
+                self._drain(ws.slot)
+            elif ws.state is State.ACCEPTING:
+                if not accepting - {ws.slot}:
+                    return  # keep the last accepting worker until another one is up
+                accepting.discard(ws.slot)
+                self._drain(ws.slot)
+            else:
+                continue  # STALLED: it is being killed; retire it once it is BACKOFF
+            n -= 1
+
+    def _set_desired(self, n: int, why: str) -> None:
+        if n != self.desired:
+            self.log(f"desired workers {self.desired} -> {n} ({why})")
+        self.desired = n
+        for ws in self.slots:
+            if ws.state is State.FAILED:  # an operator's scale gives failed slots a new chance
+                self._transition(ws.slot, Event.RETIRE, "reset by scale")
+
+    def begin_stop(self, why: str, code: int = 0) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.exit_code = code
+        self.log(f"stopping ({why}): no new connections; SIGTERM to {len(self.procs)} worker(s)")
+        if self.accept_loop is not None:
+            self.accept_loop.close()
+        if self.processor is not None:
+            self.processor.close()
+        self.stop_deadline = time.monotonic() + self.cfg.graceful_timeout
+        for ws in self.slots:
+            if ws.state is State.BACKOFF:
+                self._transition(ws.slot, Event.STOP, "pool stopping")
+            elif ws.can(Event.STOP):
+                self._transition(ws.slot, Event.STOP, "SIGTERM")
+                self._signal(self.procs[ws.slot], signal.SIGTERM)
+
+    # -- slots ---------------------------------------------------------------------------
+
+    def _transition(self, slot: int, event: Event, why: str = "") -> None:
+        assert self.page is not None
+        ws = self.slots[slot]
+        was = ws.state
+        ws.fire(event)
+        self.page.slot(slot).set("state", int(ws.state))
+        pid = f" pid {ws.pid}" if ws.pid else ""
+        self.log(f"slot {slot}:{pid} {was.name} -> {ws.state.name}" + (f" ({why})" if why else ""))
+
+    def _spawn(self, slot: int) -> None:
+        assert self.page is not None and self.center is not None
+        ws = self.slots[slot]
+        was = ws.state
+        parent, child = fdpass.seqpacket_pair()
+        spec = WorkerSpec(slot=slot, generation=ws.generation + 1, page_name=self.page.name,
+                          accept=self.cfg.accept, factory=self.factory, app_config=dict(self.cfg.app_config),
+                          heartbeat_interval=self.cfg.heartbeat_interval, supervisor_pid=os.getpid(),
+                          close_inherited=self.cfg.start_method == "fork")
+        view = self.page.slot(slot)
+        view.clear()
+        self.page.set_redirect(slot, None)
+        proc = self.mp.Process(target=worker_main, args=(spec, child), name=f"msgr worker {slot}", daemon=True)
+        try:
+            proc.start()
+        finally:
+            child.close()  # the child has its copy (inherited by fork, passed by spawn)
+        now = time.monotonic()
+        ws.spawned(proc.pid, now)
+        gen = ws.generation
+        channel = Channel(self.center, parent,
+                          lambda m, s=slot, g=gen: self._on_message(s, g, m),
+                          lambda r, s=slot, g=gen: None)  # EOF: the reap does the bookkeeping
+        self.procs[slot] = _Proc(proc, proc.pid, gen, channel)
+        self.pid2slot[proc.pid] = slot
+        view.set("pid", proc.pid)
+        view.set("generation", gen)
+        view.set("restarts", ws.restarts)
+        view.set("state", int(ws.state))
+        self.stats["spawned"] += 1
+        self.log(f"slot {slot}: {was.name} -> SPAWNING pid {proc.pid} (generation {gen})")
+
+    def _drain(self, slot: int) -> None:
+        assert self.page is not None
+        p = self.procs[slot]
+        survivors = self._accepting_load()
+        survivors.pop(slot, None)
+        target = min(survivors, key=lambda s: (survivors[s], s)) if survivors else None
+        self.page.set_redirect(slot, target)  # sessions owned by this slot now route there
+        self._transition(slot, Event.DRAIN, "scale-down: migrating its connections"
+                         + (f", redirect to slot {target}" if target is not None else ""))
+        p.deadline = time.monotonic() + self.cfg.drain_timeout
+        self._rehome(slot)
+        p.channel.send(Kind.DRAIN)
+
+    def _accepting_load(self) -> dict[int, int]:
+        assert self.page is not None
+        return {ws.slot: self.page.slot(ws.slot).get("connections")
+                for ws in self.slots if ws.state is State.ACCEPTING and ws.slot in self.procs}
+
+    # -- messages from workers ---------------------------------------------------------------
+
+    def _on_message(self, slot: int, gen: int, msg: Message) -> None:
+        p = self.procs.get(slot)
+        if p is None or p.generation != gen:
+            for fd in msg.fds:
+                os.close(fd)
+            return
+        kind = msg.kind
+        if kind is Kind.CONN_ACK:
+            entry = self.deliveries.pop(msg.xid, None)
+            if entry is not None:
+                entry[1](msg.arg == 1)
+        elif kind is Kind.HANDOFF:
+            self._relay(slot, gen, msg)
+        elif kind is Kind.READY:
+            ws = self.slots[slot]
+            if ws.state is not State.SPAWNING:
+                return  # retired while booting: it was sent DRAIN already
+            now = time.monotonic()
+            self._transition(slot, Event.READY, f"{now - ws.spawned_at:.2f}s after spawn")
+            ws.ready_at = now
+            self._start(slot, p)
+        elif kind is Kind.STARTED:
+            if self.slots[slot].state is not State.READY:
+                return
+            self._transition(slot, Event.ACCEPTING)
+            self._on_accepting(slot)
+        elif kind is Kind.DRAINED:
+            self.log(f"slot {slot}: pid {p.pid} drained")
+        else:
+            for fd in msg.fds:
+                os.close(fd)
+
+    def _start(self, slot: int, p: _Proc) -> None:
+        if self.cfg.accept == "reuseport":
+            sock = self._listener(slot)
+            p.channel.send(Kind.START, payload=json.dumps([slot]).encode(), fds=[sock.fileno()])
+        else:
+            p.channel.send(Kind.START)
+
+    def _on_accepting(self, slot: int) -> None:
+        if self.cfg.accept == "reuseport":
+            prev = self.listener_owner.get(slot)
+            self.listener_owner[slot] = slot
+            if prev is not None and prev != slot and prev in self.procs:
+                self.procs[prev].channel.send(Kind.UNLISTEN, xid=slot)  # the new owner polls it now
+            for lid, owner in self.listener_owner.items():
+                if owner is None:
+                    self._give_listener(lid, slot)
+        elif self.processor is not None and self.accept_loop is not None:
+            self.processor.kick()
+            if not self.processor.backlog and not self.stopping:
+                self.accept_loop.resume()
+
+    def _rehome(self, slot: int) -> None:
+        """Hand every listener polled by ``slot`` to a surviving accepting worker."""
+        if self.cfg.accept != "reuseport":
+            return
+        for lid, owner in list(self.listener_owner.items()):
+            if owner != slot:
+                continue
+            counts: dict[int, int] = {}
+            for s in self._accepting_load():
+                if s != slot:
+                    counts[s] = sum(1 for o in self.listener_owner.values() if o == s)
+            if counts:
+                self._give_listener(lid, min(counts, key=lambda s: (counts[s], s)))
+            else:
+                self.listener_owner[lid] = None  # orphan until a worker accepts again
+
+    def _give_listener(self, lid: int, slot: int) -> None:
+        self.listener_owner[lid] = slot
+        self.procs[slot].channel.send(Kind.LISTEN, xid=lid, fds=[self.listeners[lid].fileno()])
+        self.log(f"listener {lid} handed to slot {slot}")
+
+    # -- handoff ---------------------------------------------------------------------------
+
+    def deliver(self, slot: int, fd: int, meta: bytes, on_result: Callable[[bool], None]) -> None:
+        """Send ``fd`` (+ ``meta``) to ``slot``; ``on_result(adopted)`` later. The caller
+        keeps ``fd`` open until then (the worker got a duplicate)."""
+        p = self.procs.get(slot)
+        if p is None or p.channel.closed:
+            assert self.center is not None
+            self.center.call_soon(lambda: on_result(False))
+            return
+        xid = self.next_xid
+        self.next_xid += 1
+        self.deliveries[xid] = (slot, on_result)
+        p.channel.send(Kind.CONN, xid=xid, payload=meta, fds=[fd])
+
+    def _relay(self, source: int, gen: int, msg: Message) -> None:
+        """A draining worker hands a connection to ``msg.arg``: forward it, report back."""
+
+        def reply(ok: bool) -> None:
+            p = self.procs.get(source)
+            if p is not None and p.generation == gen:
+                p.channel.send(Kind.HANDOFF_RESULT, xid=msg.xid, arg=1 if ok else 0)
+            self.stats["relayed" if ok else "relay_failures"] += 1
+
+        if not msg.fds or msg.arg == Channel.TRUNCATED:
+            for fd in msg.fds:
+                os.close(fd)
+            reply(False)
+            return
+        fd = msg.fds[0]
+        for extra in msg.fds[1:]:
+            os.close(extra)
+        target = msg.arg
+        if target == source or target >= len(self.slots) or self.slots[target].state is not State.ACCEPTING:
+            os.close(fd)
+            reply(False)
+            return
+
+        def done(ok: bool) -> None:
+            os.close(fd)
+            reply(ok)
+
+        self.deliver(target, fd, msg.payload, done)
+
+    def _on_accept(self, conn: ConnectedSocket) -> None:
+        assert self.processor is not None and self.accept_loop is not None
+        fd = conn.detach()
+        self.processor.submit(fd)
+        if self.processor.backlog:
+            # No accepting worker: leave further connections in the kernel's queue.
+            self.accept_loop.pause()
+
+    # -- admin commands --------------------------------------------------------------------
+
+    def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.page is not None
+        now_ns = time.monotonic_ns()
+        workers = []
+        for ws in self.slots:
+            if ws.generation == 0 and ws.state is State.EXITED:
+                continue
+            v = self.page.slot(ws.slot).snapshot()
+            hb = v["heartbeat_ns"]
+            workers.append({
+                "slot": ws.slot, "pid": ws.pid, "state": ws.state.name,
+                "connections": v["connections"] if ws.pid else 0,
+                "msgs_in": v["msgs_in"], "msgs_out": v["msgs_out"],
+                "bytes_in": v["bytes_in"], "bytes_out": v["bytes_out"],
+                "restarts": ws.restarts, "generation": ws.generation,
+                "heartbeat_age": round((now_ns - hb) / 1e9, 3) if hb and ws.pid else None,
+                "loop_count": v["loop_count"], "last_exit": ws.last_exit,
+                "listeners": sorted(lid for lid, o in self.listener_owner.items() if o == ws.slot),
+            })
+        return {"pid": os.getpid(), "desired": self.desired, "accept": self.cfg.accept,
+                "bind": list(self.address), "stopping": self.stopping,
+                "accepting": sum(1 for ws in self.slots if ws.state is State.ACCEPTING),
+                "control_page": self.page.name, "workers": workers}
+
+    def cmd_perf(self, args: dict[str, Any]) -> dict[str, Any]:
+        status = self.cmd_status({})
+        totals = {k: sum(w[k] for w in status["workers"]) for k in ("msgs_in", "msgs_out", "bytes_in", "bytes_out")}
+        perf: dict[str, Any] = {"totals": totals, "supervisor": dict(self.stats)}
+        if self.processor is not None and self.accept_loop is not None:
+            st = self.accept_loop.statistics()
+            perf["processor"] = {"accepted": st.accepted, "assigned": self.processor.assigned,
+                                 "naks": self.processor.naks, "dropped": self.processor.dropped,
+                                 "backlog": len(self.processor.backlog), "accept_backoffs": st.backoffs,
+                                 "inflight": dict(self.processor.inflight)}
+        perf["workers"] = [{k: w[k] for k in ("slot", "state", "connections", "msgs_in", "msgs_out",
+                                               "bytes_in", "bytes_out", "loop_count")} for w in status["workers"]]
+        return perf
+
+    def cmd_scale(self, args: dict[str, Any]) -> dict[str, Any]:
+        n = args.get("n")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.cfg.max_slots:
+            raise ValueError(f"n must be an integer 1..{self.cfg.max_slots}, got {n!r} "
+                             "(e.g. {\"cmd\": \"scale\", \"n\": 4})")
+        if self.stopping:
+            raise ValueError("the pool is stopping")
+        self._set_desired(n, "admin scale")
+        return {"desired": n}
+
+    def cmd_stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.center is not None
+        self.center.call_soon(lambda: self.begin_stop("admin stop"))
+        return {"stopping": True, "pid": os.getpid()}

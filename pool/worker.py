@@ -1,0 +1,326 @@
+"""The worker process: one EventCenter, one app, one control channel to the supervisor.
+
+Start-up order matters (supervisors.md 2.6, 2.9):
+
+1. Forget the supervisor's signal set-up: a forked child inherits Python's handlers and,
+   worse, its ``signal.set_wakeup_fd`` (writes would wake the *supervisor's* loop).
+   Ctrl-C reaches the whole foreground process group, so SIGINT is ignored here: the
+   supervisor coordinates shutdown.
+2. ``PR_SET_PDEATHSIG(SIGKILL)``, then compare ``getppid()`` with the supervisor's pid:
+   the parent may have died before the prctl call, and the signal then never comes
+   (prctl(2)). EOF on the control channel is the second, independent exit path.
+3. After fork, close every inherited fd except stdio and our channel: listeners, other
+   workers' channel ends, pending handoff fds and the supervisor's epoll would otherwise
+   stay open here (an accepted connection would not close when its owner closes it,
+   and epoll registrations must never be shared across processes, epoll(7) Q6).
+   The supervisor's Python objects for those fds stay referenced from the fork()
+   caller's frames, which this process never returns to, so nothing closes a reused
+   fd number later.
+4. Build the EventCenter, create the app (a failure exits with :data:`BOOT_ERROR`
+   before READY, which the supervisor's flap guard counts), send READY.
+
+The heartbeat is written by a loop hook, i.e. by the loop itself: a stuck loop is
+exactly what must be detected (supervisors.md 2.4). ``run(max_wait=interval)`` makes an
+idle loop iterate at least every ``heartbeat_interval``.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from transport.event_center import EventCenter
+from transport.posix import PosixConnectedSocket, PosixServerSocket
+from transport.stack import ConnectedSocket, SocketOptions
+
+from .app import AppFactory, WorkerApp, WorkerContext
+from .control_page import FIELDS, HEADER_WORDS, SLOT_WORDS, ControlPage
+from .lifecycle import State
+from .processor import Channel, Kind, Message
+from .titles import PR_SET_PDEATHSIG, prctl, set_title
+
+__all__ = ["WorkerSpec", "worker_main", "BOOT_ERROR"]
+
+#: exit status of a worker whose app could not be created or started (gunicorn uses 3 too)
+BOOT_ERROR = 3
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs; picklable (with dill, as multiprocess uses) for spawn."""
+
+    slot: int
+    generation: int
+    page_name: str
+    accept: str
+    factory: AppFactory
+    app_config: dict[str, Any] = field(default_factory=dict)
+    heartbeat_interval: float = 0.25
+    supervisor_pid: int = 0
+    close_inherited: bool = True
+    listener_options: SocketOptions = field(default_factory=lambda: SocketOptions(reuseport=True))
+
+
+def _close_inherited(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the fd of the listdir itself, already gone
+
+
+def worker_main(spec: WorkerSpec, ctl: socket.socket) -> None:
+    """Process entry point (the multiprocess target). Exits with the worker's status."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if spec.supervisor_pid and os.getppid() != spec.supervisor_pid:
+        os._exit(1)  # the supervisor died before the prctl: nobody will signal us
+    set_title(f"msgr worker {spec.slot}")
+    if spec.close_inherited:
+        _close_inherited({0, 1, 2, ctl.fileno()})
+    faulthandler.enable()  # SIGABRT from the heartbeat check dumps every thread's stack
+    os.environ["MSGR_WORKER_SLOT"] = str(spec.slot)
+    sys.exit(Worker(spec, ctl).run())
+
+
+class _Accepting:
+    """A listener this worker polls (reuseport mode)."""
+
+    def __init__(self, worker: Worker, lid: int, fd: int) -> None:
+        self.lid = lid
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        self.server = PosixServerSocket(sock, worker.spec.listener_options)
+        self.loop = _make_accept_loop(worker.center, self.server, worker.on_accept)
+
+    def close(self) -> None:
+        self.loop.close()
+        # Our copy only: the supervisor keeps the slot's listener open (supervisors.md 2.1).
+        self.server.close()
+
+
+def _make_accept_loop(center: EventCenter, server: PosixServerSocket,
+                      on_accept: Callable[[ConnectedSocket], None]) -> Any:
+    from transport.listener import AcceptLoop
+
+    loop = AcceptLoop(center, server, on_accept, max_per_wakeup=64, backoff=0.1)
+    loop.start()
+    return loop
+
+
+class Worker(WorkerContext):
+    """The WorkerContext given to the app, and the loop that drives it."""
+
+    def __init__(self, spec: WorkerSpec, ctl: socket.socket) -> None:
+        self.spec = spec
+        self.slot = spec.slot
+        self.config: Mapping[str, Any] = dict(spec.app_config)
+        self.ctl = ctl
+        self.center = EventCenter(name=f"worker{spec.slot}")
+        self.page = ControlPage.attach(spec.page_name)
+        self.app: WorkerApp | None = None
+        self.channel: Channel | None = None
+        self.listeners: dict[int, _Accepting] = {}
+        self.pending: dict[int, Callable[[bool], None]] = {}
+        self.next_xid = 1
+        self.draining = False
+        self.exit_code = 0
+        self.handoffs_in = 0
+        self.handoffs_out = 0
+        self._q = self.page.words()
+        self._base = HEADER_WORDS + spec.slot * SLOT_WORDS
+
+    # -- WorkerContext -----------------------------------------------------------------
+
+    def handoff(self, target_slot: int, fd: int, meta: bytes, on_result: Callable[[bool], None]) -> None:
+        if self.channel is None or self.channel.closed:
+            self.center.call_soon(lambda: on_result(False))
+            return
+        xid = self.next_xid
+        self.next_xid += 1
+        self.pending[xid] = on_result
+        self.channel.send(Kind.HANDOFF, xid=xid, arg=target_slot, payload=meta, fds=[fd])
+
+    def accepting_slots(self) -> list[int]:
+        out = []
+        for i in range(self.page.nslots):
+            if i != self.slot and self._q[HEADER_WORDS + i * SLOT_WORDS + FIELDS["state"]] == State.ACCEPTING:
+                out.append(i)
+        return out
+
+    def drained(self) -> None:
+        if self.channel is not None:
+            self.channel.send(Kind.DRAINED)
+        self.log("drained: exiting")
+        self.center.stop()
+
+    def log(self, msg: str) -> None:
+        sys.stderr.write(f"msgr worker {self.slot} [{os.getpid()}]: {msg}\n")
+        sys.stderr.flush()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            self._cleanup()
+
+    def _run(self) -> int:
+        self._beat_boot()
+        try:
+            app = self.spec.factory()
+            app.start(self)
+        except Exception:
+            self.log("app failed to start:\n" + traceback.format_exc().rstrip())
+            return BOOT_ERROR
+        self.app = app
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.channel = Channel(self.center, self.ctl, self._on_message, self._on_channel_close)
+        self.center.add_loop_hook(self._beat)
+        self.channel.send(Kind.READY, payload=json.dumps({"pid": os.getpid()}).encode())
+        self.center.run(max_wait=self.spec.heartbeat_interval)
+        return self.exit_code
+
+    def _on_sigterm(self, _sig: int, _frame: object) -> None:
+        # Runs on the main thread between bytecodes (Python signal semantics), so calling
+        # into the center is safe; stop() also wakes a blocked epoll_wait.
+        self.center.stop()
+
+    def _beat_boot(self) -> None:
+        self._q[self._base + FIELDS["heartbeat_ns"]] = time.monotonic_ns()
+
+    def _beat(self) -> None:
+        q, b, app = self._q, self._base, self.app
+        q[b + 2] = time.monotonic_ns()  # FIELDS["heartbeat_ns"]
+        q[b + 3] = self.center.loop_count
+        if app is not None:
+            q[b + 4] = app.connection_count()
+            mi, mo, bi, bo = app.counters()
+            q[b + 5], q[b + 6], q[b + 7], q[b + 8] = mi, mo, bi, bo
+
+    def on_accept(self, conn: ConnectedSocket) -> None:
+        if self.app is None or self.draining or not self._adopt(conn, b""):
+            conn.close()
+
+    def _adopt(self, conn: ConnectedSocket, meta: bytes) -> bool:
+        assert self.app is not None
+        try:
+            return bool(self.app.adopt(conn, meta))
+        except Exception:
+            self.log("app.adopt raised:\n" + traceback.format_exc().rstrip())
+            return False
+
+    def _on_message(self, msg: Message) -> None:
+        kind = msg.kind
+        if kind is Kind.CONN:
+            self._on_conn(msg)
+        elif kind is Kind.HANDOFF_RESULT:
+            cb = self.pending.pop(msg.xid, None)
+            if msg.arg == 1:
+                self.handoffs_out += 1
+                self._q[self._base + FIELDS["handoffs_out"]] = self.handoffs_out
+            if cb is not None:
+                cb(msg.arg == 1)
+        elif kind is Kind.START:
+            for lid, fd in zip(json.loads(msg.payload or b"[]"), msg.fds):
+                self._listen(lid, fd)
+            assert self.channel is not None
+            self.channel.send(Kind.STARTED)
+        elif kind is Kind.LISTEN:
+            for fd in msg.fds:
+                self._listen(msg.xid, fd)
+        elif kind is Kind.UNLISTEN:
+            acc = self.listeners.pop(msg.xid, None)
+            if acc is not None:
+                acc.close()
+        elif kind is Kind.DRAIN:
+            self._drain()
+        else:
+            for fd in msg.fds:
+                os.close(fd)
+            self.log(f"ignoring unexpected {kind.name} from the supervisor")
+
+    def _listen(self, lid: int, fd: int) -> None:
+        if self.draining:
+            os.close(fd)
+            return
+        old = self.listeners.pop(lid, None)
+        if old is not None:
+            old.close()
+        self.listeners[lid] = _Accepting(self, lid, fd)
+
+    def _on_conn(self, msg: Message) -> None:
+        ok = False
+        if msg.fds and msg.arg != Channel.TRUNCATED:
+            fd = msg.fds[0]
+            for extra in msg.fds[1:]:
+                os.close(extra)
+            if self.draining or self.app is None:
+                os.close(fd)
+            else:
+                conn = PosixConnectedSocket.from_fd(fd)
+                ok = self._adopt(conn, msg.payload)
+                if not ok:
+                    conn.close()
+                elif msg.payload:
+                    self.handoffs_in += 1
+                    self._q[self._base + FIELDS["handoffs_in"]] = self.handoffs_in
+        # Publish the new count before the ack, so the Processor's next choice sees it.
+        self._beat()
+        assert self.channel is not None
+        self.channel.send(Kind.CONN_ACK, xid=msg.xid, arg=1 if ok else 0)
+
+    def _drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.log("draining")
+        for acc in self.listeners.values():
+            acc.close()
+        self.listeners.clear()
+        assert self.app is not None
+        self.app.begin_drain()
+
+    def _on_channel_close(self, reason: str) -> None:
+        # The supervisor is gone (or broke the protocol): nobody can route to us any more.
+        self.log(f"control channel closed ({reason}): exiting")
+        self.center.stop()
+
+    def _cleanup(self) -> None:
+        for acc in self.listeners.values():
+            acc.close()
+        self.listeners.clear()
+        if self.app is not None:
+            try:
+                self.app.stop()
+            except Exception:
+                self.log("app.stop raised:\n" + traceback.format_exc().rstrip())
+        for cb in self.pending.values():
+            try:
+                cb(False)
+            except Exception:
+                pass
+        self.pending.clear()
+        if self.channel is not None:
+            self.channel.close()
+        else:
+            self.ctl.close()
+        self.page.close()
+        self.center.close()
