@@ -9,7 +9,7 @@ from typing import Any
 from .control_page import MAX_SLOTS
 from .lifecycle import Backoff
 
-__all__ = ["PoolConfig", "ACCEPT_MODES", "START_METHODS", "parse_bind"]
+__all__ = ["ACCEPT_MODES", "START_METHODS", "PoolConfig", "parse_bind"]
 
 ACCEPT_MODES = ("processor", "reuseport")
 START_METHODS = ("fork", "spawn")

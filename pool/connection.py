@@ -93,6 +93,8 @@ class AsyncConnection:
         self.last_active = self.connect_started
         self.last_keepalive_ack: tuple[int, int] | None = None
         self.faults = 0
+        #: a handoff of this session to another worker is in flight: no I/O meanwhile
+        self.migrating = False
         self.priv: Any = None                 # for the application (Ceph's Connection priv)
 
     def __repr__(self) -> str:
@@ -155,6 +157,7 @@ class AsyncConnection:
         try:
             sock = self.msgr.stack.connect(self.peer_addr, self.msgr.socket_options)
         except OSError as err:
+            self.msgr.count_socket_error(err)
             self._fault(f"connect to {self.peer_addr} failed: {err}", refused=True)
             return
         self.sock = sock
@@ -175,6 +178,7 @@ class AsyncConnection:
         try:
             st = sock.is_connected()
         except OSError as err:
+            self.msgr.count_socket_error(err)
             refused = err.errno in (errno.ECONNREFUSED, errno.ECONNRESET)
             self._fault(f"connect to {self.peer_addr} failed: {err.strerror or err}",
                         refused=refused)
@@ -225,9 +229,7 @@ class AsyncConnection:
     # -- reading ---------------------------------------------------------------------------
     def _on_readable(self, _fd: int) -> None:
         sock, wire = self.sock, self.wire
-        if sock is None or wire is None:
-            return
-        if self._throttled:
+        if sock is None or wire is None or self._throttled or self.migrating:
             return
         msgr = self.msgr
         inject = msgr.inject_socket_failures
@@ -242,9 +244,11 @@ class AsyncConnection:
             except BlockingIOError:
                 break
             except OSError as err:
+                msgr.count_socket_error(err)
                 self._fault(f"read failed: {err.strerror or err}")
                 return
             if n == 0:
+                msgr.stats["eof"] += 1
                 self._fault("peer closed the connection")
                 return
             wire.buffer_updated(n)
@@ -377,7 +381,7 @@ class AsyncConnection:
     def _flush(self) -> None:
         self._flush_scheduled = False
         sock, wire = self.sock, self.wire
-        if sock is None or wire is None:
+        if sock is None or wire is None or self.migrating:
             return
         msgr = self.msgr
         before = wire.messages_out
@@ -404,6 +408,7 @@ class AsyncConnection:
         except BlockingIOError:
             pass
         except OSError as err:
+            msgr.count_socket_error(err)
             self._fault(f"write failed: {err.strerror or err}")
             return
         if total:

@@ -16,6 +16,7 @@ worker hand a reconnect for a session owned by another worker to that worker.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import random
 import secrets
@@ -440,6 +441,17 @@ class Messenger:
         self.listeners.clear()
         for conn in list(self.conns.values()) + list(self.anon) + list(self.accepting):
             conn.mark_down()
+
+    def count_socket_error(self, err: OSError) -> None:
+        """Count resets and refusals apart: scale tests assert there are none."""
+        if err.errno == errno.ECONNRESET:
+            self.stats["econnreset"] += 1
+        elif err.errno == errno.ECONNREFUSED:
+            self.stats["econnrefused"] += 1
+        elif err.errno == errno.EPIPE:
+            self.stats["epipe"] += 1
+        else:
+            self.stats["socket_errors"] += 1
 
     def counters(self) -> dict[str, Any]:
         return {"msgs_in": self.msgs_in, "msgs_out": self.msgs_out, "bytes_in": self.bytes_in,

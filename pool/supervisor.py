@@ -29,6 +29,7 @@ Facts and choices:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -58,7 +59,7 @@ from .processor import Channel, Kind, Message, Processor
 from .titles import set_title
 from .worker import BOOT_ERROR, WorkerSpec, worker_main
 
-__all__ = ["Supervisor", "EXIT_NO_WORKERS", "describe_exit"]
+__all__ = ["EXIT_NO_WORKERS", "Supervisor", "describe_exit"]
 
 #: the supervisor's exit status when no worker can be kept alive (all slots FAILED)
 EXIT_NO_WORKERS = 3
@@ -474,9 +475,9 @@ class Supervisor:
         now = time.monotonic()
         ws.spawned(proc.pid, now)
         gen = ws.generation
-        channel = Channel(self.center, parent,
-                          lambda m, s=slot, g=gen: self._on_message(s, g, m),
-                          lambda r, s=slot, g=gen: None)  # EOF: the reap does the bookkeeping
+        # EOF on the channel needs no handler: the reap of the process does the bookkeeping.
+        channel = Channel(self.center, parent, functools.partial(self._on_message, slot, gen),
+                          lambda _reason: None)
         self.procs[slot] = _Proc(proc, proc.pid, gen, channel)
         self.pid2slot[proc.pid] = slot
         view.set("pid", proc.pid)

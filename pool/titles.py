@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-__all__ = ["set_title", "prctl"]
+__all__ = ["prctl", "set_title"]
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -28,7 +28,7 @@ def prctl(option: int, arg: int | bytes) -> int:
 
 def set_title(title: str) -> None:
     try:
-        import setproctitle  # type: ignore[import-not-found]
+        import setproctitle
 
         setproctitle.setproctitle(title)
     except ImportError:

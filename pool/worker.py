@@ -48,7 +48,7 @@ from .lifecycle import State
 from .processor import Channel, Kind, Message
 from .titles import PR_SET_PDEATHSIG, prctl, set_title
 
-__all__ = ["WorkerSpec", "worker_main", "BOOT_ERROR"]
+__all__ = ["BOOT_ERROR", "WorkerSpec", "worker_main"]
 
 #: exit status of a worker whose app could not be created or started (gunicorn uses 3 too)
 BOOT_ERROR = 3

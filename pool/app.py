@@ -1,0 +1,112 @@
+"""The seam between the pool (processes, sockets, handoff) and what runs inside a worker.
+
+A :class:`WorkerApp` is created inside the worker process by an :data:`AppFactory` and
+is driven by the worker's EventCenter. The worker gives it a :class:`WorkerContext`.
+
+Call grammar (the worker guarantees it)::
+
+    factory() -> start(ctx) -> (adopt | connection_count | counters)*
+              -> [begin_drain -> (counters | ...)* -> ctx.drained()] -> stop
+
+``stop`` may come at any point after ``start`` (pool shutdown, supervisor gone).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from transport.event_center import EventCenter
+from transport.stack import ConnectedSocket
+
+__all__ = ["AppFactory", "WorkerApp", "WorkerContext", "import_factory"]
+
+
+class WorkerContext(abc.ABC):
+    """What a worker offers its app. Implemented by :mod:`pool.worker`."""
+
+    slot: int
+    center: EventCenter
+    #: the pool's app configuration (``msgr serve --inject-socket-failures N`` lands here
+    #: as ``{"inject_socket_failures": N}``, ``--app-config JSON`` is merged in)
+    config: Mapping[str, Any]
+
+    @abc.abstractmethod
+    def handoff(self, target_slot: int, fd: int, meta: bytes, on_result: Callable[[bool], None]) -> None:
+        """Send a live connection (kernel fd + opaque state, up to ~1 MiB) to another worker.
+
+        ``on_result(True)`` once the target adopted it (the caller then closes its copy);
+        ``on_result(False)`` on NAK, a dead or non-accepting target (try another slot).
+        ``on_result`` always runs later on this worker's loop, never inside this call.
+        """
+
+    @abc.abstractmethod
+    def accepting_slots(self) -> list[int]:
+        """Slots currently ACCEPTING according to the control page (this one excluded)."""
+
+    @abc.abstractmethod
+    def drained(self) -> None:
+        """The app owns nothing any more (after ``begin_drain``): the worker may exit."""
+
+    @abc.abstractmethod
+    def log(self, msg: str) -> None:
+        """One line to the pool's log, prefixed with this worker's slot and pid."""
+
+
+class WorkerApp(abc.ABC):
+    """What runs inside one worker process."""
+
+    @abc.abstractmethod
+    def start(self, ctx: WorkerContext) -> None:
+        """Called once on the worker's loop, before READY is reported."""
+
+    @abc.abstractmethod
+    def adopt(self, conn: ConnectedSocket, meta: bytes) -> bool:
+        """Take ownership of ``conn``. ``meta == b""``: freshly accepted; otherwise the
+        state blob a draining worker passed to ``ctx.handoff``. False = NAK (the worker
+        closes ``conn`` and the sender tries elsewhere)."""
+
+    @abc.abstractmethod
+    def connection_count(self) -> int:
+        """Live connections owned now (the Processor balances on it)."""
+
+    @abc.abstractmethod
+    def counters(self) -> tuple[int, int, int, int]:
+        """``(msgs_in, msgs_out, bytes_in, bytes_out)`` since start (monotonic)."""
+
+    @abc.abstractmethod
+    def begin_drain(self) -> None:
+        """Stop taking work; migrate every connection with ``ctx.handoff``; call
+        ``ctx.drained()`` when none remain."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Hard stop: close everything now."""
+
+
+#: Must be picklable under spawn; with fork (the default) a closure works.
+AppFactory = Callable[[], WorkerApp]
+
+
+def import_factory(spec: str) -> AppFactory:
+    """Resolve ``"package.module:Name"`` to the callable it names (a WorkerApp class or
+    a factory function). Raises ValueError with the reason on a bad spec."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"app spec {spec!r} must look like MODULE:NAME (e.g. myapp.server:EchoApp)")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"cannot import {module_name!r} for --app {spec}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"{module_name} has no attribute {attr!r} (--app {spec})") from None
+    if not callable(obj):
+        raise ValueError(f"--app {spec} names {type(obj).__name__}, not a class or factory")
+    factory: AppFactory = obj
+    return factory

@@ -1,0 +1,353 @@
+"""Apps a pool can serve, and the Messenger-backed WorkerApp they run in.
+
+``msgr serve --app echo`` (replies to every message with the same type, front and data),
+``--app kv`` (the sharded key-value store) or ``--app MODULE:NAME`` naming a
+:class:`~pool.dispatcher.Dispatcher` subclass (run inside a :class:`MessengerApp`) or a
+:class:`~pool.app.WorkerApp` factory.
+
+Sessions across processes (DESIGN.md, Processes):
+
+* A server cookie carries its owner's slot in the top byte. A SESSION_RECONNECT that lands
+  on another worker (Processor choice, reuseport hashing) is handed — socket, handshake
+  state and the bytes already read — to the owner, which resumes the session: the client
+  sees no reset. If the owner is gone the local worker answers as Ceph does (RESET), and the
+  client's dispatcher hears ``ms_handle_remote_reset``: never silent loss.
+* On scale-down a draining worker stops each READY connection at a frame boundary (after
+  its pending output is flushed), then hands socket + session (sequence numbers, cookies,
+  unacknowledged and queued messages, unparsed bytes) to a surviving worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgpack
+
+from protocol.connection import Connection, IdentRequest, ReconnectRequest, Role
+from protocol.control import EntityAddr
+from protocol.features import EntityType
+from protocol.message import Message
+from protocol.policy import Backoff, Policy
+from protocol.session import Session
+from transport.posix import PosixConnectedSocket
+from transport.stack import ConnectedSocket
+
+from .app import AppFactory, WorkerApp, WorkerContext, import_factory
+from .connection import AsyncConnection, ConnState
+from .dispatcher import Dispatcher
+from .messenger import Messenger
+
+__all__ = ["EchoDispatcher", "MessengerApp", "load_app", "APPS"]
+
+log = logging.getLogger("pool.apps")
+
+_HANDSHAKE, _SESSION = 1, 2
+_MAX_META = 1 << 20          # what one handoff may carry (the control channel's bound)
+_DRAIN_RETRY = 0.05
+
+
+class EchoDispatcher(Dispatcher):
+    """Reply to every message on the same connection with the same type, front and data."""
+
+    def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
+        conn.send_message(Message(msg.type, msg.front, data=msg.data, priority=msg.priority,
+                                  tid=msg.tid))
+
+
+def cookie_slot(cookie: int) -> int | None:
+    """The worker slot a server cookie names (None for cookies made outside a pool)."""
+    tag = cookie >> 56
+    return tag - 1 if tag else None
+
+
+def _pack_message(m: Message) -> list[Any]:
+    return [m.type, m.priority, m.tid, m.flags, m.seq, m.ack_seq, m.encoded_front(),
+            bytes(m.data)]
+
+
+def _unpack_message(v: list[Any]) -> Message:
+    m = Message(int(v[0]), msgpack.unpackb(v[6], raw=False, strict_map_key=False),
+                data=v[7], priority=int(v[1]), tid=int(v[2]), flags=int(v[3]))
+    m.seq, m.ack_seq = int(v[4]), int(v[5])
+    return m
+
+
+def export_session(conn: AsyncConnection, pending: bytes) -> bytes:
+    """Serialize a READY server connection's session for another worker."""
+    s = conn.session
+    assert s is not None
+    return msgpack.packb({
+        "kind": _SESSION, "key": conn.key, "peer_type": conn.peer_type,
+        "peer_addrs": [a.encode() for a in conn.peer_addrs],
+        "out_seq": s.out_seq, "in_seq": s.in_seq, "client_cookie": s.client_cookie,
+        "server_cookie": s.server_cookie, "connect_seq": s.connect_seq,
+        "global_seq": s.global_seq, "peer_global_seq": s.peer_global_seq,
+        "ack_pending": s.ack_pending,
+        "sent": [_pack_message(m) for m in s.sent],
+        "queued": [_pack_message(m) for m in s.queued_messages()],
+        "requeued": len(s.requeued),
+        "pending": pending,
+    }, use_bin_type=True)
+
+
+class MessengerApp(WorkerApp):
+    """A Messenger on the worker's loop serving one dispatcher."""
+
+    def __init__(self, dispatcher_factory: Callable[[], Dispatcher] = EchoDispatcher,
+                 config: Mapping[str, Any] | None = None) -> None:
+        self.dispatcher_factory = dispatcher_factory
+        self.config = dict(config or {})
+        self.ctx: WorkerContext | None = None
+        self.msgr: Messenger | None = None
+        self.draining = False
+        self.routed = 0
+        self.migrated = 0
+
+    # -- WorkerApp -----------------------------------------------------------------------
+    def start(self, ctx: WorkerContext) -> None:
+        cfg = {**self.config, **dict(ctx.config)}
+        self.ctx = ctx
+        msgr = Messenger(
+            ctx.center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
+            inject_socket_failures=int(cfg.get("inject_socket_failures", 0)),
+            throttle_messages=int(cfg.get("throttle_messages", 0)),
+            throttle_bytes=int(cfg.get("throttle_bytes", 0)),
+            backoff=Backoff(0.2, float(cfg.get("max_backoff", 15.0))),
+            standby_timeout=float(cfg.get("standby_timeout", 900.0)),
+            cookie_tag=ctx.slot + 1, seed=cfg.get("seed"))
+        bind = cfg.get("bind")
+        if bind:
+            msgr.set_address((str(bind[0]), int(bind[1])) if isinstance(bind, (list, tuple))
+                             else str(bind))
+        msgr.route_request = self._route
+        msgr.add_dispatcher(self.dispatcher_factory())
+        self.msgr = msgr
+
+    def adopt(self, conn: ConnectedSocket, meta: bytes) -> bool:
+        msgr = self.msgr
+        if msgr is None or self.draining:
+            return False
+        if not meta:
+            msgr.add_accept(conn)
+            return True
+        state = msgpack.unpackb(meta, raw=False)
+        if state["kind"] == _HANDSHAKE:
+            wire, ev = Connection.import_handshake(msgr.proto_config, state["handshake"])
+            msgr.adopt_handshake(conn, wire, ev)
+            self.routed += 1
+            return True
+        if state["kind"] == _SESSION:
+            self._import_session(conn, state)
+            self.migrated += 1
+            return True
+        return False
+
+    def connection_count(self) -> int:
+        return len(self.msgr.connections()) if self.msgr else 0
+
+    def counters(self) -> tuple[int, int, int, int]:
+        m = self.msgr
+        if m is None:
+            return (0, 0, 0, 0)
+        return (m.msgs_in, m.msgs_out, m.bytes_in, m.bytes_out)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self._drain_step()
+
+    def stop(self) -> None:
+        if self.msgr is not None:
+            self.msgr.shutdown()
+
+    # -- reconnect routing ------------------------------------------------------------------
+    def _route(self, conn: AsyncConnection, ev: IdentRequest | ReconnectRequest) -> bool:
+        """Hand a SESSION_RECONNECT for a session another worker owns to that worker."""
+        if not isinstance(ev, ReconnectRequest) or self.ctx is None:
+            return False
+        owner = cookie_slot(ev.request.server_cookie)
+        if owner is None:
+            return False
+        resolve = getattr(self.ctx, "resolve_slot", None)
+        if resolve is not None:
+            owner = resolve(owner)
+        if owner is None or owner == self.ctx.slot or owner not in self.ctx.accepting_slots():
+            return False  # ours, or the owner is gone: answer here (RESET if unknown)
+        wire = conn.wire
+        sock = conn.sock
+        if wire is None or not isinstance(sock, PosixConnectedSocket) or conn.pending_output():
+            return False
+        try:
+            state = wire.export_handshake()
+        except Exception:  # noqa: BLE001
+            return False
+        meta = msgpack.packb({"kind": _HANDSHAKE, "handshake": state}, use_bin_type=True)
+        sock, _ = conn.detach_socket()
+        assert sock is not None
+        conn.state = ConnState.CLOSED
+        assert self.msgr is not None
+        self.msgr.accepting.discard(conn)
+        fd = sock.fileno()
+
+        def done(ok: bool) -> None:
+            if ok:
+                sock.close()
+                return
+            # The owner refused or died meanwhile: answer here; the session is unknown
+            # locally, so the client gets SESSION_RESET and a remote-reset callback.
+            msgr = self.msgr
+            if msgr is None:
+                sock.close()
+                return
+            new_wire, new_ev = Connection.import_handshake(msgr.proto_config, state)
+            assert isinstance(new_ev, ReconnectRequest)
+            self._answer_locally(sock, new_wire, new_ev)
+
+        self.ctx.handoff(owner, fd, meta, done)
+        return True
+
+    def _answer_locally(self, sock: ConnectedSocket, wire: Connection,
+                        ev: ReconnectRequest) -> None:
+        assert self.msgr is not None
+        conn = AsyncConnection(self.msgr, self.msgr.default_policy, peer_addr=None,
+                               outgoing=False)
+        self.msgr.accepting.add(conn)
+        conn.accept(sock, wire)
+        self.msgr.handle_reconnect(conn, ev, routed=True)
+
+    # -- migration on scale-down -------------------------------------------------------------
+    def _drain_step(self) -> None:
+        ctx, msgr = self.ctx, self.msgr
+        assert ctx is not None and msgr is not None
+        for server in list(msgr.listeners):
+            server.close()
+        msgr.listeners.clear()
+        # Half-done handshakes: close; the client retries and lands on a live worker.
+        for conn in list(msgr.accepting):
+            conn.mark_down()
+        busy = False
+        for conn in msgr.connections():
+            if conn.state is ConnState.READY and isinstance(conn.sock, PosixConnectedSocket):
+                if conn.migrating:
+                    busy = True
+                    continue
+                if conn.pending_output():
+                    conn._set_reading(False)  # stop at a frame boundary, let output drain
+                    busy = True
+                    continue
+                self._migrate(conn)
+                busy = True
+            elif conn.state in (ConnState.STANDBY, ConnState.BACKOFF) or conn.sock is None:
+                # No socket to hand over; the client's next reconnect lands elsewhere and
+                # is answered with SESSION_RESET (the client is told: no silent loss).
+                conn.mark_down()
+            else:
+                busy = True
+        if not busy and not msgr.connections():
+            ctx.drained()
+            return
+        ctx.center.create_time_event(_DRAIN_RETRY, self._drain_step)
+
+    def _migrate(self, conn: AsyncConnection) -> None:
+        ctx, msgr = self.ctx, self.msgr
+        assert ctx is not None and msgr is not None
+        targets = ctx.accepting_slots()
+        if not targets:
+            return  # nobody to take it yet; retried on the next drain step
+        wire = conn.wire
+        assert wire is not None
+        conn._set_reading(False)
+        # Everything READY to write was written (pending_output is empty): encode nothing
+        # more on this socket; the new owner continues the stream.
+        pending = wire.decoder.take_pending()
+        meta = export_session(conn, pending)
+        if len(meta) > _MAX_META:
+            # Too much queued to move in one handoff: keep serving a little longer.
+            wire.decoder.feed(pending)
+            conn._set_reading(True)
+            conn._schedule_flush()
+            return
+        target = targets[self.migrated % len(targets)]
+        conn.migrating = True
+        sock = conn.sock
+        assert sock is not None
+        fd = sock.fileno()
+
+        def done(ok: bool) -> None:
+            conn.migrating = False
+            if ok:
+                self.migrated += 1
+                sock_, wire_ = conn.detach_socket()
+                if sock_ is not None:
+                    sock_.close()
+                conn.state = ConnState.CLOSED
+                msgr.unregister(conn)
+            elif conn.wire is not None:
+                conn.wire.decoder.feed(pending)
+                conn._set_reading(True)
+                conn._schedule_flush()
+
+        ctx.handoff(target, fd, meta, done)
+
+    def _import_session(self, sock: ConnectedSocket, state: dict[str, Any]) -> None:
+        msgr = self.msgr
+        assert msgr is not None
+        policy = msgr.policy_for(int(state["peer_type"]))
+        s = Session(policy)
+        s.out_seq = int(state["out_seq"])
+        s.in_seq = int(state["in_seq"])
+        s.client_cookie = int(state["client_cookie"])
+        s.server_cookie = int(state["server_cookie"])
+        s.connect_seq = int(state["connect_seq"])
+        s.global_seq = int(state["global_seq"])
+        s.peer_global_seq = int(state["peer_global_seq"])
+        s.ack_pending = int(state["ack_pending"])
+        for v in state["sent"]:
+            s.sent.append(_unpack_message(v))
+        queued = [_unpack_message(v) for v in state["queued"]]
+        nreq = int(state["requeued"])
+        for m in queued[:nreq]:
+            s.requeued.append(m)
+        for m in queued[nreq:]:
+            s.queue(m)
+        peer_addrs = tuple(EntityAddr.decode(memoryview(a)) for a in state["peer_addrs"])
+        wire = Connection.import_ready(Role.SERVER, msgr.proto_config, s,
+                                       int(state["peer_type"]), peer_addrs, state["pending"])
+        conn = AsyncConnection(msgr, policy, peer_addr=sock.peer_address, outgoing=False)
+        conn.session = s
+        conn.key = state["key"]
+        conn.peer_type = int(state["peer_type"])
+        conn.peer_addrs = peer_addrs
+        old = msgr.conns.get(conn.key) if conn.key else None
+        if old is not None:
+            old.mark_down()
+        if conn.key:
+            msgr.conns[conn.key] = conn
+        conn.accept(sock, wire)
+        conn.state = ConnState.READY
+
+
+def _dispatcher_app(cls: Callable[[], Dispatcher], config: Mapping[str, Any]) -> WorkerApp:
+    return MessengerApp(cls, config)
+
+
+APPS: dict[str, Callable[[Mapping[str, Any]], AppFactory]] = {
+    "echo": lambda cfg: functools.partial(MessengerApp, EchoDispatcher, dict(cfg)),
+}
+
+
+def load_app(spec: str, config: Mapping[str, Any] | None = None) -> AppFactory:
+    """Resolve ``--app``: a built-in name or MODULE:NAME (a Dispatcher subclass, run in a
+    MessengerApp, or a WorkerApp factory)."""
+    cfg = dict(config or {})
+    if spec in APPS:
+        return APPS[spec](cfg)
+    if spec == "kv":
+        from .kv import kv_app_factory  # the sharded key-value app (rings issue)
+        return kv_app_factory(cfg)
+    obj = import_factory(spec)
+    if isinstance(obj, type) and issubclass(obj, Dispatcher):
+        return functools.partial(_dispatcher_app, obj, cfg)
+    return obj

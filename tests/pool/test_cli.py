@@ -1,0 +1,61 @@
+"""The ``msgr`` command line: subcommand registration and the admin contracts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools import cli
+
+from .support import msgr, running_pool
+
+
+def test_builtin_subcommands_are_registered() -> None:
+    parser = cli.build_parser()
+    for argv in (["serve"], ["status", "--json"], ["scale", "3"], ["stop"], ["perf"]):
+        assert callable(parser.parse_args(argv).func)
+
+
+def test_missing_subcommand_module_is_skipped_but_a_broken_one_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "msgr_broken_cmd.py").write_text("import msgr_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "MODULES", ["tools.serve", "tools.msgr_not_written_yet"])
+    assert "serve" in cli.build_parser().format_help()
+    monkeypatch.setattr(cli, "MODULES", ["tools.serve", "msgr_broken_cmd"])
+    with pytest.raises(ModuleNotFoundError, match="msgr_no_such_dependency"):
+        cli.build_parser()
+    sys.modules.pop("msgr_broken_cmd", None)
+
+
+def test_status_json_and_table_contract(tmp_path: Path) -> None:
+    with running_pool(tmp_path, 2) as pool:
+        r = msgr("status", "--admin", pool.admin, "--json")
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)  # exactly one JSON object
+        assert len(st["workers"]) == 2
+        for w in st["workers"]:
+            assert {"slot", "pid", "state", "connections", "restarts"} <= set(w)
+            assert w["state"] == "ACCEPTING"
+        r = msgr("status", "--admin", pool.admin)
+        assert r.returncode == 0
+        header = r.stdout.splitlines()[1].split()
+        assert header == ["slot", "pid", "state", "conns", "msgs_in", "msgs_out", "restarts", "hb_age"]
+        r = msgr("perf", "--admin", pool.admin)
+        assert json.loads(r.stdout)["processor"]["accepted"] == 0
+
+
+def test_errors_are_explained(tmp_path: Path) -> None:
+    gone = str(tmp_path / "nobody.sock")
+    for argv in (["status"], ["scale", "2"], ["stop"]):
+        r = msgr(*argv, "--admin", gone)
+        assert r.returncode == 1 and "no pool is serving at" in r.stderr, r.stderr
+    r = msgr("serve", "--app", "no_such_module_xyz:App", "--admin", gone)
+    assert r.returncode == 2 and "cannot import 'no_such_module_xyz'" in r.stderr
+    r = msgr("serve", "--bind", "localhost", "--admin", gone)
+    assert r.returncode == 2 and "HOST:PORT" in r.stderr
+    r = msgr("serve", "--accept", "bogus")
+    assert r.returncode == 2 and "invalid choice" in r.stderr

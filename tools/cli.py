@@ -1,0 +1,37 @@
+"""``msgr``: the command line. Each subcommand lives in its own module exposing
+``register(subparsers)``, which adds a parser whose ``func(args) -> int`` runs it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["MODULES", "build_parser", "main"]
+
+#: Subcommand modules, in help order. A module that does not exist (yet) is skipped;
+#: any other import failure, including a missing module *it* imports, is raised.
+MODULES = ["tools.serve", "tools.admin_cmds", "tools.stress", "tools.demo", "tools.bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msgr", description="asyncmsgr worker pool")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

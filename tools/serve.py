@@ -1,0 +1,84 @@
+"""``msgr serve``: run a pool in the foreground until SIGTERM/SIGINT or ``msgr stop``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+from pool.admin import AdminError, default_admin_path
+from pool.app import AppFactory, import_factory
+from pool.config import ACCEPT_MODES, START_METHODS, PoolConfig, parse_bind
+from pool.lifecycle import Backoff
+from pool.supervisor import Supervisor
+
+__all__ = ["load_factory", "register", "run"]
+
+
+def load_factory(spec: str, config: dict[str, Any]) -> AppFactory:
+    """Resolve ``--app`` through ``pool.apps.load_app``; ``MODULE:CLASS`` also works
+    before that module exists."""
+    try:
+        apps = importlib.import_module("pool.apps")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pool.apps":
+            raise
+        if ":" in spec:
+            return import_factory(spec)
+        raise ValueError(f"--app {spec}: the built-in apps come with pool/apps.py, which is not "
+                         "installed here; pass MODULE:CLASS") from None
+    factory: AppFactory = apps.load_app(spec)
+    return factory
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("serve", help="run a worker pool in the foreground")
+    p.add_argument("--bind", default="127.0.0.1:6800", help="HOST:PORT (default 127.0.0.1:6800)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: CPUs)")
+    p.add_argument("--accept", choices=ACCEPT_MODES, default="processor",
+                   help="processor: the supervisor accepts and hands fds out (default); "
+                        "reuseport: one SO_REUSEPORT listener per worker")
+    p.add_argument("--app", default="echo", help="echo, kv or MODULE:CLASS (default echo)")
+    p.add_argument("--admin", default=None, help=f"admin socket path (default {default_admin_path()})")
+    p.add_argument("--start-method", choices=START_METHODS, default="fork")
+    p.add_argument("--inject-socket-failures", type=int, default=0, metavar="N",
+                   help="apps fail one socket I/O in N (0 = off); passed as app config")
+    p.add_argument("--app-config", default="{}", metavar="JSON", help="extra app config (a JSON object)")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    p.add_argument("--boot-timeout", type=float, default=30.0)
+    p.add_argument("--drain-timeout", type=float, default=10.0)
+    p.add_argument("--graceful-timeout", type=float, default=5.0)
+    p.add_argument("--flap-window", type=float, default=10.0)
+    p.add_argument("--flap-max", type=int, default=3, help="deaths before READY in the window that fail a slot")
+    p.add_argument("--backoff-cap", type=float, default=5.0)
+    p.add_argument("--set-migrate-req", action="store_true",
+                   help="reuseport: set net.ipv4.tcp_migrate_req=1 (root; system-wide)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        extra = json.loads(args.app_config)
+        if not isinstance(extra, dict):
+            raise ValueError("--app-config must be a JSON object")
+        app_config = {"inject_socket_failures": args.inject_socket_failures, **extra}
+        cfg = PoolConfig(
+            bind=parse_bind(args.bind), workers=args.workers, accept=args.accept, app=args.app,
+            admin_path=args.admin or default_admin_path(), start_method=args.start_method,
+            app_config=app_config, heartbeat_timeout=args.heartbeat_timeout,
+            boot_timeout=args.boot_timeout, drain_timeout=args.drain_timeout,
+            graceful_timeout=args.graceful_timeout, flap_window=args.flap_window,
+            flap_max=args.flap_max, backoff=Backoff(cap=args.backoff_cap),
+            set_migrate_req=args.set_migrate_req)
+        factory = load_factory(args.app, app_config)
+    except ValueError as exc:
+        print(f"msgr serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return Supervisor(cfg, factory).run()
+    except (AdminError, OSError) as exc:
+        print(f"msgr serve: {exc}", file=sys.stderr)
+        return 1

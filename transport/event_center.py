@@ -1,0 +1,590 @@
+"""The per-worker event loop (Ceph's ``EventCenter``, ``Event.cc`` / ``EventEpoll.cc``).
+
+One :class:`EventCenter` per worker process drives every socket, ring and timer of that
+worker. One iteration (:meth:`EventCenter.process_events`) does, in order:
+
+1. compute the wait: ``min(timeout, next timer)`` rounded *up* to the driver's
+   resolution, or 0 when external events, ``call_soon`` callbacks or busy pollers are
+   pending;
+2. wait in the driver (epoll, or the ``selectors`` fallback);
+3. fired file events: the read callback, then the write callback of each fd;
+4. due time events (earliest first);
+5. external events and ``call_soon`` callbacks queued before this step began;
+6. pollers, then loop hooks.
+
+Facts this module relies on:
+
+* **Level-triggered epoll.** Ceph uses EPOLLET and makes every reader drain to EAGAIN.
+  We use the default level-triggered mode (epoll(7), "Level-triggered and
+  edge-triggered"): a callback may stop reading early (a receive throttle) without
+  losing the wake-up, and the owner *unregisters* READABLE while it throttles, so a
+  readable fd nobody wants to read never makes the loop spin.
+* **ERR/HUP.** ``epoll_wait`` always reports EPOLLERR and EPOLLHUP even when not asked
+  for (epoll_ctl(2), "EPOLLERR ... epoll_wait(2) will always wait for this event").
+  Like Ceph we map them to READABLE|WRITABLE so whichever callback is registered runs
+  and sees the error on its next syscall.
+* **Closed fds leave the epoll set by themselves** once their last reference is closed
+  (epoll(7), Q6), so :meth:`EventCenter.delete_file_event` after ``close()`` tolerates
+  ENOENT/EBADF.
+* **Timeout rounding.** ``epoll_wait`` and ``poll`` take milliseconds. Ceph truncated a
+  sub-millisecond timer remainder to 0 and spun at 95-99 % CPU (PR #53477, tracker
+  62512), so every wait is rounded *up* to whole milliseconds here, and the drivers
+  take an integer. CPython then converts our float seconds back with two ceilings
+  (seconds -> ns, ns -> ms in ``select.epoll.poll``; ``math.ceil(t * 1e3)`` in
+  ``selectors.PollSelector``), which turns e.g. 0.009 s (9000000.000000002 ns) into
+  10 ms; the drivers pass ``ms / 1000 - 1e-7`` so the kernel gets exactly ``ms``.
+* **Sleep handshake** for external events (Seastar's, also Ceph's 0->1 pipe write): the
+  loop sets ``_sleeping``, re-checks the external queue, then blocks. A producer appends
+  first and reads ``_sleeping`` second, so either the loop's re-check sees the new item
+  or the producer sees the flag and writes the eventfd. The GIL makes each of these
+  steps atomic and sequentially consistent. The first producer that sees the flag
+  clears it, so a burst of producers writes the eventfd once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import os
+import select
+import selectors
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["READABLE", "WRITABLE", "EventCenter", "CenterStatistics"]
+
+READABLE = 1
+WRITABLE = 2
+
+logger = logging.getLogger("transport.event_center")
+
+FileCallback = Callable[[int], None]
+Callback = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class CenterStatistics:
+    """A snapshot of one center's counters (trio's ``statistics()`` convention)."""
+
+    loops: int
+    file_callbacks: int
+    time_callbacks: int
+    #: external events plus ``call_soon`` callbacks
+    external_callbacks: int
+    #: iterations that ran no callback and no poller did work (a high ratio to
+    #: ``loops`` means the loop is spinning, cf. Ceph PR #53477)
+    empty_wakeups: int
+    #: time spent outside the driver wait, summed over iterations
+    busy_seconds: float
+
+
+class _Driver(Protocol):
+    """What the center needs from an I/O multiplexer."""
+
+    #: bits of a returned event mask that fire the read / the write callback
+    rbits: int
+    wbits: int
+
+    def add(self, fd: int, mask: int) -> None: ...
+    def modify(self, fd: int, mask: int) -> None: ...
+    def remove(self, fd: int) -> None: ...
+    def poll(self, timeout_ms: int, maxevents: int) -> list[tuple[int, int]]: ...
+    def close(self) -> None: ...
+
+
+class _EpollDriver:
+    """``select.epoll`` (close-on-exec: CPython passes EPOLL_CLOEXEC), level-triggered."""
+
+    rbits = select.EPOLLIN | select.EPOLLPRI | select.EPOLLERR | select.EPOLLHUP
+    wbits = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+
+    def __init__(self, sizehint: int) -> None:
+        self._ep = select.epoll(sizehint)
+
+    @staticmethod
+    def _bits(mask: int) -> int:
+        return (select.EPOLLIN if mask & READABLE else 0) | (select.EPOLLOUT if mask & WRITABLE else 0)
+
+    def add(self, fd: int, mask: int) -> None:
+        try:
+            self._ep.register(fd, self._bits(mask))
+        except FileExistsError:
+            # The fd number is still in the set under an older registration (a dup of a
+            # closed fd keeps the epoll entry alive, epoll(7) Q6): take it over.
+            self._ep.modify(fd, self._bits(mask))
+
+    def modify(self, fd: int, mask: int) -> None:
+        try:
+            self._ep.modify(fd, self._bits(mask))
+        except FileNotFoundError:
+            # The old fd was closed without delete_file_event and this number was
+            # reused: the kernel already dropped the entry, so register afresh.
+            self._ep.register(fd, self._bits(mask))
+
+    def remove(self, fd: int) -> None:
+        try:
+            self._ep.unregister(fd)
+        except OSError:
+            pass  # ENOENT/EBADF: already closed: the kernel removed it (epoll(7) Q6)
+
+    def poll(self, timeout_ms: int, maxevents: int) -> list[tuple[int, int]]:
+        # See "Timeout rounding" in the module doc for the 1e-7.
+        return self._ep.poll(timeout_ms / 1000 - 1e-7 if timeout_ms > 0 else 0, maxevents)
+
+    def close(self) -> None:
+        self._ep.close()
+
+
+class _SelectorsDriver:
+    """Portable fallback on :mod:`selectors`: poll(2) where it exists, else select(2)."""
+
+    rbits = selectors.EVENT_READ
+    wbits = selectors.EVENT_WRITE
+
+    def __init__(self, sizehint: int) -> None:
+        cls = getattr(selectors, "PollSelector", selectors.SelectSelector)
+        self._sel: selectors.BaseSelector = cls()
+
+    @staticmethod
+    def _bits(mask: int) -> int:
+        return (selectors.EVENT_READ if mask & READABLE else 0) | (
+            selectors.EVENT_WRITE if mask & WRITABLE else 0)
+
+    def add(self, fd: int, mask: int) -> None:
+        try:
+            self._sel.register(fd, self._bits(mask))
+        except KeyError:
+            self._sel.modify(fd, self._bits(mask))
+
+    def modify(self, fd: int, mask: int) -> None:
+        try:
+            self._sel.modify(fd, self._bits(mask))
+        except KeyError:
+            self._sel.register(fd, self._bits(mask))
+
+    def remove(self, fd: int) -> None:
+        try:
+            self._sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def poll(self, timeout_ms: int, maxevents: int) -> list[tuple[int, int]]:
+        timeout = timeout_ms / 1000 - 1e-7 if timeout_ms > 0 else 0
+        return [(key.fd, ev) for key, ev in self._sel.select(timeout)]
+
+    def close(self) -> None:
+        self._sel.close()
+
+
+_DRIVERS: dict[str, Callable[[int], _Driver]] = {
+    "epoll": _EpollDriver,
+    "select": _SelectorsDriver,
+}
+
+
+def _default_driver() -> str:
+    return "epoll" if hasattr(select, "epoll") else "select"
+
+
+class EventCenter:
+    """File, time and external events for one thread (the owner).
+
+    File and time events, ``call_soon``, pollers and hooks may only be used from the
+    owner thread: the thread that created the center, or the one running :meth:`run`.
+    :meth:`dispatch_event_external` and :meth:`stop` may be called from any thread.
+    Callbacks that raise are logged on ``transport.event_center`` and the loop goes on.
+
+    Unregister an fd (:meth:`delete_file_event`) before closing it. Build the center in
+    the process that runs it: an epoll set survives ``fork`` shared with the parent
+    (epoll(7), Q&A on fork), so a child must not reuse its parent's center.
+    """
+
+    #: With pollers registered the wait is 0; after this many consecutive iterations in
+    #: which no poller did work and no callback ran, the loop waits up to
+    #: ``POLLER_IDLE_WAIT`` instead (Ceph's RDMA ``ms_async_rdma_polling_us`` trade-off,
+    #: notes §10.8): CPU drops to near zero when idle, at most one resolution of latency
+    #: for work a poller would have found, none for work that also rings an fd.
+    POLLER_IDLE_SPINS = 1000
+    POLLER_IDLE_WAIT = 0.001  # seconds
+
+    def __init__(self, *, driver: str | None = None, nevent: int = 5000, name: str = "") -> None:
+        kind = driver or _default_driver()
+        if kind not in _DRIVERS:
+            raise ValueError(f"unknown event driver {kind!r} (have {sorted(_DRIVERS)})")
+        if nevent < 1:
+            raise ValueError("nevent must be >= 1")
+        self.name = name
+        self.driver_name = kind
+        driver_obj: _Driver = _DRIVERS[kind](nevent)
+        self._driver = driver_obj
+        self._nevent = nevent
+        self._rcb: dict[int, FileCallback] = {}
+        self._wcb: dict[int, FileCallback] = {}
+        self._mask: dict[int, int] = {}
+        # Timers: heap of [when, id, callback-or-None]; deletion is lazy (callback=None).
+        self._heap: list[list[object]] = []
+        self._timers: dict[int, list[object]] = {}
+        self._next_id = 1
+        self._cancelled = 0
+        self._external: deque[Callback] = deque()
+        self._soon: list[Callback] = []
+        self._pollers: dict[int, Callable[[], bool]] = {}
+        self._poll_idle = 0
+        self._hooks: dict[int, Callback] = {}
+        self._sleeping = False
+        self._stopping = False
+        self._closed = False
+        self._owner = threading.get_ident()
+        # Wake-up fd: an eventfd (one fd, an 8-byte counter) or a pipe where none exists.
+        try:
+            if hasattr(os, "eventfd"):
+                self._wake_r = self._wake_w = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            else:  # pragma: no cover - non-Linux
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_r, False)
+                os.set_blocking(self._wake_w, False)
+        except BaseException:
+            driver_obj.close()  # EMFILE here must not leak the epoll fd
+            raise
+        self._driver.add(self._wake_r, READABLE)
+        self.loop_count = 0
+        self._file_callbacks = 0
+        self._time_callbacks = 0
+        self._external_callbacks = 0
+        self._empty_wakeups = 0
+        self._busy = 0.0
+
+    def __repr__(self) -> str:
+        return (f"<EventCenter {self.name!r} {self.driver_name} fds={len(self._mask)} "
+                f"timers={len(self._timers)}>")
+
+    # -- file events -------------------------------------------------------------------
+
+    def create_file_event(self, fd: int, mask: int, callback: FileCallback) -> None:
+        """Call ``callback(fd)`` while ``fd`` is ready for ``mask`` (level-triggered).
+
+        Read and write callbacks are separate; registering a direction again replaces
+        its callback. The owner unregisters READABLE while it does not want to read.
+        """
+        if mask & ~(READABLE | WRITABLE) or not mask:
+            raise ValueError(f"bad event mask {mask}")
+        old = self._mask.get(fd, 0)
+        if mask & READABLE:
+            self._rcb[fd] = callback
+        if mask & WRITABLE:
+            self._wcb[fd] = callback
+        new = old | mask
+        if new != old:
+            if old:
+                self._driver.modify(fd, new)
+            else:
+                self._driver.add(fd, new)
+                if len(self._mask) + 1 >= self._nevent:
+                    # Ceph grows its table x4 when an fd passes nevent; here nevent is the
+                    # epoll_wait batch size, grown so one wait can return every fd.
+                    self._nevent *= 4
+            self._mask[fd] = new
+
+    def delete_file_event(self, fd: int, mask: int) -> None:
+        """Stop watching ``fd`` for ``mask``; a no-op if not watched.
+
+        Safe from inside any callback: a deleted callback is not called later in the
+        same iteration.
+        """
+        old = self._mask.get(fd)
+        if old is None:
+            return
+        if mask & READABLE:
+            self._rcb.pop(fd, None)
+        if mask & WRITABLE:
+            self._wcb.pop(fd, None)
+        new = old & ~mask
+        if new == old:
+            return
+        if new:
+            self._mask[fd] = new
+            self._driver.modify(fd, new)
+        else:
+            del self._mask[fd]
+            self._driver.remove(fd)
+
+    # -- time events -------------------------------------------------------------------
+
+    def create_time_event(self, delay: float, callback: Callback) -> int:
+        """Run ``callback()`` once, ``delay`` seconds from now; returns an id."""
+        eid = self._next_id
+        self._next_id = eid + 1
+        entry: list[object] = [time.monotonic() + max(delay, 0.0), eid, callback]
+        self._timers[eid] = entry
+        heapq.heappush(self._heap, entry)
+        return eid
+
+    def delete_time_event(self, event_id: int) -> None:
+        """Cancel a time event; a no-op if it already ran or was deleted."""
+        entry = self._timers.pop(event_id, None)
+        if entry is None:
+            return
+        entry[2] = None
+        self._cancelled += 1
+        if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
+            # Lazy deletion keeps delete O(1); compact when tombstones dominate.
+            self._heap = [e for e in self._heap if e[2] is not None]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
+
+    # -- other event sources -----------------------------------------------------------
+
+    def dispatch_event_external(self, callback: Callback) -> None:
+        """Run ``callback()`` on the owner thread soon; callable from any thread."""
+        self._external.append(callback)
+        # Append first, read the flag second: see the sleep handshake in the module doc.
+        if self._sleeping:
+            self._sleeping = False  # later producers of this burst skip the syscall
+            self._wake()
+
+    def call_soon(self, callback: Callback) -> None:
+        """Owner thread only: run ``callback()`` in the next iteration (no syscall)."""
+        self._soon.append(callback)
+
+    def add_poller(self, poll: Callable[[], bool]) -> int:
+        """Call ``poll()`` every iteration; it returns True when it found work."""
+        pid = self._next_id
+        self._next_id = pid + 1
+        self._pollers[pid] = poll
+        self._poll_idle = 0
+        return pid
+
+    def remove_poller(self, poller_id: int) -> None:
+        self._pollers.pop(poller_id, None)
+
+    def add_loop_hook(self, callback: Callback) -> int:
+        """Call ``callback()`` at the end of every iteration (the worker heartbeat)."""
+        hid = self._next_id
+        self._next_id = hid + 1
+        self._hooks[hid] = callback
+        return hid
+
+    def remove_loop_hook(self, hook_id: int) -> None:
+        self._hooks.pop(hook_id, None)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def process_events(self, timeout: float) -> int:
+        """Run one iteration, waiting at most ``timeout`` seconds; returns callbacks run."""
+        self.loop_count += 1
+        monotonic = time.monotonic
+        heap = self._heap
+        wait_ms = 0
+        if not (self._external or self._soon or (
+                self._pollers and self._poll_idle < self.POLLER_IDLE_SPINS)):
+            wait = timeout
+            if self._pollers and wait > self.POLLER_IDLE_WAIT:
+                wait = self.POLLER_IDLE_WAIT
+            if heap:
+                while heap and heap[0][2] is None:
+                    heapq.heappop(heap)
+                    self._cancelled -= 1
+                if heap:
+                    left: float = heap[0][0] - monotonic()  # type: ignore[operator]
+                    if left < wait:
+                        wait = left
+            if wait > 0.0:
+                # Round UP to whole ms (Ceph PR #53477); the epsilon keeps 0.05 s from
+                # becoming 51 ms through float error in the product.
+                wait_ms = math.ceil(wait * 1000.0 - 1e-6)
+                self._sleeping = True
+                if self._external:  # re-check after publishing the flag
+                    wait_ms = 0
+        events = self._driver.poll(wait_ms, self._nevent)
+        self._sleeping = False
+        woke = monotonic()
+        n = 0
+
+        # File events: read callback, then write callback (skipped when it is the same
+        # callable that just ran, as in Ceph).
+        if events:
+            rget = self._rcb.get
+            wget = self._wcb.get
+            rbits = self._driver.rbits
+            wbits = self._driver.wbits
+            wake_r = self._wake_r
+            for fd, ev in events:
+                if fd == wake_r:
+                    self._drain_wake()
+                    continue
+                cb = None
+                if ev & rbits:
+                    cb = rget(fd)
+                    if cb is not None:
+                        n += 1
+                        try:
+                            cb(fd)
+                        except Exception:
+                            self._callback_failed(cb)
+                if ev & wbits:
+                    wcb = wget(fd)
+                    if wcb is not None and (cb is None or wcb != cb):
+                        n += 1
+                        try:
+                            wcb(fd)
+                        except Exception:
+                            self._callback_failed(wcb)
+            self._file_callbacks += n
+
+        # Due time events; entries created by these callbacks wait for a later pass.
+        if heap and heap[0][0] <= woke:  # type: ignore[operator]
+            timers = self._timers
+            t = 0
+            while heap and heap[0][0] <= woke:  # type: ignore[operator]
+                _, eid, tcb = heapq.heappop(heap)
+                if tcb is None:
+                    self._cancelled -= 1
+                    continue
+                del timers[eid]  # type: ignore[arg-type]
+                t += 1
+                try:
+                    tcb()  # type: ignore[operator]
+                except Exception:
+                    self._callback_failed(tcb)
+            self._time_callbacks += t
+            n += t
+
+        # External events queued before now (later ones wait, so a flood from another
+        # thread cannot starve file events), then call_soon callbacks.
+        ext = self._external
+        if ext or self._soon:
+            e = 0
+            popleft = ext.popleft
+            for _ in range(len(ext)):
+                xcb = popleft()
+                e += 1
+                try:
+                    xcb()
+                except Exception:
+                    self._callback_failed(xcb)
+            if self._soon:
+                soon, self._soon = self._soon, []
+                for scb in soon:
+                    e += 1
+                    try:
+                        scb()
+                    except Exception:
+                        self._callback_failed(scb)
+            self._external_callbacks += e
+            n += e
+
+        if self._pollers:
+            worked = False
+            for poll in list(self._pollers.values()):
+                try:
+                    if poll():
+                        worked = True
+                except Exception:
+                    self._callback_failed(poll)
+            if worked or n:
+                self._poll_idle = 0
+                n += worked
+            else:
+                self._poll_idle += 1
+
+        if self._hooks:
+            for hook in list(self._hooks.values()):
+                try:
+                    hook()
+                except Exception:
+                    self._callback_failed(hook)
+
+        if not n:
+            self._empty_wakeups += 1
+        self._busy += monotonic() - woke
+        return n
+
+    def run(self, *, max_wait: float = 1.0) -> None:
+        """Loop until :meth:`stop`; the calling thread becomes the owner.
+
+        ``max_wait`` bounds each wait so loop hooks run at least that often even when
+        idle. A :meth:`stop` that came before ``run`` makes it return at once.
+        """
+        self._owner = threading.get_ident()
+        try:
+            while not self._stopping:
+                self.process_events(max_wait)
+        finally:
+            self._stopping = False
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the current iteration; callable from any thread."""
+        self._stopping = True
+        if not self._closed:
+            self._wake()
+
+    @staticmethod
+    def now() -> float:
+        """The center's clock: :func:`time.monotonic`."""
+        return time.monotonic()
+
+    def in_thread(self) -> bool:
+        """True on the owner thread."""
+        return threading.get_ident() == self._owner
+
+    def close(self) -> None:
+        """Release the driver and the wake-up fd; idempotent. Call after :meth:`run`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._driver.close()
+        os.close(self._wake_r)
+        if self._wake_w != self._wake_r:
+            os.close(self._wake_w)
+        self._rcb.clear()
+        self._wcb.clear()
+        self._mask.clear()
+
+    def __enter__(self) -> EventCenter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def statistics(self) -> CenterStatistics:
+        return CenterStatistics(
+            loops=self.loop_count,
+            file_callbacks=self._file_callbacks,
+            time_callbacks=self._time_callbacks,
+            external_callbacks=self._external_callbacks,
+            empty_wakeups=self._empty_wakeups,
+            busy_seconds=self._busy,
+        )
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            if self._wake_w == self._wake_r:
+                os.eventfd_write(self._wake_w, 1)
+            else:  # pragma: no cover - pipe fallback
+                os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # counter/pipe full: the loop is certain to wake anyway
+        except OSError:
+            if not self._closed:  # a stop() racing close() from another thread
+                raise
+
+    def _drain_wake(self) -> None:
+        try:
+            if self._wake_w == self._wake_r:
+                os.eventfd_read(self._wake_r)
+            else:  # pragma: no cover - pipe fallback
+                while os.read(self._wake_r, 4096):
+                    pass
+        except BlockingIOError:
+            pass
+
+    def _callback_failed(self, cb: object) -> None:
+        # Like asyncio's call_exception_handler: nobody can catch it, so log and go on.
+        logger.exception("event center %r: callback %r raised", self.name, cb)

@@ -1,0 +1,84 @@
+"""``MemifStack``: the ``dpdk`` network stack, one memif connection per stream socket.
+
+``listen(path)`` binds a memif control socket (``@name`` or ``"\\0name"`` = abstract,
+else a filesystem path); every memif client that completes the handshake becomes one
+:class:`~.stream.MemifStream`. ``connect(path)`` is a memif client: it creates the
+regions (hugepages when free, plain memfd otherwise), rings and eventfds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ClosedResourceError
+from ..stack import Address, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
+from .interface import MemifConfig, MemifConnector, MemifListener
+from .stream import MemifStream
+
+__all__ = ["MemifStack", "MemifServerSocket", "MemifStream", "StackConfig"]
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """memif parameters for every connection of a stack."""
+
+    memif: MemifConfig = MemifConfig()
+    #: Segments in flight per direction; None = ring size / 2 - 16 (the maximum).
+    window: int | None = None
+    rcvbuf: int = 4 << 20
+
+
+def _addr(addr: Address) -> str:
+    if not isinstance(addr, str):
+        raise TypeError(f"memif addresses are socket paths (str), got {addr!r}")
+    return addr
+
+
+class MemifServerSocket(ServerSocket):
+    """A memif control socket; ``fileno`` covers the listener and handshakes in progress."""
+
+    def __init__(self, addr: str, cfg: StackConfig) -> None:
+        self._cfg = cfg
+        self._listener: MemifListener | None = MemifListener(addr, cfg.memif)
+        self._addr = addr
+
+    def fileno(self) -> int:
+        if self._listener is None:
+            raise ClosedResourceError("memif server socket")
+        return self._listener.fileno()
+
+    def accept(self) -> ConnectedSocket | None:
+        if self._listener is None:
+            raise ClosedResourceError("memif server socket")
+        iface = self._listener.accept()
+        if iface is None:
+            return None
+        return MemifStream(iface, window=self._cfg.window, rcvbuf=self._cfg.rcvbuf,
+                           mss=self._cfg.memif.buffer_size - 12)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    @property
+    def address(self) -> Address:
+        return self._addr
+
+
+class MemifStack(NetworkStack):
+    """The ``dpdk`` stack: DPDK's memif protocol in Python (interoperable with net_memif)."""
+
+    name = "dpdk"
+
+    def __init__(self, config: StackConfig = StackConfig()) -> None:
+        self.config = config
+
+    def listen(self, addr: Address, opts: SocketOptions = SocketOptions()) -> ServerSocket:
+        return MemifServerSocket(_addr(addr), self.config)
+
+    def connect(self, addr: Address, opts: SocketOptions = SocketOptions()) -> ConnectedSocket:
+        path = _addr(addr)
+        conn = MemifConnector(path, self.config.memif)
+        return MemifStream(conn, window=self.config.window, rcvbuf=self.config.rcvbuf,
+                           address=path, mss=self.config.memif.buffer_size - 12)

@@ -1,0 +1,486 @@
+"""A reliable, ordered byte stream over one memif interface (memif itself is lossy).
+
+memif has no end-to-end flow control: a full ring makes DPDK's tx drop frames
+(shared/notes/memif.md §3.8, §5 trap 3). Each frame here carries a 12-byte header::
+
+    type u8 | flags u8 | wnd u16 | seq u32 | ack u32      (little-endian, "<BBHII")
+
+* ``seq`` numbers *segments* (DATA and FIN each take one); ``ack`` is the next segment
+  the sender of the frame expects (cumulative); ``wnd`` is how many segments past
+  ``ack`` it can take (its free receive buffer in segments).
+* The sender keeps at most ``min(wnd, window)`` segments unacknowledged, ``window`` ≤
+  half the ring so DATA plus ACK frames never overflow a ring (trap 3), and keeps every
+  unacked segment for retransmission: go-back-N from the oldest on timeout (RTO doubles
+  up to 1 s, resets on progress). Out-of-order or duplicate segments are dropped and
+  re-acknowledged.
+* One ACK per received burst (or piggybacked on data sent in the same pass); a window
+  update goes out when the reader frees a large part of a previously small window.
+* ``shutdown`` queues FIN; ``close`` sends FIN (when everything else is in the ring)
+  then DISCONNECT. A peer that sees DISCONNECT first drains its ring (the memory stays
+  mapped on both sides) and reports EOF if FIN was there, ``ConnectionResetError`` if not.
+
+Readiness (transport.stack contract, ``write_fileno() is None``): :meth:`fileno` is an
+epoll fd over the rx eventfd (data *and* acks/credits arrive as frames), the control
+socket, a timerfd (retransmit, retry when the ring was full) and a private wake eventfd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import itertools
+import os
+import select
+import struct
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from ..errors import ClosedResourceError
+from ..stack import Address, Buffer, ConnectedSocket
+from .interface import MemifConnector, MemifDisconnected, MemifInterface
+
+__all__ = ["MemifStream", "HDR", "DATA", "ACK", "FIN", "RST"]
+
+HDR = struct.Struct("<BBHII")
+DATA, ACK, FIN, RST = 1, 2, 3, 4
+_U32 = 0xFFFFFFFF
+_RTO_MIN = 0.02
+_RTO_MAX = 1.0
+_RING_RETRY = 0.0005  # tx ring full: the peer frees slots without telling us; look again soon
+
+
+class _TimerFd:
+    """timerfd via libc (``os.timerfd_create`` is Python 3.13+); None-safe fallback."""
+
+    _libc: ctypes.CDLL | None = None
+
+    class _Spec(ctypes.Structure):
+        _fields_ = [("i_sec", ctypes.c_long), ("i_nsec", ctypes.c_long),
+                    ("v_sec", ctypes.c_long), ("v_nsec", ctypes.c_long)]
+
+    def __init__(self) -> None:
+        if _TimerFd._libc is None:
+            _TimerFd._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = _TimerFd._libc
+        # CLOCK_MONOTONIC = 1, TFD_NONBLOCK | TFD_CLOEXEC = O_NONBLOCK | O_CLOEXEC
+        fd = libc.timerfd_create(1, os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        self.fd = fd
+        self.armed_until = 0.0
+
+    def arm(self, delay: float) -> None:
+        delay = max(delay, 1e-6)
+        sec = int(delay)
+        spec = self._Spec(0, 0, sec, int((delay - sec) * 1e9) or 1)
+        assert self._libc is not None
+        if self._libc.timerfd_settime(self.fd, 0, ctypes.byref(spec), None) < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        self.armed_until = time.monotonic() + delay
+
+    def clear(self) -> None:
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class MemifStream(ConnectedSocket):
+    """One memif connection as a byte stream (a :class:`ConnectedSocket`).
+
+    Built either from a finished :class:`MemifInterface` (server side, after accept) or
+    from a :class:`MemifConnector` still handshaking (client side, ``is_connected`` 0).
+    """
+
+    def __init__(self, iface: MemifInterface | MemifConnector, window: int | None = None,
+                 rcvbuf: int = 4 << 20, address: Address | None = None,
+                 mss: int = 2048 - 12, drop_every: int = 0) -> None:
+        self._ep = select.epoll(sizehint=4, flags=select.EPOLL_CLOEXEC)
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._timer = _TimerFd()
+        self._ep.register(self._wake, select.EPOLLIN)
+        self._ep.register(self._timer.fd, select.EPOLLIN)
+        self._address = address
+        self._want_mss = mss
+        self._want_window = window
+        self._rcvbuf = rcvbuf
+        self._drop_every = drop_every  # test hook: drop every Nth received DATA frame
+        self._drops = 0
+        self._rx_count = 0
+        self.iface: MemifInterface | None = None
+        self._conn: MemifConnector | None = None
+        self._error: OSError | None = None
+        self._closed = False
+        # sender
+        self._snd_una = 0
+        self._snd_nxt = 0
+        self._unacked: deque[tuple[int, int, bytes]] = deque()  # (seq, type, payload)
+        self._resend_from = 0  # go-back-N: next unacked seq to (re)transmit
+        self._peer_wnd = 0
+        self._rto = _RTO_MIN
+        self._rto_deadline = 0.0
+        self._dup_acks = 0
+        self._recover = 0  # no fast retransmit again until snd_una reaches this
+        self._fin_queued = False
+        self._wr_shut = False
+        # receiver
+        self._rcv_nxt = 0
+        self._rxq: deque[bytes] = deque()
+        self._rx_off = 0
+        self._rx_bytes = 0
+        self._fin_rcvd = False
+        self._rd_shut = False
+        self._need_ack = False
+        self._adv_wnd = 0
+        self._peer_gone = False
+        if isinstance(iface, MemifInterface):
+            self._up(iface)
+        else:
+            self._conn = iface
+            self._ep.register(iface.fileno(), select.EPOLLIN)
+
+    # -- setup ---------------------------------------------------------------------------
+    def _up(self, iface: MemifInterface) -> None:
+        self.iface = iface
+        self._conn = None
+        ring = iface.ring_size(0)
+        # Window ≤ half the ring: DATA and ACK frames together never overflow it (trap 3).
+        w = max(1, ring // 2 - 16) if ring >= 64 else max(1, ring // 2)
+        self._window = min(self._want_window or w, w)
+        # One segment per buffer normally; a bigger MSS still works (chained descriptors).
+        self._mss = self._want_mss
+        self._rcvbuf = max(self._rcvbuf, self._window * self._mss)
+        self._peer_wnd = self._window  # both sides start with the full window
+        self._adv_wnd = self._window
+        self._ep.register(iface.fileno(0), select.EPOLLIN)
+        self._ep.register(iface.ctrl_fileno(), select.EPOLLIN)
+
+    def _fail(self, err: OSError) -> None:
+        if self._error is None:
+            self._error = err
+        os.eventfd_write(self._wake, 1)
+
+    # -- ConnectedSocket -----------------------------------------------------------------
+    def fileno(self) -> int:
+        return self._ep.fileno()
+
+    def write_fileno(self) -> int | None:
+        return None  # acks/credits arrive on the rx eventfd: fileno() covers both
+
+    @property
+    def peer_address(self) -> Address | None:
+        return self._address
+
+    def is_connected(self) -> int:
+        if self._closed:
+            raise ClosedResourceError("memif socket")
+        if self.iface is not None:
+            return 1
+        if self._error is not None:
+            raise self._error
+        assert self._conn is not None
+        try:
+            iface = self._conn.step()
+        except MemifDisconnected as e:
+            self._conn = None
+            err = ConnectionRefusedError(errno.ECONNREFUSED, f"memif: {e.reason}")
+            self._fail(err)
+            raise err from e
+        except OSError as e:
+            self._conn = None
+            self._fail(e)
+            raise
+        if iface is None:
+            return 0
+        try:
+            self._ep.unregister(iface.ctrl_fileno())
+        except OSError:
+            pass
+        self._up(iface)
+        return 1
+
+    def read_into(self, buf: memoryview) -> int:
+        if self._closed:
+            raise ClosedResourceError("memif socket")
+        if self._rd_shut:
+            return 0
+        if self.iface is None:
+            if self._error is not None:
+                raise self._error
+            raise BlockingIOError(errno.EAGAIN, "memif connect in progress")
+        self._service(signal=False)
+        if self._rx_bytes:
+            n = self._copy_out(buf)
+            if self._rx_bytes or self._fin_rcvd or self._error is not None:
+                os.eventfd_write(self._wake, 1)  # level-triggered contract: still readable
+            return n
+        if self._fin_rcvd:
+            return 0
+        if self._error is not None:
+            raise self._error
+        raise BlockingIOError(errno.EAGAIN, "no data")
+
+    def _copy_out(self, buf: memoryview) -> int:
+        want = len(buf)
+        n = 0
+        q = self._rxq
+        while n < want and q:
+            chunk = q[0]
+            off = self._rx_off
+            take = min(len(chunk) - off, want - n)
+            buf[n:n + take] = chunk[off:off + take]
+            n += take
+            if off + take == len(chunk):
+                q.popleft()
+                self._rx_off = 0
+            else:
+                self._rx_off = off + take
+        self._rx_bytes -= n
+        # Window update once a small advertised window has opened substantially.
+        if self._adv_wnd < self._window // 2 and self._free_wnd() >= self._window // 2:
+            self._need_ack = True
+            self._flush_ack()
+        return n
+
+    def send(self, buffers: Sequence[Buffer]) -> int:
+        if self._closed:
+            raise ClosedResourceError("memif socket")
+        if self._wr_shut:
+            raise BrokenPipeError(errno.EPIPE, "memif socket shut down")
+        if self.iface is None:
+            if self._error is not None:
+                raise self._error
+            raise BlockingIOError(errno.EAGAIN, "memif connect in progress")
+        self._service()
+        if self._error is not None:
+            raise self._error
+        if self._peer_gone:
+            raise BrokenPipeError(errno.EPIPE, "memif peer disconnected")
+        credit = self._credit()
+        if credit <= 0 or self._resend_from != self._snd_nxt:
+            self._arm_retry()
+            raise BlockingIOError(errno.EAGAIN, "no send credit")
+        mss = self._mss
+        payloads: list[bytes] = []
+        for b in buffers:
+            mv = memoryview(b).cast("B")
+            pos = 0
+            ln = len(mv)
+            while pos < ln and len(payloads) < credit:
+                if payloads and len(payloads[-1]) < mss:
+                    # top up the last segment so small buffers coalesce
+                    room = mss - len(payloads[-1])
+                    payloads[-1] += bytes(mv[pos:pos + room])
+                    pos += min(room, ln - pos)
+                    continue
+                payloads.append(bytes(mv[pos:pos + mss]))
+                pos += min(mss, ln - pos)
+            if pos < ln:
+                # out of credit mid-buffer: what was taken so far is in payloads
+                break
+        # Top-ups may have filled the last segment past credit accounting: fine, count bytes.
+        if not payloads:
+            raise BlockingIOError(errno.EAGAIN, "nothing to send")
+        seq = self._snd_nxt
+        for p in payloads:
+            self._unacked.append((seq, DATA, p))
+            seq = (seq + 1) & _U32
+        self._snd_nxt = seq
+        self._transmit()
+        return sum(len(p) for p in payloads)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._rd_shut = True
+        if not self._wr_shut:
+            self._wr_shut = True
+            self._queue_fin()
+            if self.iface is not None:
+                try:
+                    self._service()
+                except OSError:
+                    pass
+        os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.iface is not None:
+            try:
+                if not self._wr_shut:
+                    self._wr_shut = True
+                    self._queue_fin()
+                self._transmit()
+            except OSError:
+                pass
+            reason = "closed" if self._resend_from == self._snd_nxt else "closed with data unsent"
+            self.iface.close(reason)
+            self.iface = None
+        if self._conn is not None:
+            self._conn.abort()
+            self._conn = None
+        self._ep.close()
+        self._timer.close()
+        os.close(self._wake)
+        self._rxq.clear()
+        self._unacked.clear()
+
+    # -- protocol ------------------------------------------------------------------------
+    def _credit(self) -> int:
+        inflight = (self._snd_nxt - self._snd_una) & _U32
+        return min(self._peer_wnd, self._window) - inflight
+
+    def _free_wnd(self) -> int:
+        return max(0, min(self._window, (self._rcvbuf - self._rx_bytes) // self._mss))
+
+    def _queue_fin(self) -> None:
+        if self._fin_queued:
+            return
+        self._fin_queued = True
+        self._unacked.append((self._snd_nxt, FIN, b""))
+        self._snd_nxt = (self._snd_nxt + 1) & _U32
+
+    def _frame(self, kind: int, seq: int, payload: bytes) -> bytes:
+        wnd = self._free_wnd()
+        self._adv_wnd = wnd
+        return HDR.pack(kind, 0, wnd, seq, self._rcv_nxt) + payload
+
+    def _transmit(self) -> None:
+        """Put every segment from ``_resend_from`` in the ring (as far as it fits)."""
+        iface = self.iface
+        if iface is None:
+            return
+        start = (self._resend_from - self._snd_una) & _U32
+        if start < len(self._unacked):
+            frames = [self._frame(k, s, p) for s, k, p in itertools.islice(self._unacked, start, None)]
+            n = iface.tx_burst(frames)
+            if n:
+                self._need_ack = False  # every frame carried the current ack
+                self._resend_from = (self._resend_from + n) & _U32
+                if not self._rto_deadline:
+                    self._rto_deadline = time.monotonic() + self._rto
+                    self._arm(self._rto)
+            if n < len(frames):
+                self._arm_retry()
+        self._flush_ack()
+
+    def _flush_ack(self) -> None:
+        if self._need_ack and self.iface is not None:
+            if self.iface.tx_burst([self._frame(ACK, self._snd_nxt, b"")]):
+                self._need_ack = False
+            else:
+                self._arm_retry()
+
+    def _arm(self, delay: float) -> None:
+        now = time.monotonic()
+        if self._timer.armed_until <= now or self._timer.armed_until > now + delay:
+            self._timer.arm(delay)
+
+    def _arm_retry(self) -> None:
+        self._arm(_RING_RETRY)
+
+    def _service(self, signal: bool = True) -> None:
+        """Drain wake-ups and the rx ring, handle acks and data, retransmit if due."""
+        iface = self.iface
+        if iface is None:
+            return
+        self._timer.clear()
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        if not self._peer_gone:
+            try:
+                iface.poll_control()
+            except MemifDisconnected:
+                self._peer_gone = True
+        iface.clear_interrupt(0)
+        while True:
+            frames = iface.rx_burst(256)
+            if not frames:
+                break
+            self._on_frames(frames)
+            if len(frames) < 256:
+                break
+        iface.rx_release(0)
+        if signal and (self._rx_bytes or self._fin_rcvd or self._error is not None):
+            os.eventfd_write(self._wake, 1)  # data/EOF/error wait in user space
+        if self._peer_gone:
+            if not self._fin_rcvd and self._error is None:
+                self._fail(ConnectionResetError(errno.ECONNRESET,
+                                                f"memif peer disconnected: {iface.down_reason}"))
+            os.eventfd_write(self._wake, 1)  # stay readable: EOF/error is pending
+            return
+        # retransmission
+        if self._unacked:
+            now = time.monotonic()
+            if self._rto_deadline and now >= self._rto_deadline:
+                self._resend_from = self._snd_una  # go-back-N
+                self._rto = min(self._rto * 2, _RTO_MAX)
+                self._rto_deadline = now + self._rto
+                self._arm(self._rto)
+        self._transmit()
+
+    def _on_frames(self, frames: list) -> None:
+        unpack = HDR.unpack_from
+        hsize = HDR.size
+        for f in frames:
+            if len(f) < hsize:
+                continue  # not ours: ignore runts
+            kind, _flags, wnd, seq, ack = unpack(f, 0)
+            # acknowledgement
+            acked = (ack - self._snd_una) & _U32
+            if 0 < acked <= ((self._snd_nxt - self._snd_una) & _U32):
+                for _ in range(acked):
+                    self._unacked.popleft()
+                self._snd_una = ack
+                if ((self._resend_from - ack) & _U32) > ((self._snd_nxt - ack) & _U32):
+                    self._resend_from = ack
+                self._rto = _RTO_MIN
+                self._dup_acks = 0
+                if self._unacked:
+                    self._rto_deadline = time.monotonic() + self._rto
+                    self._arm(self._rto)
+                else:
+                    self._rto_deadline = 0.0
+                self._peer_wnd = wnd
+            elif acked == 0:
+                self._peer_wnd = wnd
+                if kind == ACK and self._unacked and self._resend_from != self._snd_una \
+                        and ((self._snd_una - self._recover) & _U32) < 0x80000000:
+                    # The receiver re-acks on every gap: after 3 duplicates go back to the
+                    # oldest unacked segment now (fast retransmit), once per window.
+                    self._dup_acks += 1
+                    if self._dup_acks >= 3:
+                        self._dup_acks = 0
+                        self._resend_from = self._snd_una
+                        self._recover = (self._snd_una + 1) & _U32
+            if kind == DATA or kind == FIN:
+                if self._drop_every and kind == DATA:
+                    self._rx_count += 1
+                    if self._rx_count % self._drop_every == 0:
+                        self._drops += 1
+                        continue
+                if seq == self._rcv_nxt:
+                    self._rcv_nxt = (seq + 1) & _U32
+                    if kind == DATA:
+                        if not self._rd_shut:
+                            data = bytes(f[hsize:])
+                            self._rxq.append(data)
+                            self._rx_bytes += len(data)
+                    else:
+                        self._fin_rcvd = True
+                self._need_ack = True  # in order: ack; duplicate or gap: re-ack
+            elif kind == RST:
+                self._fail(ConnectionResetError(errno.ECONNRESET, "memif peer reset"))

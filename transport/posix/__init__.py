@@ -1,0 +1,7 @@
+"""The kernel-socket stack: TCP (IPv4, IPv6) and Unix stream sockets (Ceph's ``PosixStack``)."""
+
+from __future__ import annotations
+
+from .sockets import IOV_MAX, PosixConnectedSocket, PosixServerSocket, PosixStack
+
+__all__ = ["PosixStack", "PosixConnectedSocket", "PosixServerSocket", "IOV_MAX"]
