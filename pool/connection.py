@@ -46,6 +46,26 @@ __all__ = ["AsyncConnection", "ConnState"]
 log = logging.getLogger("pool.connection")
 
 _READS_PER_WAKEUP = 16
+#: buffers below this size are joined before sendmsg: copying a few hundred bytes is
+#: cheaper than one iovec each (measured: 630 small iovecs cost 2x one joined buffer);
+#: larger payloads stay separate iovecs and are never copied.
+_COALESCE_BELOW = 16 * 1024
+
+
+def _coalesce(bufs: list[Buffer]) -> list[Buffer]:
+    out: list[Buffer] = []
+    run: list[Buffer] = []
+    for b in bufs:
+        if len(b) < _COALESCE_BELOW:
+            run.append(b)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+        out.append(b)
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
 
 
 class ConnState(enum.Enum):
@@ -390,9 +410,11 @@ class AsyncConnection:
         new = wire.data_to_send()
         out = self._out
         if new:
-            out.extend(new)
             for b in new:
                 self._out_bytes += len(b)
+            if len(new) > 1:
+                new = _coalesce(new)
+            out.extend(new)
         if not out:
             return
         inject = msgr.inject_socket_failures

@@ -102,7 +102,9 @@ class Messenger:
         self.msgs_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        self._held: dict[int, int] = {}
+        self._holding: Message | None = None
+        #: with no limits configured the per-message throttle work is skipped entirely
+        self._throttled_any = bool(throttle_messages or throttle_bytes)
         self._throttle_waiters: dict[Callable[[], None], None] = {}
         self._resume_scheduled = False
         self._tick_id: int | None = None
@@ -319,6 +321,8 @@ class Messenger:
 
     # -- throttles and dispatch ------------------------------------------------------------
     def throttle_take(self, size: int) -> bool:
+        if not self._throttled_any:
+            return True
         if not self.throttle_msgs.get_or_fail(1):
             return False
         if not self.throttle_bytes.get_or_fail(size):
@@ -354,24 +358,25 @@ class Messenger:
 
     def deliver(self, conn: AsyncConnection, msg: Message, size: int) -> None:
         self.msgs_in += 1
-        key = id(msg)
-        self._held[key] = 0
+        self._holding = None
         try:
             for d in self.dispatchers:
                 d.ms_dispatch(conn, msg)
         except Exception:  # noqa: BLE001 - a dispatcher bug must not kill the worker
             log.exception("dispatcher raised on %r", msg)
             self.stats["dispatch_errors"] += 1
-        if self._held.pop(key) == 0:
+        if self._holding is not msg and self._throttled_any:
             self._throttle_put(size)
+        self._holding = None
 
     def hold(self, msg: Message) -> Callable[[], None]:
         """Called inside ms_dispatch: keep ``msg`` past the callback. The throttles stay
         charged until the returned function is called (exactly once)."""
-        key = id(msg)
-        if key not in self._held:
-            raise RuntimeError("hold() must be called from ms_dispatch for that message")
-        self._held[key] = 1
+        if self._holding is not None or msg is None:
+            raise RuntimeError("hold() must be called once, from ms_dispatch for that message")
+        self._holding = msg
+        if not self._throttled_any:
+            return lambda: None
         size = len(msg.data) + 64
         released = False
 

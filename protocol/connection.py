@@ -40,8 +40,10 @@ from .control import (
     SessionReset, SessionRetry, SessionRetryGlobal, Wait, decode_control, encode_control,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
-from .frames import Banner, FrameDecoder, FrameLimits, Tag, encode_banner, encode_frame
-from .message import Message, decode_message, message_segments
+from .frames import (
+    Banner, FrameDecoder, FrameLimits, Tag, encode_banner, encode_message_frame,
+)
+from .message import HEADER, Message, decode_message
 from .session import Session
 
 __all__ = [
@@ -130,9 +132,17 @@ class WaitReceived:
     """Client: the server's own outgoing connection wins a race; back off and retry."""
 
 
-@dataclass(frozen=True, slots=True)
 class MessageReceived:
-    message: Message
+    """A message arrived (delivered once per session, in order). A plain slotted class:
+    one is built per message, and frozen dataclasses cost several times more to build."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"MessageReceived({self.message!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,9 +596,16 @@ class Connection:
         out = self._out
         n = 0
         pop = s.pop_outgoing
+        pack = HEADER.pack
         while n < max_messages and s.has_outgoing():
             msg = pop()
-            out.extend(encode_frame(Tag.MESSAGE, message_segments(msg, msg.seq, msg.ack_seq)))
+            try:
+                header = pack(msg.type, msg.priority, 0, msg.seq, msg.ack_seq, msg.tid,
+                              msg.flags)
+            except Exception as exc:
+                raise LocalProtocolError(f"message header out of range: {exc}",
+                                         "bad_header") from exc
+            out += encode_message_frame(header, msg.encoded_front(), msg.data)
             n += 1
         if n == 0 and s.ack_pending:
             s.ack_pending = 0

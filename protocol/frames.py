@@ -222,6 +222,39 @@ def encode_frame(tag: int, segments: Sequence[Buffer], flags: int = 0) -> list[B
     return out
 
 
+def encode_message_frame(header: bytes, front: bytes, data: Buffer) -> list[Buffer]:
+    """``encode_frame(Tag.MESSAGE, [header, front, data])`` for the hot path.
+
+    Same bytes as the general encoder; specialised because it runs once per message:
+    ``header`` is never empty, and an empty ``data`` (or empty ``front`` and ``data``)
+    is trimmed as the general encoder trims it. Small frames come back as ONE buffer
+    (joining ~100 bytes is cheaper than handing the kernel five tiny iovecs); a large
+    data segment stays a separate buffer and is never copied.
+    """
+    l0 = len(header)
+    l1 = len(front)
+    l2 = data.nbytes if type(data) is memoryview else len(data)
+    crc = _crc
+    if l2:
+        body = _PRE_BODY.pack(_TAG_MESSAGE, 3, l0, 8, l1, 8, l2, _ALIGN_DATA, 0, 0, 0, 0)
+        epi = _EPILOGUE.pack(LATE_STATUS_COMPLETE, crc(front, 0) ^ _MASK32,
+                             crc(data, 0) ^ _MASK32, 0)
+        head = b"".join((body, _U32.pack(crc(body, _MASK32) ^ _MASK32), header,
+                         _U32.pack(crc(header, 0) ^ _MASK32), front))
+        if l2 <= 4096:
+            return [b"".join((head, data, epi))]
+        return [head, data, epi]
+    if l1:
+        body = _PRE_BODY.pack(_TAG_MESSAGE, 2, l0, 8, l1, 8, 0, 0, 0, 0, 0, 0)
+        return [b"".join((body, _U32.pack(crc(body, _MASK32) ^ _MASK32), header,
+                          _U32.pack(crc(header, 0) ^ _MASK32), front,
+                          _EPILOGUE.pack(LATE_STATUS_COMPLETE, crc(front, 0) ^ _MASK32,
+                                         0, 0)))]
+    body = _PRE_BODY.pack(_TAG_MESSAGE, 1, l0, 8, 0, 0, 0, 0, 0, 0, 0, 0)
+    return [b"".join((body, _U32.pack(crc(body, _MASK32) ^ _MASK32), header,
+                      _U32.pack(crc(header, 0) ^ _MASK32)))]
+
+
 def frame_bytes(tag: int, segments: Sequence[Buffer], flags: int = 0) -> bytes:
     """The whole frame as one ``bytes`` (tests, small control frames)."""
     return b"".join(encode_frame(tag, segments, flags))

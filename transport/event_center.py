@@ -54,9 +54,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Self
 
-__all__ = ["READABLE", "WRITABLE", "EventCenter", "CenterStatistics"]
+__all__ = ["READABLE", "WRITABLE", "CenterStatistics", "EventCenter"]
 
 READABLE = 1
 WRITABLE = 2
@@ -234,6 +234,10 @@ class EventCenter:
         self._external: deque[Callback] = deque()
         self._soon: list[Callback] = []
         self._pollers: dict[int, Callable[[], bool]] = {}
+        # Snapshots iterated by the loop: no per-iteration copy, and add/remove from
+        # inside a poller or hook cannot disturb the iteration in progress.
+        self._poller_list: tuple[Callable[[], bool], ...] = ()
+        self._hook_list: tuple[Callback, ...] = ()
         self._poll_idle = 0
         self._hooks: dict[int, Callback] = {}
         self._sleeping = False
@@ -356,21 +360,25 @@ class EventCenter:
         pid = self._next_id
         self._next_id = pid + 1
         self._pollers[pid] = poll
+        self._poller_list = tuple(self._pollers.values())
         self._poll_idle = 0
         return pid
 
     def remove_poller(self, poller_id: int) -> None:
         self._pollers.pop(poller_id, None)
+        self._poller_list = tuple(self._pollers.values())
 
     def add_loop_hook(self, callback: Callback) -> int:
         """Call ``callback()`` at the end of every iteration (the worker heartbeat)."""
         hid = self._next_id
         self._next_id = hid + 1
         self._hooks[hid] = callback
+        self._hook_list = tuple(self._hooks.values())
         return hid
 
     def remove_loop_hook(self, hook_id: int) -> None:
         self._hooks.pop(hook_id, None)
+        self._hook_list = tuple(self._hooks.values())
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -391,8 +399,7 @@ class EventCenter:
                     self._cancelled -= 1
                 if heap:
                     left: float = heap[0][0] - monotonic()  # type: ignore[operator]
-                    if left < wait:
-                        wait = left
+                    wait = min(wait, left)
             if wait > 0.0:
                 # Round UP to whole ms (Ceph PR #53477); the epsilon keeps 0.05 s from
                 # becoming 51 ms through float error in the product.
@@ -424,7 +431,7 @@ class EventCenter:
                         n += 1
                         try:
                             cb(fd)
-                        except Exception:
+                        except Exception:  # noqa: BLE001 - logged; the loop must go on
                             self._callback_failed(cb)
                 if ev & wbits:
                     wcb = wget(fd)
@@ -432,7 +439,7 @@ class EventCenter:
                         n += 1
                         try:
                             wcb(fd)
-                        except Exception:
+                        except Exception:  # noqa: BLE001 - logged; the loop must go on
                             self._callback_failed(wcb)
             self._file_callbacks += n
 
@@ -449,7 +456,7 @@ class EventCenter:
                 t += 1
                 try:
                     tcb()  # type: ignore[operator]
-                except Exception:
+                except Exception:  # noqa: BLE001 - logged; the loop must go on
                     self._callback_failed(tcb)
             self._time_callbacks += t
             n += t
@@ -465,7 +472,7 @@ class EventCenter:
                 e += 1
                 try:
                     xcb()
-                except Exception:
+                except Exception:  # noqa: BLE001 - logged; the loop must go on
                     self._callback_failed(xcb)
             if self._soon:
                 soon, self._soon = self._soon, []
@@ -473,18 +480,18 @@ class EventCenter:
                     e += 1
                     try:
                         scb()
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - logged; the loop must go on
                         self._callback_failed(scb)
             self._external_callbacks += e
             n += e
 
-        if self._pollers:
+        if self._poller_list:
             worked = False
-            for poll in list(self._pollers.values()):
+            for poll in self._poller_list:
                 try:
                     if poll():
                         worked = True
-                except Exception:
+                except Exception:  # noqa: BLE001 - logged; the loop must go on
                     self._callback_failed(poll)
             if worked or n:
                 self._poll_idle = 0
@@ -492,11 +499,11 @@ class EventCenter:
             else:
                 self._poll_idle += 1
 
-        if self._hooks:
-            for hook in list(self._hooks.values()):
+        if self._hook_list:
+            for hook in self._hook_list:
                 try:
                     hook()
-                except Exception:
+                except Exception:  # noqa: BLE001 - logged; the loop must go on
                     self._callback_failed(hook)
 
         if not n:
@@ -545,7 +552,7 @@ class EventCenter:
         self._wcb.clear()
         self._mask.clear()
 
-    def __enter__(self) -> EventCenter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from .errors import FdPassError
 
-__all__ = ["MAX_FDS", "seqpacket_pair", "send_fds", "recv_fds"]
+__all__ = ["MAX_FDS", "recv_fds", "send_fds", "seqpacket_pair"]
 
 #: Most descriptors one message may carry (the kernel's own cap is SCM_MAX_FD = 253).
 MAX_FDS = 16

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from .event_center import READABLE, EventCenter
 from .stack import ConnectedSocket, ServerSocket
 
-__all__ = ["AcceptLoop", "AcceptStatistics", "CAPACITY_ERRNOS"]
+__all__ = ["CAPACITY_ERRNOS", "AcceptLoop", "AcceptStatistics"]
 
 logger = logging.getLogger("transport.listener")
 

@@ -51,7 +51,7 @@ from typing import Protocol
 from transport.event_center import READABLE, WRITABLE, EventCenter
 from transport.stack import Address, ConnectedSocket, NetworkStack, ServerSocket
 
-__all__ = ["StackFactory", "Harness", "Endpoint", "CHECKS"]
+__all__ = ["CHECKS", "Endpoint", "Harness", "StackFactory"]
 
 
 class StackFactory(Protocol):

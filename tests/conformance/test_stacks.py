@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -87,3 +88,34 @@ def test_discovery_finds_posix() -> None:
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])
 def test_conformance(harness: Harness, check: Callable[[Harness], None]) -> None:
     check(harness)
+
+
+def test_harness_binds_center_and_fails_fast_on_callback_errors() -> None:
+    """Harness plumbing other stacks rely on: ``bind_center`` is called before
+    ``stack()``, and an exception inside a callback fails ``pump`` at once."""
+    from .stack_posix import PosixTcpFactory
+
+    class Bound(PosixTcpFactory):
+        name = "bound"
+        seen: ClassVar[list[EventCenter]] = []
+
+        def bind_center(self, center: EventCenter) -> None:
+            self.seen.append(center)
+
+    factory = Bound()
+    factory.setup()
+    center = EventCenter()
+    h = Harness(factory, center)
+    try:
+        assert factory.seen == [center]
+
+        def boom() -> None:
+            raise ValueError("inside a callback")
+
+        center.call_soon(boom)
+        with pytest.raises(ValueError):
+            h.pump(lambda: False, limit=10.0)
+    finally:
+        h.close()
+        center.close()
+        factory.teardown()

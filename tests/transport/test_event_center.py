@@ -146,7 +146,9 @@ def test_external_events_two_centers_two_threads(driver: str) -> None:
     """DispatchTest: 10,000 rounds of one external event to each of 2 worker threads;
     the counter returns to 0 every round."""
     centers = [EventCenter(driver=driver, name=f"w{i}") for i in range(2)]
-    threads = [threading.Thread(target=c.run, daemon=True) for c in centers]
+    # max_wait=30: a lost wake-up fails the 5 s round wait instead of hiding in a 1 s poll.
+    threads = [threading.Thread(target=c.run, kwargs={"max_wait": 30.0}, daemon=True)
+               for c in centers]
     for t in threads:
         t.start()
     lock = threading.Lock()
@@ -561,3 +563,24 @@ def test_drivers_hand_the_kernel_exactly_the_milliseconds(ms: int) -> None:
         sd.poll(ms, 8)
         assert fake.timeouts == [ms]  # PollSelector passed poll(2) this integer
     sd.close()
+
+
+def test_producer_racing_into_the_wait_wakes_the_loop(center: EventCenter) -> None:
+    """The other half of the handshake, made deterministic: a producer that runs after
+    the loop published ``_sleeping`` and re-checked the queue (here: from inside the
+    driver's poll, just before the kernel wait) must write the wake-up fd, so the wait
+    ends at once instead of after the 5 s asked for."""
+    real_poll = center._driver.poll
+    ran: list[str] = []
+
+    def racing_poll(timeout_ms: int, maxevents: int) -> list[tuple[int, int]]:
+        if timeout_ms > 0 and not ran:
+            assert center._sleeping
+            center.dispatch_event_external(lambda: ran.append("late producer"))
+        return real_poll(timeout_ms, maxevents)
+
+    center._driver.poll = racing_poll  # type: ignore[method-assign]
+    start = time.monotonic()
+    assert center.process_events(5.0) == 1
+    assert ran == ["late producer"]
+    assert time.monotonic() - start < 2.5

@@ -61,7 +61,7 @@ def test_round_trip_fds_are_usable_and_cloexec(pair: SockPair, pipes: Pipes) -> 
 def test_max_fds_in_one_message(pair: SockPair, pipes: Pipes) -> None:
     a, b = pair
     send_fds(a, b"x", [r for r, _ in pipes])
-    data, fds = recv_fds(b)
+    _, fds = recv_fds(b)
     assert len(fds) == MAX_FDS
     for fd in fds:
         os.close(fd)

@@ -209,6 +209,21 @@ def test_connect_pending_reports_zero(center: EventCenter, stack: PosixStack) ->
         server.close()
 
 
+def test_unix_connect_to_full_backlog_is_eagain(stack: PosixStack, tmp_path: Path) -> None:
+    """A non-blocking Unix connect never pends: with the backlog full it fails with
+    EAGAIN at once (unix(7); af_unix.c unix_recvq_full)."""
+    addr = str(tmp_path / "full.sock")
+    server = stack.listen(addr, SocketOptions(backlog=0))
+    first = stack.connect(addr)
+    try:
+        assert first.is_connected() == 1
+        with pytest.raises(BlockingIOError):
+            stack.connect(addr)
+    finally:
+        first.close()
+        server.close()
+
+
 def test_listen_twice_is_addrinuse(stack: PosixStack) -> None:
     """ListenTest."""
     server = stack.listen(("127.0.0.1", 0))

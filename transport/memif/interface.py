@@ -223,7 +223,7 @@ class MemifConnector:
     """
 
     def __init__(self, address: str, config: MemifConfig = MemifConfig(),
-                 connect_timeout: float = 2.0) -> None:
+                 connect_timeout: float = 2.0, pipelined: bool = False) -> None:
         self.address = address
         self.config = config
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -233,6 +233,7 @@ class MemifConnector:
         self._rings: list[tuple[bool, int, int]] = []  # (c2s, index, offset)
         self._queues = 0
         self._log2 = 0
+        self._hello = False
         self.done: MemifInterface | None = None
         try:
             # A Unix connect only waits while the listen backlog is full, and a
@@ -244,6 +245,20 @@ class MemifConnector:
         except OSError:
             self.sock.close()
             raise
+        self.pipelined = pipelined
+        self._acks_due = 0
+        if pipelined:
+            # Announce everything now, sized by our own config; HELLO is checked when it
+            # arrives. The server reads one message at a time either way (DPDK does too),
+            # so a peer that answers later (ours, from its accept loop) is served in order.
+            try:
+                self._prepare(config.queues, config.log2_ring_size)
+                self._acks_due = len(self._queue) - 1  # every message but CONNECT is ACKed
+                while self._queue:
+                    self._send_next()
+            except BaseException:
+                self.abort()
+                raise
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -276,18 +291,37 @@ class MemifConnector:
         if isinstance(msg, wire.Disconnect):
             raise MemifDisconnected(msg.reason.decode(errors="replace"), msg.code)
         if isinstance(msg, wire.Hello):
-            if self._log2:
+            if self._hello:
                 raise self._fail("Unexpected message")
+            self._hello = True
             if not msg.min_version <= wire.VERSION <= msg.max_version:
                 raise self._fail("Incompatible memif version")
-            self._setup(msg)
+            # HELLO's max_* are the highest *numbers*, not counts (§3.3).
+            cfg = self.config
+            nq = min(cfg.queues, msg.max_c2s_ring + 1, msg.max_s2c_ring + 1)
+            log2 = min(cfg.log2_ring_size, msg.max_log2_ring_size)
+            if self.pipelined:
+                if (nq, log2) != (self._queues, self._log2):
+                    raise self._fail("Incompatible ring limits")
+                return
+            if nq < 1:
+                raise self._fail("server offers no rings")
+            self._prepare(nq, log2)
+            self._send_next()
             return
-        if isinstance(msg, wire.Ack) and self._log2:
+        if not self._hello:
+            raise self._fail("Unexpected message")
+        if isinstance(msg, wire.Ack):
+            if self.pipelined:
+                self._acks_due -= 1
+                if self._acks_due < 0:
+                    raise self._fail("Unexpected message")
+                return
             if self._queue:
                 self._send_next()
                 return
             raise self._fail("Unexpected message")
-        if type(msg) is wire.Connected and self._log2 and not self._queue:
+        if type(msg) is wire.Connected and not self._queue and self._acks_due == 0:
             self.done = self._build()
             return
         raise self._fail("Unexpected message")
@@ -299,20 +333,14 @@ class MemifConnector:
             pass
         return MemifProtocolError(errno.EPROTO, reason)
 
-    def _setup(self, hello: wire.Hello) -> None:
+    def _prepare(self, nq: int, log2: int) -> None:
+        """Create region, rings and eventfds for ``nq`` queue pairs; queue the messages."""
         cfg = self.config
-        # HELLO's max_* are the highest *numbers*, not counts (§3.3).
-        nq = min(cfg.queues, hello.max_c2s_ring + 1, hello.max_s2c_ring + 1)
-        log2 = min(cfg.log2_ring_size, hello.max_log2_ring_size)
-        if nq < 1 or hello.max_region < 0:
-            raise self._fail("server offers no rings")
         self._queues, self._log2 = nq, log2
         ring_stride = (wire.ring_bytes(log2) + 127) // 128 * 128
         rings_size = 2 * nq * ring_stride
         size = rings_size + 2 * nq * (1 << log2) * cfg.buffer_size
         self._region = alloc_region(size, name="memif_region_0", hugepages=cfg.hugepages)
-        self._rings_size = rings_size
-        self._ring_stride = ring_stride
         for k in range(2 * nq):
             self._eventfds.append(os.eventfd(0, _EFD_FLAGS))
         self._queue.append((wire.Init(wire.VERSION, cfg.id, wire.MODE_ETHERNET, cfg.secret,
@@ -335,7 +363,6 @@ class MemifConnector:
             r.init_header()
             r.set_buffers(0, rings_size + k * (1 << log2) * cfg.buffer_size, cfg.buffer_size)
             self._ring_objs.append(r)
-        self._send_next()
 
     def _build(self) -> MemifInterface:
         nq = self._queues

@@ -318,6 +318,11 @@ class Ring:
             self.h16[_TAIL] = pos
         self._rel = pos
 
+    def rx_ready(self) -> bool:
+        """Consumer side: has the peer published frames we have not taken yet? (One
+        16-bit load: what a busy poller checks between bursts.)"""
+        return self.h16[_TAIL if self.slot_off else _HEAD] != self._pos
+
     def post_all(self) -> None:
         """Client S2C right after CONNECTED: offer every buffer (§3.6: not before)."""
         self._pos = self._rel = self.h16[_TAIL]

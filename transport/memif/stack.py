@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ClosedResourceError
+from ..event_center import EventCenter
 from ..stack import Address, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
 from .interface import MemifConfig, MemifConnector, MemifListener
 from .stream import MemifStream
@@ -34,11 +35,20 @@ def _addr(addr: Address) -> str:
     return addr
 
 
+def _attach(stream: MemifStream, center: "EventCenter | None") -> MemifStream:
+    """Poll mode: register the stream's busy poller on the center (removed on close)."""
+    if center is not None:
+        pid = center.add_poller(stream.poll)
+        stream.on_close.append(lambda: center.remove_poller(pid))
+    return stream
+
+
 class MemifServerSocket(ServerSocket):
     """A memif control socket; ``fileno`` covers the listener and handshakes in progress."""
 
-    def __init__(self, addr: str, cfg: StackConfig) -> None:
+    def __init__(self, addr: str, cfg: StackConfig, center: "EventCenter | None" = None) -> None:
         self._cfg = cfg
+        self._center = center
         self._listener: MemifListener | None = MemifListener(addr, cfg.memif)
         self._addr = addr
 
@@ -53,8 +63,8 @@ class MemifServerSocket(ServerSocket):
         iface = self._listener.accept()
         if iface is None:
             return None
-        return MemifStream(iface, window=self._cfg.window, rcvbuf=self._cfg.rcvbuf,
-                           mss=self._cfg.memif.buffer_size - 12)
+        return _attach(MemifStream(iface, window=self._cfg.window, rcvbuf=self._cfg.rcvbuf,
+                                   mss=self._cfg.memif.buffer_size - 12), self._center)
 
     def close(self) -> None:
         if self._listener is not None:
@@ -73,12 +83,26 @@ class MemifStack(NetworkStack):
 
     def __init__(self, config: StackConfig = StackConfig()) -> None:
         self.config = config
+        self._center: EventCenter | None = None
+
+    def bind_center(self, center: EventCenter) -> None:
+        """Poll mode (``config.memif.interrupt`` False) needs the center that runs the
+        sockets: each connection adds a busy poller to it. Interrupt mode needs nothing."""
+        self._center = center
+
+    def _poll_center(self) -> "EventCenter | None":
+        if self.config.memif.interrupt:
+            return None
+        if self._center is None:
+            raise RuntimeError("memif poll mode needs bind_center(center) before use")
+        return self._center
 
     def listen(self, addr: Address, opts: SocketOptions = SocketOptions()) -> ServerSocket:
-        return MemifServerSocket(_addr(addr), self.config)
+        return MemifServerSocket(_addr(addr), self.config, self._poll_center())
 
     def connect(self, addr: Address, opts: SocketOptions = SocketOptions()) -> ConnectedSocket:
         path = _addr(addr)
-        conn = MemifConnector(path, self.config.memif)
-        return MemifStream(conn, window=self.config.window, rcvbuf=self.config.rcvbuf,
-                           address=path, mss=self.config.memif.buffer_size - 12)
+        conn = MemifConnector(path, self.config.memif, pipelined=True)
+        return _attach(MemifStream(conn, window=self.config.window, rcvbuf=self.config.rcvbuf,
+                                   address=path, mss=self.config.memif.buffer_size - 12),
+                       self._poll_center())

@@ -10,9 +10,10 @@ memif has no end-to-end flow control: a full ring makes DPDK's tx drop frames
   ``ack`` it can take (its free receive buffer in segments).
 * The sender keeps at most ``min(wnd, window)`` segments unacknowledged, ``window`` ≤
   half the ring so DATA plus ACK frames never overflow a ring (trap 3), and keeps every
-  unacked segment for retransmission: go-back-N from the oldest on timeout (RTO doubles
-  up to 1 s, resets on progress). Out-of-order or duplicate segments are dropped and
-  re-acknowledged.
+  unacked segment for retransmission. Loss recovery is TCP NewReno's shape: the
+  receiver holds segments past a hole and re-acks; 3 duplicate acks, a partial ack
+  during recovery, or the retransmission timeout (20 ms, doubling up to 1 s, reset on
+  progress) resend the oldest unacked segment. Duplicates are dropped and re-acked.
 * One ACK per received burst (or piggybacked on data sent in the same pass); a window
   update goes out when the reader frees a large part of a previously small window.
 * ``shutdown`` queues FIN; ``close`` sends FIN (when everything else is in the ring)
@@ -115,11 +116,14 @@ class MemifStream(ConnectedSocket):
         self._rcvbuf = rcvbuf
         self._drop_every = drop_every  # test hook: drop every Nth received DATA frame
         self._drops = 0
+        self.retransmits = 0
         self._rx_count = 0
         self.iface: MemifInterface | None = None
         self._conn: MemifConnector | None = None
         self._error: OSError | None = None
         self._closed = False
+        self._poll_signalled = False
+        self.on_close: list = []  # callbacks run by close() (the stack removes its poller)
         # sender
         self._snd_una = 0
         self._snd_nxt = 0
@@ -130,6 +134,7 @@ class MemifStream(ConnectedSocket):
         self._rto_deadline = 0.0
         self._dup_acks = 0
         self._recover = 0  # no fast retransmit again until snd_una reaches this
+        self._rexmit = False  # resend the oldest unacked segment at the next transmit
         self._fin_queued = False
         self._wr_shut = False
         # receiver
@@ -140,6 +145,7 @@ class MemifStream(ConnectedSocket):
         self._fin_rcvd = False
         self._rd_shut = False
         self._need_ack = False
+        self._ooo: dict[int, tuple[int, bytes]] = {}  # out-of-order segments by seq
         self._adv_wnd = 0
         self._peer_gone = False
         if isinstance(iface, MemifInterface):
@@ -164,6 +170,19 @@ class MemifStream(ConnectedSocket):
         self._ep.register(iface.fileno(0), select.EPOLLIN)
         self._ep.register(iface.ctrl_fileno(), select.EPOLLIN)
 
+    def poll(self) -> bool:
+        """Busy-poll hook (EventCenter poller, poll mode): True when it found new frames
+        and made :meth:`fileno` readable. In poll mode the peer does not kick (we set
+        MASK_INT on our rx ring), so without this poller only timers would wake us."""
+        iface = self.iface
+        if iface is None:
+            return False
+        if not self._poll_signalled and iface.rx_rings and iface.rx_rings[0].rx_ready():
+            self._poll_signalled = True
+            os.eventfd_write(self._wake, 1)
+            return True
+        return False
+
     def _fail(self, err: OSError) -> None:
         if self._error is None:
             self._error = err
@@ -181,43 +200,43 @@ class MemifStream(ConnectedSocket):
         return self._address
 
     def is_connected(self) -> int:
+        """1 once the control socket is connected (like a TCP connect the kernel
+        completed): the memif handshake itself needs the listener's accept loop, so it
+        finishes lazily; until then ``send``/``read_into`` raise BlockingIOError, and a
+        refused handshake ("ID not found", bad secret) raises ConnectionRefusedError."""
         if self._closed:
             raise ClosedResourceError("memif socket")
-        if self.iface is not None:
-            return 1
-        if self._error is not None:
+        if self._error is not None and self.iface is None:
             raise self._error
+        return 1
+
+    def _step_handshake(self) -> None:
         assert self._conn is not None
         try:
             iface = self._conn.step()
         except MemifDisconnected as e:
             self._conn = None
-            err = ConnectionRefusedError(errno.ECONNREFUSED, f"memif: {e.reason}")
-            self._fail(err)
-            raise err from e
+            self._fail(ConnectionRefusedError(errno.ECONNREFUSED, f"memif: {e.reason}"))
+            return
         except OSError as e:
             self._conn = None
             self._fail(e)
-            raise
-        if iface is None:
-            return 0
-        try:
+            return
+        if iface is not None:
             self._ep.unregister(iface.ctrl_fileno())
-        except OSError:
-            pass
-        self._up(iface)
-        return 1
+            self._up(iface)
+            os.eventfd_write(self._wake, 1)  # the owner may be waiting to send: look again
 
     def read_into(self, buf: memoryview) -> int:
         if self._closed:
             raise ClosedResourceError("memif socket")
         if self._rd_shut:
             return 0
+        self._service(signal=False)
         if self.iface is None:
             if self._error is not None:
                 raise self._error
-            raise BlockingIOError(errno.EAGAIN, "memif connect in progress")
-        self._service(signal=False)
+            raise BlockingIOError(errno.EAGAIN, "memif handshake in progress")
         if self._rx_bytes:
             n = self._copy_out(buf)
             if self._rx_bytes or self._fin_rcvd or self._error is not None:
@@ -256,19 +275,21 @@ class MemifStream(ConnectedSocket):
             raise ClosedResourceError("memif socket")
         if self._wr_shut:
             raise BrokenPipeError(errno.EPIPE, "memif socket shut down")
+        self._service()
         if self.iface is None:
             if self._error is not None:
                 raise self._error
-            raise BlockingIOError(errno.EAGAIN, "memif connect in progress")
-        self._service()
+            raise BlockingIOError(errno.EAGAIN, "memif handshake in progress")
         if self._error is not None:
             raise self._error
         if self._peer_gone:
             raise BrokenPipeError(errno.EPIPE, "memif peer disconnected")
         credit = self._credit()
-        if credit <= 0 or self._resend_from != self._snd_nxt:
-            self._arm_retry()
-            raise BlockingIOError(errno.EAGAIN, "no send credit")
+        if self._resend_from != self._snd_nxt:
+            self._arm_retry()  # ring full: the timer brings us back
+            raise BlockingIOError(errno.EAGAIN, "tx ring full")
+        if credit <= 0:
+            raise BlockingIOError(errno.EAGAIN, "no send credit")  # an ACK frame wakes us
         mss = self._mss
         payloads: list[bytes] = []
         for b in buffers:
@@ -330,6 +351,9 @@ class MemifStream(ConnectedSocket):
         if self._conn is not None:
             self._conn.abort()
             self._conn = None
+        for cb in self.on_close:
+            cb()
+        self.on_close = []
         self._ep.close()
         self._timer.close()
         os.close(self._wake)
@@ -361,6 +385,12 @@ class MemifStream(ConnectedSocket):
         iface = self.iface
         if iface is None:
             return
+        if self._rexmit and self._unacked and self._resend_from != self._snd_una:
+            s, k, p = self._unacked[0]
+            if iface.tx_burst([self._frame(k, s, p)]):
+                self._rexmit = False
+                self._need_ack = False
+                self.retransmits += 1
         start = (self._resend_from - self._snd_una) & _U32
         if start < len(self._unacked):
             frames = [self._frame(k, s, p) for s, k, p in itertools.islice(self._unacked, start, None)]
@@ -392,14 +422,19 @@ class MemifStream(ConnectedSocket):
 
     def _service(self, signal: bool = True) -> None:
         """Drain wake-ups and the rx ring, handle acks and data, retransmit if due."""
-        iface = self.iface
-        if iface is None:
-            return
         self._timer.clear()
         try:
             os.eventfd_read(self._wake)
         except BlockingIOError:
             pass
+        self._poll_signalled = False
+        if self.iface is None and self._conn is not None:
+            self._step_handshake()
+        iface = self.iface
+        if iface is None:
+            if self._error is not None:
+                os.eventfd_write(self._wake, 1)
+            return
         if not self._peer_gone:
             try:
                 iface.poll_control()
@@ -422,11 +457,12 @@ class MemifStream(ConnectedSocket):
                                                 f"memif peer disconnected: {iface.down_reason}"))
             os.eventfd_write(self._wake, 1)  # stay readable: EOF/error is pending
             return
-        # retransmission
-        if self._unacked:
+        # retransmission timeout: resend the oldest segment, back off
+        if self._unacked and self._rto_deadline:
             now = time.monotonic()
-            if self._rto_deadline and now >= self._rto_deadline:
-                self._resend_from = self._snd_una  # go-back-N
+            if now >= self._rto_deadline:
+                self._rexmit = True
+                self._recover = self._snd_nxt
                 self._rto = min(self._rto * 2, _RTO_MAX)
                 self._rto_deadline = now + self._rto
                 self._arm(self._rto)
@@ -452,6 +488,9 @@ class MemifStream(ConnectedSocket):
                 if self._unacked:
                     self._rto_deadline = time.monotonic() + self._rto
                     self._arm(self._rto)
+                    if ((self._recover - ack) & _U32) - 1 < 0x7FFFFFFF:
+                        # partial ack during recovery (NewReno): the next hole is lost too
+                        self._rexmit = True
                 else:
                     self._rto_deadline = 0.0
                 self._peer_wnd = wnd
@@ -459,28 +498,41 @@ class MemifStream(ConnectedSocket):
                 self._peer_wnd = wnd
                 if kind == ACK and self._unacked and self._resend_from != self._snd_una \
                         and ((self._snd_una - self._recover) & _U32) < 0x80000000:
-                    # The receiver re-acks on every gap: after 3 duplicates go back to the
-                    # oldest unacked segment now (fast retransmit), once per window.
+                    # The receiver re-acks when a segment arrives past a hole: after 3
+                    # duplicates resend the oldest unacked segment (fast retransmit),
+                    # once per window (until snd_una passes ``_recover``).
                     self._dup_acks += 1
                     if self._dup_acks >= 3:
                         self._dup_acks = 0
-                        self._resend_from = self._snd_una
-                        self._recover = (self._snd_una + 1) & _U32
+                        self._rexmit = True
+                        self._recover = self._snd_nxt
             if kind == DATA or kind == FIN:
                 if self._drop_every and kind == DATA:
                     self._rx_count += 1
                     if self._rx_count % self._drop_every == 0:
                         self._drops += 1
                         continue
-                if seq == self._rcv_nxt:
-                    self._rcv_nxt = (seq + 1) & _U32
-                    if kind == DATA:
-                        if not self._rd_shut:
-                            data = bytes(f[hsize:])
-                            self._rxq.append(data)
-                            self._rx_bytes += len(data)
-                    else:
-                        self._fin_rcvd = True
-                self._need_ack = True  # in order: ack; duplicate or gap: re-ack
+                self._need_ack = True  # in order: ack; duplicate or hole: re-ack
+                if seq != self._rcv_nxt:
+                    ahead = (seq - self._rcv_nxt) & _U32
+                    if ahead < self._window and seq not in self._ooo:
+                        # hold segments past a hole so one retransmission fills it
+                        self._ooo[seq] = (kind, bytes(f[hsize:]))
+                    continue
+                self._deliver(kind, f[hsize:])
+                while self._ooo:
+                    nxt = self._ooo.pop(self._rcv_nxt, None)
+                    if nxt is None:
+                        break
+                    self._deliver(*nxt)
             elif kind == RST:
                 self._fail(ConnectionResetError(errno.ECONNRESET, "memif peer reset"))
+
+    def _deliver(self, kind: int, payload: bytes | memoryview) -> None:
+        self._rcv_nxt = (self._rcv_nxt + 1) & _U32
+        if kind == FIN:
+            self._fin_rcvd = True
+        elif not self._rd_shut:
+            data = bytes(payload)
+            self._rxq.append(data)
+            self._rx_bytes += len(data)

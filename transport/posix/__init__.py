@@ -4,4 +4,4 @@ from __future__ import annotations
 
 from .sockets import IOV_MAX, PosixConnectedSocket, PosixServerSocket, PosixStack
 
-__all__ = ["PosixStack", "PosixConnectedSocket", "PosixServerSocket", "IOV_MAX"]
+__all__ = ["IOV_MAX", "PosixConnectedSocket", "PosixServerSocket", "PosixStack"]

@@ -30,9 +30,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ClosedResourceError
-from ..stack import Address, Buffer, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
+from ..stack import (
+    Address,
+    Buffer,
+    ConnectedSocket,
+    NetworkStack,
+    ServerSocket,
+    SocketOptions,
+)
 
-__all__ = ["PosixStack", "PosixConnectedSocket", "PosixServerSocket", "IOV_MAX"]
+__all__ = ["IOV_MAX", "PosixConnectedSocket", "PosixServerSocket", "PosixStack"]
 
 
 def _iov_max() -> int:
@@ -107,9 +114,6 @@ def _closed_io(*_args: object) -> int:
 class PosixConnectedSocket(ConnectedSocket):
     """A connected (or connecting) non-blocking stream socket."""
 
-    __slots__ = ("_sock", "_fd", "_family", "_connected", "_error", "_closed",
-                 "_recv_into", "_send", "_sendmsg")
-
     def __init__(self, sock: socket.socket, *, connected: bool = True) -> None:
         self._sock = sock
         self._fd = sock.fileno()
@@ -143,6 +147,8 @@ class PosixConnectedSocket(ConnectedSocket):
         return self._fd
 
     def is_connected(self) -> int:
+        """1 once established, 0 while EINPROGRESS; raises the connect error (from
+        SO_ERROR, e.g. ConnectionRefusedError) on this and every later call."""
         if self._connected:
             return 1
         if self._error is not None:
@@ -167,6 +173,7 @@ class PosixConnectedSocket(ConnectedSocket):
         return self._recv_into(buf)
 
     def send(self, buffers: Sequence[Buffer]) -> int:
+        """One ``send``/``sendmsg`` (MSG_NOSIGNAL) of at most IOV_MAX buffers."""
         n = len(buffers)
         if n == 1:
             return self._send(buffers[0], _MSG_NOSIGNAL)
@@ -292,7 +299,12 @@ class PosixStack(NetworkStack):
 
     name = "posix"
 
-    def listen(self, addr: Address, opts: SocketOptions = SocketOptions()) -> PosixServerSocket:
+    def listen(self, addr: Address, opts: SocketOptions = SocketOptions()) -> PosixServerSocket:  # noqa: B008
+        """Bind and listen (non-blocking, close-on-exec); OSError such as EADDRINUSE.
+
+        A filesystem Unix path must not exist yet; :meth:`PosixServerSocket.close`
+        removes it again (in the binding process only).
+        """
         family, sockaddr = _resolve(addr)
         sock = _new_socket(family)
         try:
@@ -314,7 +326,13 @@ class PosixStack(NetworkStack):
         path = sockaddr if family == socket.AF_UNIX and not sockaddr.startswith("\0") else None
         return PosixServerSocket(sock, opts, unlink_path=path)
 
-    def connect(self, addr: Address, opts: SocketOptions = SocketOptions()) -> PosixConnectedSocket:
+    def connect(self, addr: Address, opts: SocketOptions = SocketOptions()) -> PosixConnectedSocket:  # noqa: B008
+        """Start a non-blocking connect; finish it with WRITABLE + :meth:`is_connected`.
+
+        Errors known at once raise here: FileNotFoundError/ConnectionRefusedError for a
+        Unix path nobody serves, BlockingIOError (EAGAIN) when a Unix listener's backlog
+        is full. TCP errors (ECONNREFUSED...) surface from ``is_connected``.
+        """
         family, sockaddr = _resolve(addr)
         sock = _new_socket(family)
         try:

@@ -175,6 +175,7 @@ class RdmaConnectedSocket(ConnectedSocket):
         self._fin_pending = False
         self._side_open = True
         self._send_blocked = False
+        self._credit_wake = False  # send space appeared after a blocked send: stay readable
         self._was_open = False
         self._rxq: deque[list[int]] = deque()  # [chunk, start, end] of unread data
         dev = stack.device
@@ -272,6 +273,7 @@ class RdmaConnectedSocket(ConnectedSocket):
                     self._side.send(_msg("ack"))
                     self._phase = _OPEN
                     self._was_open = True
+                    self._credit_wake = True
                     self._notify()
                 elif self._phase == _WAIT_HELLO:
                     self._server_handshake(data, fds)
@@ -281,6 +283,7 @@ class RdmaConnectedSocket(ConnectedSocket):
                     _parse(data, "ack")
                     self._phase = _OPEN
                     self._was_open = True
+                    self._credit_wake = True
                     self._notify()
                 else:
                     for fd in fds:
@@ -422,8 +425,16 @@ class RdmaConnectedSocket(ConnectedSocket):
 
     def _notify_if_blocked(self) -> None:
         if self._send_blocked:
-            self._send_blocked = False
+            self._credit_wake = True
             self._notify()
+
+    def _rearm(self) -> None:
+        """Leaving read_into/send: progress may have drained the wake-up fds while
+        leaving work for the app (data, EOF, an error, send space): make ``fileno()``
+        readable again, level-triggered style, until the app has taken it."""
+        if self._rxq or self._peer_fin or self._err is not None or self._credit_wake:
+            if not self._closed:
+                self._notify()
 
     def _fail(self, exc: OSError) -> None:
         if self._err is None:
@@ -471,6 +482,12 @@ class RdmaConnectedSocket(ConnectedSocket):
     def read_into(self, buf: memoryview) -> int:
         if self._closed:
             raise ClosedResourceError("rdma socket")
+        try:
+            return self._read_into(buf)
+        finally:
+            self._rearm()
+
+    def _read_into(self, buf: memoryview) -> int:
         self._progress()
         if self._shut:
             return 0
@@ -488,8 +505,6 @@ class RdmaConnectedSocket(ConnectedSocket):
                 self._repost(ent[0], data=True)
         if n:
             self._maybe_ctrl()
-            if self._rxq:
-                self._notify()  # more is buffered: stay readable (level semantics)
             return n
         if self._peer_fin:
             return 0
@@ -504,6 +519,14 @@ class RdmaConnectedSocket(ConnectedSocket):
             raise ClosedResourceError("rdma socket")
         if self._shut or self._fin_pending or self._fin_sent:
             raise BrokenPipeError(errno.EPIPE, "rdma socket was shut down")
+        self._credit_wake = False  # the app is sending now
+        self._send_blocked = False
+        try:
+            return self._send(buffers)
+        finally:
+            self._rearm()
+
+    def _send(self, buffers: Sequence[Buffer]) -> int:
         self._progress()
         if self._err is not None:
             raise BrokenPipeError(self._err.errno or errno.EPIPE, f"rdma peer gone: {self._err.strerror}")

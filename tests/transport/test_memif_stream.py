@@ -1,0 +1,217 @@
+"""The reliable byte stream over memif (transport.memif.stream) and MemifStack.
+
+The conformance suite (tests/conformance, factories memif-fs/-abstract/-poll) covers the
+ConnectedSocket contract; here: loss recovery (memif is lossy), the two-process case,
+a peer killed with SIGKILL, and the window bound.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+
+import pytest
+
+from transport.event_center import READABLE, EventCenter
+from transport.memif import MemifConfig, MemifStack, MemifStream, StackConfig
+
+from .test_memif_support import fork_peer, wait_child
+
+
+def _pair(stack: MemifStack, addr: str) -> tuple:
+    server = stack.listen(addr)
+    client = stack.connect(addr)
+    assert client.is_connected() == 1
+    deadline = time.monotonic() + 5
+    conn = None
+    while conn is None:
+        assert time.monotonic() < deadline
+        select.select([server.fileno()], [], [], 0.05)
+        conn = server.accept()
+    return server, client, conn
+
+
+def _transfer(src: MemifStream, dst: MemifStream, data: bytes, timeout: float = 30.0) -> bytes:
+    got = bytearray()
+    buf = memoryview(bytearray(1 << 16))
+    sent = 0
+    deadline = time.monotonic() + timeout
+    while len(got) < len(data):
+        assert time.monotonic() < deadline, f"stalled at {len(got)}/{len(data)}"
+        if sent < len(data):
+            try:
+                sent += src.send([memoryview(data)[sent:sent + (1 << 16)]])
+            except BlockingIOError:
+                pass
+        elif src is not dst:
+            # The sender must keep servicing its socket (acks, retransmit timer) as a
+            # worker does on READABLE; it receives nothing here.
+            try:
+                assert src.read_into(buf) == 0, "unexpected data from the receiver"
+            except BlockingIOError:
+                pass
+        try:
+            n = dst.read_into(buf)
+            got += buf[:n]
+        except BlockingIOError:
+            select.select([src.fileno(), dst.fileno()], [], [], 0.05)
+    return bytes(got)
+
+
+@pytest.mark.parametrize("drop_every", [50, 9])
+def test_lost_frames_are_retransmitted(drop_every: int) -> None:
+    """Drop every Nth DATA frame at the receiver (as a full DPDK ring would): the stream
+    still delivers every byte in order, and the sender did retransmit."""
+    stack = MemifStack(StackConfig(memif=MemifConfig(hugepages=False)))
+    server, client, conn = _pair(stack, f"@amsgr-loss-{os.getpid()}-{drop_every}")
+    try:
+        conn._drop_every = drop_every
+        data = os.urandom(2 << 20)
+        assert _transfer(client, conn, data) == data
+        assert conn._drops > 0 and client.retransmits > 0
+    finally:
+        client.close()
+        conn.close()
+        server.close()
+
+
+def test_window_never_exceeds_half_the_ring() -> None:
+    stack = MemifStack(StackConfig(memif=MemifConfig(log2_ring_size=8, hugepages=False)))
+    server, client, conn = _pair(stack, f"@amsgr-win-{os.getpid()}")
+    try:
+        total = 0
+        with pytest.raises(BlockingIOError):
+            for _ in range(1000):  # the peer never reads: credit runs out
+                total += client.send([bytes(1 << 16)])
+        assert client._window <= 256 // 2
+        assert total <= client._window * client._mss
+        assert client.iface is not None and client.iface.tx_rings[0].in_flight() <= 128
+    finally:
+        client.close()
+        conn.close()
+        server.close()
+
+
+def _echo_child(addr: str, ready_fd: int) -> None:
+    """Child: a MemifStack server echoing one connection's bytes until EOF."""
+    stack = MemifStack(StackConfig(memif=MemifConfig(hugepages=False)))
+    center = EventCenter()
+    server = stack.listen(addr)
+    os.write(ready_fd, b"r")  # listening: the parent may connect now
+    conns: list = []
+    buf = memoryview(bytearray(1 << 16))
+    out = bytearray()
+    done: list[bool] = []
+
+    def on_conn(_: int) -> None:
+        if conns:
+            # echo: read what is there, send what we can; EOF ends the run
+            c = conns[0]
+            while out:
+                try:
+                    n = c.send([bytes(out[: 1 << 16])])
+                except BlockingIOError:
+                    break
+                del out[:n]
+            if len(out) < (4 << 20):
+                try:
+                    n = c.read_into(buf)
+                except BlockingIOError:
+                    return
+                if n == 0:
+                    done.append(True)
+                    return
+                out.extend(buf[:n])
+            return
+
+    def on_accept(_: int) -> None:
+        c = server.accept()
+        if c is not None:
+            conns.append(c)
+            center.create_file_event(c.fileno(), READABLE, on_conn)
+
+    center.create_file_event(server.fileno(), READABLE, on_accept)
+    deadline = time.monotonic() + 30
+    while not done and time.monotonic() < deadline:
+        center.process_events(0.05)
+    for c in conns:
+        center.delete_file_event(c.fileno(), READABLE)
+        c.close()
+    center.delete_file_event(server.fileno(), READABLE)
+    server.close()
+    center.close()
+    if not done:
+        raise TimeoutError("no EOF from the client")
+
+
+def test_two_processes_echo_stream(tmp_path) -> None:
+    addr = str(tmp_path / "stream.sock")
+    # Signal readiness through a pipe so we never connect before the child listens.
+    r, w = os.pipe()
+    pid = fork_peer(lambda: (os.close(r), _echo_child(addr, w)))
+    os.close(w)
+    try:
+        assert select.select([r], [], [], 10)[0], "child never listened"
+        os.read(r, 1)
+        stack = MemifStack(StackConfig(memif=MemifConfig(hugepages=False)))
+        client = stack.connect(addr)
+        try:
+            data = os.urandom(3 << 20)
+            assert _transfer(client, client, data) == data  # echoed back through the child
+            client.shutdown()
+        finally:
+            client.close()
+    finally:
+        os.close(r)
+        assert wait_child(pid) == 0
+
+
+def test_peer_killed_is_a_reset_not_eof(tmp_path) -> None:
+    addr = str(tmp_path / "kill.sock")
+    r, w = os.pipe()
+    pid = fork_peer(lambda: (os.close(r), _echo_child(addr, w)))
+    os.close(w)
+    try:
+        assert select.select([r], [], [], 10)[0]
+        stack = MemifStack(StackConfig(memif=MemifConfig(hugepages=False)))
+        client = stack.connect(addr)
+        try:
+            assert _transfer(client, client, b"ping" * 1000) == b"ping" * 1000
+            os.kill(pid, signal.SIGKILL)
+            assert wait_child(pid) == -signal.SIGKILL
+            buf = memoryview(bytearray(100))
+            deadline = time.monotonic() + 5
+            with pytest.raises(ConnectionResetError):
+                while time.monotonic() < deadline:
+                    select.select([client.fileno()], [], [], 0.1)
+                    try:
+                        client.read_into(buf)
+                    except BlockingIOError:
+                        pass
+        finally:
+            client.close()
+    finally:
+        os.close(r)
+
+
+def test_refused_handshake_surfaces_as_connection_refused() -> None:
+    """Our listener serves only id 0 via the stack; a client asking id 5 is refused."""
+    from transport.memif import MemifListener
+    addr = f"@amsgr-refstack-{os.getpid()}"
+    with MemifListener(addr, ids={0}) as lst:
+        stack = MemifStack(StackConfig(memif=MemifConfig(id=5, hugepages=False)))
+        client = stack.connect(addr)
+        try:
+            deadline = time.monotonic() + 5
+            with pytest.raises(ConnectionRefusedError, match="ID not found"):
+                while time.monotonic() < deadline:
+                    lst.accept()
+                    select.select([client.fileno()], [], [], 0.05)
+                    try:
+                        client.send([b"x"])
+                    except BlockingIOError:
+                        pass
+        finally:
+            client.close()

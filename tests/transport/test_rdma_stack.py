@@ -1,0 +1,332 @@
+"""The ``rdma`` stack beyond the conformance suite: credits, peer death, close races.
+
+EMULATION: these run on the ``softverbs`` provider (shared memory), not on RDMA.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import struct
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from transport.rdma.stack import RdmaConnectedSocket, RdmaServerSocket, RdmaStack
+from transport.stack import ConnectedSocket
+
+DEADLINE = 20.0
+
+
+@pytest.fixture
+def tmpdir_path() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="amsgr-rdma-t-")
+    yield d
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    os.rmdir(d)
+
+
+@pytest.fixture
+def stack() -> Iterator[RdmaStack]:
+    s = RdmaStack("softverbs", chunk_size=4096, rx_chunks=8, tx_chunks=8)
+    yield s
+    s.close()
+
+
+def wait_readable(fds: list[int], deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise AssertionError("deadline passed")
+    select.select(fds, [], [], left)
+
+
+def establish(stack: RdmaStack, path: str) -> tuple[RdmaServerSocket, RdmaConnectedSocket, RdmaConnectedSocket]:
+    server = stack.listen(path)
+    client = stack.connect(path)
+    assert client.is_connected() == 1
+    deadline = time.monotonic() + DEADLINE
+    conn = server.accept()
+    while conn is None:
+        wait_readable([server.fileno()], deadline)
+        conn = server.accept()
+    return server, client, conn
+
+
+def pump(socks: list[ConnectedSocket], step: Callable[[], bool], limit: float = DEADLINE) -> None:
+    """Call ``step`` whenever one of the sockets is readable until it returns True."""
+    deadline = time.monotonic() + limit
+    while not step():
+        wait_readable([s.fileno() for s in socks], deadline)
+
+
+class Flow:
+    """Sends ``data`` on ``sock`` and collects what arrives, non-blocking."""
+
+    def __init__(self, sock: ConnectedSocket, data: bytes, read_size: int = 65536) -> None:
+        self.sock, self.data, self.off = sock, memoryview(data), 0
+        self.got = bytearray()
+        self.buf = memoryview(bytearray(read_size))
+        self.eof = False
+
+    def step(self) -> None:
+        while self.off < len(self.data):  # until the stack pushes back
+            try:
+                self.off += self.sock.send([self.data[self.off: self.off + 50000]])
+            except BlockingIOError:
+                break
+        while not self.eof:
+            try:
+                n = self.sock.read_into(self.buf)
+            except BlockingIOError:
+                break
+            if n == 0:
+                self.eof = True
+            self.got += self.buf[:n]
+
+
+def test_labels_say_emulation(stack: RdmaStack, tmpdir_path: str) -> None:
+    assert stack.name == "rdma" and stack.emulated and stack.provider.name == "softverbs"
+    server, client, conn = establish(stack, f"{tmpdir_path}/l.sock")
+    assert client.provider_emulated and client.write_fileno() is None
+    client.close()
+    conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("rx_chunks,chunk", [(2, 256), (3, 100), (8, 4096)])
+def test_credits_keep_receiver_ready_both_ways(tmpdir_path: str, rx_chunks: int, chunk: int) -> None:
+    """Tiny windows, both directions at once, a reader taking odd sizes: every byte
+    arrives in order and the emulated NIC never saw receiver-not-ready."""
+    s = RdmaStack("softverbs", chunk_size=chunk, rx_chunks=rx_chunks, tx_chunks=2)
+    try:
+        server, client, conn = establish(s, f"{tmpdir_path}/c.sock")
+        rng = random.Random(rx_chunks)
+        a = Flow(client, rng.randbytes(300_000), read_size=777)
+        b = Flow(conn, rng.randbytes(250_000), read_size=4093)
+
+        def step() -> bool:
+            a.step()
+            b.step()
+            return len(a.got) == len(b.data) and len(b.got) == len(a.data)
+
+        pump([client, conn], step)
+        assert bytes(a.got) == bytes(b.data) and bytes(b.got) == bytes(a.data)
+        assert s.device.stats["rnr"] == 0, "credits let a sender meet receiver-not-ready"  # type: ignore[attr-defined]
+        client.close()
+        conn.close()
+        server.close()
+    finally:
+        s.close()
+
+
+def test_shutdown_semantics(stack: RdmaStack, tmpdir_path: str) -> None:
+    server, client, conn = establish(stack, f"{tmpdir_path}/s.sock")
+    b = Flow(conn, b"")
+    client.send([b"abc"])
+    client.shutdown()
+    with pytest.raises(BrokenPipeError):
+        client.send([b"more"])
+    assert client.read_into(memoryview(bytearray(10))) == 0
+    pump([conn], lambda: (b.step(), b.eof)[1])
+    assert bytes(b.got) == b"abc"
+    client.close()
+    # The peer closed: writes fail like on a closed TCP peer, reads keep saying EOF.
+    pump([conn], lambda: _raises(lambda: conn.send([b"x"]), BrokenPipeError))
+    assert conn.read_into(memoryview(bytearray(10))) == 0
+    conn.close()
+    server.close()
+
+
+def _raises(fn: Callable[[], object], exc: type[BaseException]) -> bool:
+    try:
+        fn()
+    except exc:
+        return True
+    except BlockingIOError:
+        return False
+    return False
+
+
+def test_peer_close_while_sender_is_blocked_on_credits(stack: RdmaStack, tmpdir_path: str) -> None:
+    server, client, conn = establish(stack, f"{tmpdir_path}/b.sock")
+    sent = 0
+    with pytest.raises(BlockingIOError):
+        for _ in range(1000):
+            sent += client.send([bytes(4096)])
+    assert sent > 0
+    conn.close()  # the receiver goes away with our data unread
+    pump([client], lambda: _raises(lambda: client.send([b"x"]), BrokenPipeError))
+    client.close()
+    server.close()
+
+
+def test_close_before_accept_and_listener_close_with_pending(stack: RdmaStack, tmpdir_path: str) -> None:
+    path = f"{tmpdir_path}/p.sock"
+    server = stack.listen(path)
+    early = stack.connect(path)
+    early.close()  # HELLO sent, then gone before the server looked
+    pending = stack.connect(path)
+    deadline = time.monotonic() + DEADLINE
+    got: list[RdmaConnectedSocket] = []
+    while time.monotonic() < deadline and not got:
+        c = server.accept()
+        if c is not None:
+            got.append(c)
+        else:
+            wait_readable([server.fileno()], deadline)
+    for c in got:  # at most the live one; the dead one may have failed its handshake
+        c.close()
+    # A client whose listener closes before answering sees a reset, not a hang.
+    late = stack.connect(path)
+    server.close()
+    buf = memoryview(bytearray(16))
+    pump([late], lambda: _raises(lambda: late.read_into(buf), ConnectionResetError))
+    late.close()
+    pending.close()
+    assert not os.path.exists(path)
+
+
+def test_concurrent_close_with_data_in_flight(stack: RdmaStack, tmpdir_path: str) -> None:
+    for order in ("client-first", "server-first"):
+        server, client, conn = establish(stack, f"{tmpdir_path}/{order}.sock")
+        for s in (client, conn):
+            try:
+                s.send([bytes(20000)])
+            except BlockingIOError:
+                pass
+        first, second = (client, conn) if order == "client-first" else (conn, client)
+        first.close()
+        try:
+            second.send([b"late"])
+        except (BlockingIOError, BrokenPipeError):
+            pass
+        second.close()
+        second.close()
+        server.close()
+    assert not stack._conns
+
+
+def test_stack_close_closes_everything(tmpdir_path: str) -> None:
+    s = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
+    server, client, conn = establish(s, f"{tmpdir_path}/x.sock")
+    client.send([b"data"])
+    s.close()  # both connections; no fd may leak (no_leaks checks)
+    server.close()
+    with pytest.raises(OSError):
+        client.send([b"after close"])
+
+
+# -- two processes ---------------------------------------------------------------------------------
+
+def _fork(fn: Callable[[], None]) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            fn()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    return pid
+
+
+_LEN = struct.Struct("!I")
+
+
+def test_two_process_echo(tmpdir_path: str) -> None:
+    """A client process sends length-prefixed messages; this process echoes them."""
+    path = f"{tmpdir_path}/e.sock"
+    s = RdmaStack("softverbs", chunk_size=8192, rx_chunks=8, tx_chunks=8)
+    server = s.listen(path)
+
+    def client_main() -> None:
+        cs = RdmaStack("softverbs", chunk_size=8192, rx_chunks=8, tx_chunks=8)
+        c = cs.connect(path)
+        rng = random.Random(5)
+        msgs = [rng.randbytes(rng.randint(1, 30000)) for _ in range(300)]
+        f = Flow(c, b"".join(_LEN.pack(len(m)) + m for m in msgs))
+        want = len(f.data)
+        pump([c], lambda: (f.step(), len(f.got) >= want)[1], 60)
+        assert bytes(f.got) == bytes(f.data), "echo corrupted or reordered"
+        c.close()
+        cs.close()
+
+    pid = _fork(client_main)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        conn = server.accept()
+        while conn is None:
+            wait_readable([server.fileno()], deadline)
+            conn = server.accept()
+        echo = Flow(conn, b"")
+        pending = bytearray()
+
+        def step() -> bool:
+            echo.step()
+            pending.extend(echo.got)
+            echo.got.clear()
+            while pending:
+                try:
+                    del pending[: conn.send([bytes(pending[:65536])])]
+                except (BlockingIOError, BrokenPipeError):
+                    break
+            return echo.eof
+
+        pump([conn], step, 60)
+        conn.close()
+    finally:
+        _, status = os.waitpid(pid, 0)
+        server.close()
+        s.close()
+    assert status == 0
+
+
+def test_peer_process_killed_is_a_reset(tmpdir_path: str) -> None:
+    """SIGKILL the peer mid-connection: buffered data is still read, then
+    ConnectionResetError; writes raise BrokenPipeError."""
+    path = f"{tmpdir_path}/k.sock"
+    s = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
+    server = s.listen(path)
+    r, w = os.pipe()
+
+    def client_main() -> None:
+        os.close(w)
+        cs = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
+        c = cs.connect(path)
+        f = Flow(c, b"ping" * 1000)
+        pump([c], lambda: (f.step(), f.off == len(f.data))[1])
+        os.read(r, 1)  # park until killed
+
+    pid = _fork(client_main)
+    os.close(r)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        conn = server.accept()
+        while conn is None:
+            wait_readable([server.fileno()], deadline)
+            conn = server.accept()
+        f = Flow(conn, b"")
+        pump([conn], lambda: (f.step(), len(f.got) >= 4000)[1])
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pid = 0
+        buf = memoryview(bytearray(64))
+        pump([conn], lambda: _raises(lambda: conn.read_into(buf), ConnectionResetError))
+        with pytest.raises(BrokenPipeError):
+            conn.send([b"anyone?"])
+        assert bytes(f.got) == b"ping" * 1000
+        conn.close()
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(w)
+        server.close()
+        s.close()

@@ -1,0 +1,516 @@
+"""``msgr bench tcp``: asyncmsgr against the servers a user would otherwise pick.
+
+One run, one machine, the same msgpack request/response payloads for every server; one
+client process drives one server process over loopback.
+
+Servers: asyncmsgr (crc mode, lossless session, one Messenger), a bare asyncio Protocol
+echo server, a bare uvloop one, a raw ``select.epoll`` loop (all three with a 4-byte
+length prefix), and pyzmq DEALER/ROUTER. Bare servers decode the msgpack request and
+encode the reply, as a real service would.
+
+The client for the bare servers is a blocking socket loop that keeps ``window`` requests
+in flight: it writes all missing requests with one ``sendall``, reads with ``recv_into``
+into a preallocated buffer and parses every complete reply in it, so the client is never
+the slower side by construction. The asyncmsgr client is a Messenger (it must speak
+msgr2): that costs the client more CPU, which only hurts asyncmsgr's figure.
+
+Per server: requests/s at window 1 and window 128, round-trip p50/p99 at window 1, the
+server process's own CPU microseconds per request (utime+stime from /proc), and its peak
+RSS (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+__all__ = ["register", "run", "SERVERS"]
+
+_LEN = struct.Struct("!I")
+
+
+# -- servers (each runs in its own forked process until SIGTERM) ------------------------------
+
+def _reply(frame: bytes | memoryview) -> bytes:
+    req = msgpack.unpackb(frame, raw=False)
+    body = msgpack.packb(req, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+def serve_asyncio(port: int, ready: Callable[[], None], use_uvloop: bool = False) -> None:
+    import asyncio
+
+    if use_uvloop:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+            self.buf = bytearray()
+
+        def data_received(self, data: bytes) -> None:
+            buf = self.buf
+            buf += data
+            out = []
+            pos = 0
+            n = len(buf)
+            while n - pos >= 4:
+                (ln,) = _LEN.unpack_from(buf, pos)
+                if n - pos - 4 < ln:
+                    break
+                out.append(_reply(memoryview(buf)[pos + 4:pos + 4 + ln]))
+                pos += 4 + ln
+            if pos:
+                del buf[:pos]
+            if out:
+                self.t.write(b"".join(out))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Echo, "127.0.0.1", port)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        ready()
+        async with server:
+            await stop.wait()
+
+    asyncio.run(main())
+
+
+def serve_uvloop(port: int, ready: Callable[[], None]) -> None:
+    serve_asyncio(port, ready, use_uvloop=True)
+
+
+def serve_epoll(port: int, ready: Callable[[], None]) -> None:
+    ls = socket.create_server(("127.0.0.1", port))
+    ls.setblocking(False)
+    ep = select.epoll()
+    ep.register(ls.fileno(), select.EPOLLIN)
+    conns: dict[int, tuple[socket.socket, bytearray]] = {}
+    running = [True]
+    signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
+    ready()
+    while running[0]:
+        try:
+            events = ep.poll(0.2)
+        except InterruptedError:
+            continue
+        for fd, _ev in events:
+            if fd == ls.fileno():
+                s, _ = ls.accept()
+                s.setblocking(False)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conns[s.fileno()] = (s, bytearray())
+                ep.register(s.fileno(), select.EPOLLIN)
+                continue
+            s, buf = conns[fd]
+            try:
+                data = s.recv(262144)
+            except BlockingIOError:
+                continue
+            if not data:
+                ep.unregister(fd)
+                s.close()
+                del conns[fd]
+                continue
+            buf += data
+            out = []
+            pos, n = 0, len(buf)
+            while n - pos >= 4:
+                (ln,) = _LEN.unpack_from(buf, pos)
+                if n - pos - 4 < ln:
+                    break
+                out.append(_reply(memoryview(buf)[pos + 4:pos + 4 + ln]))
+                pos += 4 + ln
+            if pos:
+                del buf[:pos]
+            if out:
+                s.setblocking(True)  # replies are small; the client reads them promptly
+                s.sendall(b"".join(out))
+                s.setblocking(False)
+
+
+def serve_zmq(port: int, ready: Callable[[], None]) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    running = [True]
+    signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
+    ready()
+    poller = zmq.Poller()
+    poller.register(s, zmq.POLLIN)
+    while running[0]:
+        if not poller.poll(200):
+            continue
+        while True:
+            try:
+                ident, body = s.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            req = msgpack.unpackb(body, raw=False)
+            s.send_multipart([ident, msgpack.packb(req, use_bin_type=True)])
+    s.close(0)
+    ctx.term()
+
+
+def serve_asyncmsgr(port: int, ready: Callable[[], None]) -> None:
+    from pool.api import EntityType, EventCenter, Messenger, Policy
+    from pool.apps import EchoDispatcher
+
+    center = EventCenter(name="bench-server")
+    m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server())
+    m.add_dispatcher(EchoDispatcher())
+    m.bind(("127.0.0.1", port))
+    signal.signal(signal.SIGTERM, lambda *_: center.stop())
+    ready()
+    center.run()
+    m.shutdown()
+    center.close()
+
+
+# -- clients ---------------------------------------------------------------------------------
+
+def _client_raw(port: int, window: int, payload: bytes, duration: float,
+                latencies: list[int] | None) -> int:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    have = 0
+    seq = 0
+    done = 0
+    outstanding = 0
+    sent_at: dict[int, int] = {}
+    deadline = time.monotonic() + duration
+    while True:
+        if time.monotonic() < deadline and outstanding < window:
+            parts = []
+            while outstanding < window:
+                body = msgpack.packb([seq, payload], use_bin_type=True)
+                parts.append(_LEN.pack(len(body)) + body)
+                if latencies is not None:
+                    sent_at[seq] = time.perf_counter_ns()
+                seq += 1
+                outstanding += 1
+            s.sendall(b"".join(parts))
+        elif outstanding == 0:
+            break
+        n = s.recv_into(view[have:])
+        if n == 0:
+            raise ConnectionError("server closed")
+        have += n
+        pos = 0
+        while have - pos >= 4:
+            (ln,) = _LEN.unpack_from(buf, pos)
+            if have - pos - 4 < ln:
+                break
+            if latencies is not None:
+                rseq = msgpack.unpackb(view[pos + 4:pos + 4 + ln], raw=False)[0]
+                latencies.append(time.perf_counter_ns() - sent_at.pop(rseq))
+            pos += 4 + ln
+            done += 1
+            outstanding -= 1
+        if pos:
+            buf[:have - pos] = buf[pos:have]
+            have -= pos
+    s.close()
+    return done
+
+
+def _client_zmq(port: int, window: int, payload: bytes, duration: float,
+                latencies: list[int] | None) -> int:
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    seq = done = outstanding = 0
+    sent_at: dict[int, int] = {}
+    deadline = time.monotonic() + duration
+    while True:
+        if time.monotonic() < deadline:
+            while outstanding < window:
+                if latencies is not None:
+                    sent_at[seq] = time.perf_counter_ns()
+                s.send(msgpack.packb([seq, payload], use_bin_type=True))
+                seq += 1
+                outstanding += 1
+        elif outstanding == 0:
+            break
+        reply = s.recv()
+        if latencies is not None:
+            rseq = msgpack.unpackb(reply, raw=False)[0]
+            latencies.append(time.perf_counter_ns() - sent_at.pop(rseq))
+        done += 1
+        outstanding -= 1
+    s.close(0)
+    ctx.term()
+    return done
+
+
+def _client_asyncmsgr(port: int, window: int, payload: bytes, duration: float,
+                      latencies: list[int] | None) -> int:
+    from pool.api import (
+        AsyncConnection, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy,
+    )
+
+    center = EventCenter(name="bench-client")
+    m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client())
+    state = {"done": 0, "outstanding": 0, "seq": 0}
+    sent_at: dict[int, int] = {}
+    deadline = time.monotonic() + duration
+
+    class Client(Dispatcher):
+        def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
+            state["done"] += 1
+            state["outstanding"] -= 1
+            if latencies is not None:
+                latencies.append(time.perf_counter_ns() - sent_at.pop(msg.front[0]))
+            if time.monotonic() < deadline:
+                send(conn)
+
+    def send(conn: AsyncConnection) -> None:
+        seq = state["seq"]
+        state["seq"] = seq + 1
+        state["outstanding"] += 1
+        if latencies is not None:
+            sent_at[seq] = time.perf_counter_ns()
+        conn.send_message(Message(1, [seq, payload]))
+
+    m.add_dispatcher(Client())
+    conn = m.connect(("127.0.0.1", port))
+    for _ in range(window):
+        send(conn)
+    while state["outstanding"] > 0 and time.monotonic() < deadline + 10:
+        center.process_events(0.1)
+    m.shutdown()
+    center.process_events(0)
+    center.close()
+    return state["done"]
+
+
+SERVERS: dict[str, tuple[Callable[..., None], Callable[..., int], str | None]] = {
+    "asyncmsgr": (serve_asyncmsgr, _client_asyncmsgr, None),
+    "asyncio": (serve_asyncio, _client_raw, None),
+    "uvloop": (serve_uvloop, _client_raw, "uvloop"),
+    "epoll": (serve_epoll, _client_raw, None),
+    "pyzmq": (serve_zmq, _client_zmq, "zmq"),
+}
+
+
+# -- process plumbing -------------------------------------------------------------------------
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def _proc_hwm_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _fork_server(kind: str, port: int) -> int:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        code = 0
+        try:
+            def ready() -> None:
+                os.write(w, b"1")
+                os.close(w)
+            SERVERS[kind][0](port, ready)
+        except BaseException:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    os.close(w)
+    ok = os.read(r, 1)  # blocks until the server is listening (or died)
+    os.close(r)
+    if ok != b"1":
+        os.waitpid(pid, 0)
+        raise RuntimeError(f"{kind} server failed to start")
+    return pid
+
+
+def _run_client(kind: str, port: int, window: int, payload: bytes, duration: float,
+                with_latency: bool) -> tuple[int, list[int], float]:
+    """Run the client in a forked process; returns (requests, latencies ns, elapsed)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 0
+        try:
+            lat: list[int] | None = [] if with_latency else None
+            t0 = time.monotonic()
+            n = SERVERS[kind][1](port, window, payload, duration, lat)
+            data = msgpack.packb([n, lat or [], time.monotonic() - t0])
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+        except BaseException:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        raise RuntimeError(f"{kind} client failed")
+    n, lat, elapsed = msgpack.unpackb(data)
+    return int(n), list(lat), float(elapsed)
+
+
+def _pct(values: list[int], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * q))] / 1000.0
+
+
+def measure(kind: str, payload_size: int, duration: float) -> dict[str, Any]:
+    port = _free_port()
+    pid = _fork_server(kind, port)
+    payload = os.urandom(payload_size)
+    try:
+        _run_client(kind, port, 16, payload, min(0.3, duration), False)  # warm-up
+        out: dict[str, Any] = {"server": kind, "payload": payload_size}
+        n1, lat, t1 = _run_client(kind, port, 1, payload, duration, True)
+        out["rps_w1"] = n1 / t1
+        out["rtt_p50_us"] = _pct(lat, 0.5)
+        out["rtt_p99_us"] = _pct(lat, 0.99)
+        cpu0 = _proc_cpu(pid)
+        n128, _, t128 = _run_client(kind, port, 128, payload, duration, False)
+        cpu1 = _proc_cpu(pid)
+        out["rps_w128"] = n128 / t128
+        out["cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(1, n128)
+        out["peak_rss_kb"] = _proc_hwm_kb(pid)
+        return out
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+
+
+def available(kind: str) -> str | None:
+    """None if the peer can run, else why not."""
+    mod = SERVERS[kind][2]
+    if mod is None:
+        return None
+    try:
+        __import__(mod)
+    except ImportError as err:
+        return f"missing: {err} (pip install -e '.[bench]')"
+    return None
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for size in sorted({r["payload"] for r in rows if "payload" in r}):
+        base = next((r for r in rows if r.get("server") == "asyncmsgr" and r["payload"] == size
+                     and "rps_w128" in r), None)
+        lines.append(f"\npayload {size} B")
+        lines.append(f"  {'server':<10} {'req/s w128':>11} {'ratio':>6} {'req/s w1':>9} "
+                     f"{'p50 µs':>8} {'p99 µs':>8} {'cpu µs/req':>10} {'ratio':>6} {'RSS MiB':>8}")
+        for r in rows:
+            if r.get("payload") != size:
+                continue
+            if "error" in r:
+                lines.append(f"  {r['server']:<10} {r['error']}")
+                continue
+            ratio = r["rps_w128"] / base["rps_w128"] if base else 0.0
+            cratio = r["cpu_us_per_req"] / base["cpu_us_per_req"] if base else 0.0
+            lines.append(
+                f"  {r['server']:<10} {r['rps_w128']:>11,.0f} {ratio:>6.2f} {r['rps_w1']:>9,.0f} "
+                f"{r['rtt_p50_us']:>8.0f} {r['rtt_p99_us']:>8.0f} {r['cpu_us_per_req']:>10.1f} "
+                f"{cratio:>6.2f} {r['peak_rss_kb'] / 1024:>8.1f}")
+    lines.append("\nratio = peer / asyncmsgr (req/s: > 1 means the peer is faster; "
+                 "cpu: > 1 means the peer uses more CPU per request)")
+    return "\n".join(lines)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("tcp", help="asyncmsgr vs asyncio/uvloop/epoll/pyzmq over loopback")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--plot", metavar="FILE.png")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    p.add_argument("--payloads", default="64,4096", help="comma-separated payload sizes")
+    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    servers = [s for s in args.servers.split(",") if s]
+    unknown = [s for s in servers if s not in SERVERS]
+    if unknown:
+        print(f"msgr bench tcp: unknown servers {unknown}; choose from {list(SERVERS)}",
+              file=sys.stderr)
+        return 2
+    for size in (int(x) for x in args.payloads.split(",")):
+        for kind in servers:
+            why = available(kind)
+            if why:
+                rows.append({"server": kind, "payload": size, "error": why})
+                continue
+            print(f"measuring {kind} ({size} B)...", file=sys.stderr)
+            try:
+                rows.append(measure(kind, size, args.duration))
+            except Exception as err:  # noqa: BLE001
+                rows.append({"server": kind, "payload": size, "error": f"failed: {err}"})
+    print(format_table(rows))
+    meta = {"machine": os.uname().release, "cpus": os.cpu_count(), "duration_s": args.duration,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=2)
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+def _plot(rows: list[dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib (pip install -e '.[bench]')", file=sys.stderr)
+        return
+    ok = [r for r in rows if "rps_w128" in r]
+    sizes = sorted({r["payload"] for r in ok})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        rs = [r for r in ok if r["payload"] == size]
+        ax.bar([r["server"] for r in rs], [r["rps_w128"] for r in rs])
+        ax.set_title(f"requests/s, window 128, {size} B")
+    fig.tight_layout()
+    fig.savefig(path)
