@@ -163,6 +163,12 @@ class Messenger:
 
     def add_accept(self, sock: ConnectedSocket) -> AsyncConnection:
         """Serve a freshly accepted socket (from our listener or handed to us)."""
+        if not self.my_addr.port:
+            # A pool worker binds nothing itself (the supervisor's listener accepted this
+            # socket): learn the address clients dial from the socket's local end.
+            local = sock.local_address
+            if isinstance(local, tuple):
+                self.set_address((str(local[0]), int(local[1])))
         conn = AsyncConnection(self, self.default_policy, peer_addr=sock.peer_address,
                                outgoing=False)
         wire = Connection(Role.SERVER, self.proto_config,

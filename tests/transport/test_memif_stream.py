@@ -106,25 +106,26 @@ def _echo_child(addr: str, ready_fd: int) -> None:
     done: list[bool] = []
 
     def on_conn(_: int) -> None:
-        if conns:
-            # echo: read what is there, send what we can; EOF ends the run
-            c = conns[0]
+        # echo: send what is pending, read what is there, repeat until neither moves;
+        # EOF ends the run
+        c = conns[0]
+        while True:
             while out:
                 try:
                     n = c.send([bytes(out[: 1 << 16])])
                 except BlockingIOError:
                     break
                 del out[:n]
-            if len(out) < (4 << 20):
-                try:
-                    n = c.read_into(buf)
-                except BlockingIOError:
-                    return
-                if n == 0:
-                    done.append(True)
-                    return
-                out.extend(buf[:n])
-            return
+            if len(out) >= (4 << 20):
+                return  # peer must read first; its acks wake us
+            try:
+                n = c.read_into(buf)
+            except BlockingIOError:
+                return
+            if n == 0:
+                done.append(True)
+                return
+            out.extend(buf[:n])
 
     def on_accept(_: int) -> None:
         c = server.accept()

@@ -563,6 +563,16 @@ class _ServerHandshake:
                               peer_name, self.init.id if self.init else 0)
 
     def abort(self) -> None:
+        # Read what the client already queued (a pipelined client sends everything at
+        # once) before closing: closing a Unix socket with unread data resets the peer
+        # (ECONNRESET), which would hide the DISCONNECT reason we just sent.
+        for _ in range(2 * wire.MAX_QUEUES + 8):
+            try:
+                _, fd = recv_msg(self.sock)
+            except (OSError, ValueError):
+                break
+            if fd is not None:
+                os.close(fd)
         self.sock.close()
         for fd, _ in self.region_fds:
             os.close(fd)

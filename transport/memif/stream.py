@@ -220,7 +220,7 @@ class MemifStream(ConnectedSocket):
             return
         except OSError as e:
             self._conn = None
-            self._fail(e)
+            self._fail(ConnectionRefusedError(errno.ECONNREFUSED, f"memif handshake failed: {e}"))
             return
         if iface is not None:
             self._ep.unregister(iface.ctrl_fileno())

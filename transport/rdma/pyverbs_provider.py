@@ -18,6 +18,9 @@ Facts it relies on (shared/notes/rdma.md §1-4):
 * Completion events: ``get_cq_event``, ``ack_events(1)``, ``req_notify`` (re-arm), *then*
   drain ``poll`` - re-arming before draining avoids a lost wake-up.
 
+* Importing pyverbs calls ``logging.basicConfig(level=INFO)``; :func:`load_pyverbs`
+  restores the root logger afterwards.
+
 Nothing in this module has run against a real device on these machines (none exists).
 """
 
@@ -28,6 +31,7 @@ import errno
 import importlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import random
 import select
@@ -60,6 +64,19 @@ def load_pyverbs() -> SimpleNamespace:
     global _pv
     if _pv is not None:
         return _pv
+    # pyverbs calls logging.basicConfig(level=INFO) on import; a library must not
+    # reconfigure its host's logging, so the root logger is put back as it was.
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        return _load()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def _load() -> SimpleNamespace:
+    global _pv
     if "pyverbs" not in sys.modules:
         try:
             importlib.import_module("pyverbs")

@@ -24,8 +24,10 @@ Model ("the sender's process plays both NICs"):
 * Timing is not emulated: retries run when the CQ is polled (``next_timeout`` tells an
   event loop when), delivery is synchronous inside ``post_send``.
 
-Memory ordering: each ring index has one writer; a producer writes the slot before the
-tail and a consumer reads the tail before the slot. CPython issues these stores in
+Memory ordering: each ring index and state word has one writer and is accessed as one
+aligned 8- or 4-byte load/store through ``memoryview.cast`` (never ``struct.pack_into``,
+which zero-fills first: a peer could read 0 mid-update). A producer writes the slot
+before the tail and a consumer reads the tail before the slot; CPython issues these in
 program order and x86-64 (TSO) keeps store order, which is all SPSC rings need.
 """
 
@@ -78,11 +80,17 @@ def _boot_id() -> str:
 
 
 class _Ring:
-    """SPSC ring of fixed-size records in a shared mapping; indices grow without wrap."""
+    """SPSC ring of fixed-size records in a shared mapping; indices grow without wrap.
+
+    Head and tail are read and written through ``memoryview.cast("Q")``: one 8-byte
+    load or store. ``struct.pack_into`` zero-fills its target before copying, so a
+    peer polling an index written that way can read 0 mid-update (measured here).
+    """
 
     def __init__(self, buf: mmap.mmap, base: int, cap: int, rec: struct.Struct) -> None:
         self._buf, self._cap, self._rec = buf, cap, rec
-        self._head_off, self._tail_off = base, base + _LINE
+        self._q = memoryview(buf).cast("Q")
+        self._hi, self._ti = base // 8, (base + _LINE) // 8
         self._slots = base + 2 * _LINE
 
     @staticmethod
@@ -90,29 +98,32 @@ class _Ring:
         return 2 * _LINE + (cap * rec.size + _LINE - 1) // _LINE * _LINE
 
     def _head(self) -> int:
-        return _U64.unpack_from(self._buf, self._head_off)[0]
+        return self._q[self._hi]
 
     def _tail(self) -> int:
-        return _U64.unpack_from(self._buf, self._tail_off)[0]
+        return self._q[self._ti]
 
     def push(self, *values: Any) -> bool:
-        tail = self._tail()
-        if tail - self._head() >= self._cap:
+        tail = self._q[self._ti]
+        if tail - self._q[self._hi] >= self._cap:
             return False
         self._rec.pack_into(self._buf, self._slots + (tail % self._cap) * self._rec.size, *values)
-        _U64.pack_into(self._buf, self._tail_off, tail + 1)  # publish after the slot
+        self._q[self._ti] = tail + 1  # publish after the slot
         return True
 
     def pop(self) -> tuple[Any, ...] | None:
-        head = self._head()
-        if head == self._tail():
+        head = self._q[self._hi]
+        if head == self._q[self._ti]:
             return None
         rec = self._rec.unpack_from(self._buf, self._slots + (head % self._cap) * self._rec.size)
-        _U64.pack_into(self._buf, self._head_off, head + 1)
+        self._q[self._hi] = head + 1
         return rec
 
+    def release(self) -> None:
+        self._q.release()
+
     def __len__(self) -> int:
-        return self._tail() - self._head()
+        return self._q[self._ti] - self._q[self._hi]
 
 
 class _Timespec(ctypes.Structure):
@@ -313,6 +324,7 @@ class SoftQP(QueuePair):
         m = self._region.map
         _HDR.pack_into(m, 0, _MAGIC, _VERSION, QPState.RESET, self.qp_num, os.getpid(),
                        params.min_rnr_timer, self._cap, 0)
+        self._words = memoryview(m).cast("I")
         self._rq = _Ring(m, _LINE, self._cap, _RQE)
         self._rcq = _Ring(m, _LINE + rq_bytes, self._cap, _CQE)
         self._recv_outstanding = 0
@@ -320,6 +332,7 @@ class SoftQP(QueuePair):
         self._connected = False
         self._peer_dead = False
         self._peer_map: mmap.mmap | None = None
+        self._peer_words: memoryview | None = None
         self._peer_rq: _Ring | None = None
         self._peer_rcq: _Ring | None = None
         self._peer_efd = -1
@@ -337,11 +350,11 @@ class SoftQP(QueuePair):
         if new != _CLOSED:
             check_transition(self.state, QPState(new))
             self.state = QPState(new)
-        struct.pack_into("<I", self._region.map, _STATE_OFF, int(new))
+        self._words[_STATE_OFF // 4] = int(new)  # one 4-byte store (see _Ring)
 
     def _peer_state(self) -> int:
-        assert self._peer_map is not None
-        return struct.unpack_from("<I", self._peer_map, _STATE_OFF)[0]
+        assert self._peer_words is not None
+        return self._peer_words[_STATE_OFF // 4]
 
     def _ring_peer(self) -> None:
         if self._peer_efd >= 0:
@@ -392,6 +405,7 @@ class SoftQP(QueuePair):
                 pm.close()
                 raise VerbsError(errno.EPROTO, "peer QP region is not a softverbs QP")
             self._peer_map = pm
+            self._peer_words = memoryview(pm).cast("I")
             rq_bytes = _Ring.nbytes(cap, _RQE)
             self._peer_rq = _Ring(pm, _LINE, cap, _RQE)
             self._peer_rcq = _Ring(pm, _LINE + rq_bytes, cap, _CQE)
@@ -639,11 +653,18 @@ class SoftQP(QueuePair):
             self._dev._unmap_peer(pmr.key)
         self._peer_mrs.clear()
         self._peer_by_rkey.clear()
+        for ring in (self._peer_rq, self._peer_rcq, self._rq, self._rcq):
+            if ring is not None:
+                ring.release()
         self._peer_rq = self._peer_rcq = None
+        if self._peer_words is not None:
+            self._peer_words.release()
+            self._peer_words = None
         if self._peer_map is not None:
             self._peer_map.close()
             self._peer_map = None
         self._rq = self._rcq = None  # type: ignore[assignment]
+        self._words.release()
         self._region.close()
 
 

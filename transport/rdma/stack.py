@@ -50,7 +50,7 @@ from .verbs import (
     QueuePair, VerbsError, WCOpcode,
 )
 
-__all__ = ["RdmaStack", "RdmaConnectedSocket", "RdmaServerSocket", "get_provider"]
+__all__ = ["RdmaStack", "RdmaConnectedSocket", "RdmaServerSocket", "get_provider", "PROVIDER_ENV"]
 
 log = logging.getLogger("transport.rdma")
 
@@ -64,9 +64,15 @@ _MAGIC = "amsgr-rdma/1"
 _CONNECTING, _WAIT_HELLO, _WAIT_ACK, _OPEN, _DEAD = range(5)
 
 
-def get_provider(name: str = "auto") -> Provider:
+#: Overrides the provider of ``RdmaStack()`` when no provider is passed.
+PROVIDER_ENV = "ASYNCMSGR_RDMA_PROVIDER"
+
+
+def get_provider(name: str | None = None) -> Provider:
     """``softverbs``, ``pyverbs``, or ``auto``: pyverbs when a device is listed, otherwise
-    softverbs (an EMULATION; logged as such)."""
+    softverbs (an EMULATION; logged as such). None: ``$ASYNCMSGR_RDMA_PROVIDER`` or auto."""
+    if name is None:
+        name = os.environ.get(PROVIDER_ENV, "auto")
     if name == "softverbs":
         from .softverbs import SoftVerbsProvider
         return SoftVerbsProvider()
@@ -632,6 +638,8 @@ class RdmaServerSocket(ServerSocket):
     """A listening side channel. ``accept`` returns a connection once the client's HELLO
     was answered; ``fileno()`` is an epoll over the listener and pending handshakes."""
 
+    MAX_PENDING = 256
+
     def __init__(self, stack: RdmaStack, sock: socket.socket, addr: Address, unlink: bool) -> None:
         self._stack = stack
         self._sock = sock
@@ -669,6 +677,11 @@ class RdmaServerSocket(ServerSocket):
                 log.warning("rdma accept: %s", exc)
                 break
             s.setblocking(False)
+            if len(self._pending) >= self.MAX_PENDING:
+                # Clients that connect and never say HELLO must not pin fds forever.
+                old_fd = next(iter(self._pending))
+                self._ep.unregister(old_fd)
+                self._pending.pop(old_fd).close()
             self._pending[s.fileno()] = _Side(s)
             self._ep.register(s.fileno(), select.EPOLLIN)
         for fd, side in list(self._pending.items()):
@@ -726,21 +739,24 @@ class RdmaServerSocket(ServerSocket):
 
 
 class RdmaStack(NetworkStack):
-    """Sockets over verbs RC queue pairs. ``provider``: softverbs, pyverbs or auto.
+    """Sockets over verbs RC queue pairs.
 
+    ``provider``: "softverbs" (EMULATION), "pyverbs", "auto" (pyverbs only when a device
+    is listed) or None (``$ASYNCMSGR_RDMA_PROVIDER``, default auto). The device is opened
+    on first use, i.e. after a worker forked (verbs resources do not survive fork).
     Addresses are side-channel addresses: a Unix path (or "\\0abstract") or, for the
-    pyverbs provider only, ("host", port) over TCP.
+    pyverbs provider only, ("host", port) over TCP. Both ends must use one provider.
     """
 
     name = "rdma"
     CTRL_SLOTS = 4
 
-    def __init__(self, provider: str | Provider = "softverbs", *, chunk_size: int = 64 * 1024,
+    def __init__(self, provider: str | Provider | None = None, *, chunk_size: int = 64 * 1024,
                  rx_chunks: int = 16, tx_chunks: int = 16, hugepages: bool = True,
                  qp_params: QPParams = QPParams(), device_name: str | None = None) -> None:
         if chunk_size <= HDR_SIZE or rx_chunks < 2 or tx_chunks < 1:
             raise ValueError("chunk_size must exceed the header; rx_chunks >= 2, tx_chunks >= 1")
-        self.provider = get_provider(provider) if isinstance(provider, str) else provider
+        self.provider = provider if isinstance(provider, Provider) else get_provider(provider)
         self.chunk_size = chunk_size
         self.rx_chunks = rx_chunks
         self.tx_chunks = tx_chunks
