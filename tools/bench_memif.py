@@ -222,7 +222,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--duration", type=float, default=2.0, help="seconds per pipelined run")
     p.add_argument("--repeat", type=int, default=3, help="pipelined runs per mode")
     p.add_argument("--rtt-count", type=int, default=2000, help="round trips per mode")
-    p.add_argument("--window", type=int, default=512, help="frames in flight (≤ ring − 32)")
+    p.add_argument("--window", type=int, default=992, help="frames in flight (≤ ring − 32, trap 3)")
     p.add_argument("--modes", default="busy-poll,interrupt")
     p.add_argument("--no-hugepages", action="store_true", help="plain memfd region")
     p.set_defaults(func=run)

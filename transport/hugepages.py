@@ -13,12 +13,17 @@ Facts (memfd_create(2), measured on these machines; see shared/notes/memif.md §
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["HUGEPAGE_SIZE", "Region", "alloc_region", "hugepage_info", "round_up"]
+__all__ = ["HUGEPAGE_SIZE", "Region", "alloc_region", "hugepage_info", "round_up",
+           "reserved_hugepages"]
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +99,42 @@ def hugepage_info() -> dict[str, int]:
             if key.startswith("HugePages_") or key == "Hugepagesize":
                 out[key] = int(rest.split()[0])
     return out
+
+
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+HUGEPAGE_LOCK = "/run/lock/amsgr-hugepages.lock" if os.path.isdir("/run/lock") else "/tmp/amsgr-hugepages.lock"
+
+
+@contextmanager
+def reserved_hugepages(pages: int, lock_timeout: float = 120.0) -> Iterator[int]:
+    """Reserve ``pages`` more 2 MiB pages for the ``with`` block, then restore the old count.
+
+    Explicit and root-only (writes /proc/sys/vm/nr_hugepages; PermissionError otherwise).
+    Yields how many pages became free (the kernel may find fewer when memory is
+    fragmented). The old value is restored even on error.
+    """
+    # Serialise reservations machine-wide: two overlapping "read old, raise, restore old"
+    # sequences (e.g. two test runs) would otherwise restore each other's raised value.
+    lock = os.open(HUGEPAGE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + lock_timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"hugepage reservation lock {HUGEPAGE_LOCK} busy") from None
+                time.sleep(0.05)  # another process holds the reservation: back off
+        with open(NR_HUGEPAGES) as f:
+            old = int(f.read())
+        free_before = hugepage_info().get("HugePages_Free", 0)
+        try:
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(old + pages))
+            yield hugepage_info().get("HugePages_Free", 0) - free_before
+        finally:
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(old))
+    finally:
+        os.close(lock)  # releases the flock

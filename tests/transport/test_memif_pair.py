@@ -282,3 +282,20 @@ def test_peer_exit_is_seen_as_disconnect(tmp_path) -> None:
 
 def test_protocol_error_type() -> None:
     assert issubclass(MemifProtocolError, OSError)
+
+
+def test_bad_descriptor_from_peer_breaks_only_that_connection() -> None:
+    """Descriptors are peer-written: an unknown region index is a protocol error, a
+    buffer past the region end never reads or writes outside the mapping."""
+    from transport.errors import BrokenResourceError
+    lst, c, s = _in_process_pair(f"@amsgr-bad-{os.getpid()}", MemifConfig(), MemifConfig(hugepages=False))
+    with lst, c, s:
+        ring = c.tx_rings[0]
+        assert c.tx_burst([b"ok"]) == 1
+        ring.desc[0] = 7 << 16  # region 7 was never added
+        with pytest.raises(BrokenResourceError):
+            s.rx_burst()
+        # S2C: the client "posts" a buffer beyond its region; the server refuses to write.
+        c.rx_rings[0].desc[2] = (1 << 32) - 16
+        with pytest.raises(BrokenResourceError):
+            s.tx_burst([b"x" * 64])

@@ -7,14 +7,10 @@ import select
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
-from transport.hugepages import hugepage_info
+from transport.hugepages import reserved_hugepages  # noqa: F401 - re-exported for the tests
 from transport.memif import MemifConfig, MemifDisconnected, MemifInterface, MemifListener
-
-NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
-
 
 def echo_loop(iface: MemifInterface, deadline: float) -> int:
     """Return every frame on the queue it came in on until the peer disconnects."""
@@ -86,19 +82,3 @@ def echo_server(addr: str, config: MemifConfig, ready_fd: int | None = None,
                     echo_loop(iface, time.monotonic() + 30.0)
 
     return body
-
-
-@contextmanager
-def reserved_hugepages(pages: int) -> Iterator[int]:
-    """Reserve ``pages`` more 2 MiB pages (root only) and restore the old count after."""
-    with open(NR_HUGEPAGES) as f:
-        old = int(f.read())
-    free_before = hugepage_info().get("HugePages_Free", 0)
-    try:
-        with open(NR_HUGEPAGES, "w") as f:
-            f.write(str(old + pages))
-        got = hugepage_info().get("HugePages_Free", 0) - free_before
-        yield got
-    finally:
-        with open(NR_HUGEPAGES, "w") as f:
-            f.write(str(old))

@@ -330,3 +330,62 @@ def test_peer_process_killed_is_a_reset(tmpdir_path: str) -> None:
         os.close(w)
         server.close()
         s.close()
+
+
+def test_adopt_a_side_channel_accepted_elsewhere(stack: RdmaStack, tmpdir_path: str) -> None:
+    """Processor mode: a plain Unix listener accepts, the fd travels (here: stays) and a
+    worker adopts it; the handshake runs on the adopting side's readiness."""
+    import socket as _socket
+    path = f"{tmpdir_path}/a.sock"
+    lsock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    lsock.bind(path)
+    lsock.listen(4)
+    try:
+        client = stack.connect(path)
+        raw, _ = lsock.accept()
+        conn = stack.adopt(raw)
+        assert conn.is_connected() == 1
+        a, b = Flow(client, b"via the processor"), Flow(conn, b"and back")
+        pump([client, conn], lambda: (a.step(), b.step(), len(b.got) == 17 and len(a.got) == 8)[2])
+        assert bytes(b.got) == b"via the processor" and bytes(a.got) == b"and back"
+        client.close()
+        conn.close()
+    finally:
+        lsock.close()
+        os.unlink(path)
+
+
+def test_softverbs_needs_a_unix_side_channel(stack: RdmaStack) -> None:
+    with pytest.raises(OSError) as info:
+        stack.listen(("127.0.0.1", 0))
+    assert "Unix socket" in str(info.value)
+    with pytest.raises(OSError):
+        stack.connect(("127.0.0.1", 9))
+
+
+def test_tcp_side_channel_framing() -> None:
+    """The TCP side channel (pyverbs only) frames messages with a length prefix and
+    reassembles them from arbitrary splits."""
+    import socket as _socket
+    from transport.rdma.stack import _Side
+    a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)  # a stream, like TCP
+    sa, sb = _Side(a), _Side(b)
+    assert not sa.seqpacket and not sb.seqpacket
+    b.setblocking(False)
+    try:
+        assert sb.recv() is None
+        sa.send(b'{"x": 1}')
+        sa.send(b"second")
+        assert sb.recv() == (b'{"x": 1}', [])
+        assert sb.recv() == (b"second", [])
+        a.sendall(struct.pack("!I", 5) + b"par")  # split mid-message
+        assert sb.recv() is None
+        a.sendall(b"ts")
+        assert sb.recv() == (b"parts", [])
+        with pytest.raises(OSError):
+            sa.send(b"fds?", [0])
+        a.close()
+        assert sb.recv() == (b"", [])
+    finally:
+        a.close()
+        b.close()

@@ -402,8 +402,8 @@ def connect(address: str, config: MemifConfig = MemifConfig(), timeout: float = 
             retry_not_found: bool = True) -> MemifInterface:
     """Blocking client connect with a deadline.
 
-    Retries while the server is not there yet or answers "ID not found" (§5 trap 1: DPDK
-    answers that until the port is started).
+    Retries while the server is not there yet, answers "ID not found" (§5 trap 1: DPDK
+    answers that until the port is started) or hangs up before HELLO.
     """
     deadline = time.monotonic() + timeout
     delay = 0.005
@@ -426,7 +426,10 @@ def connect(address: str, config: MemifConfig = MemifConfig(), timeout: float = 
                     raise TimeoutError(f"memif handshake with {address!r} timed out")
                 select.select([conn.fileno()], [], [], left)
         except MemifDisconnected as e:
-            if not (retry_not_found and "ID not found" in e.reason) or time.monotonic() + delay > deadline:
+            # Also retry a hang-up before HELLO: a DPDK server still tearing down the
+            # previous connection closes a new control socket without a word.
+            again = "ID not found" in e.reason or not conn._hello
+            if not (retry_not_found and again) or time.monotonic() + delay > deadline:
                 raise
         except BaseException:
             conn.abort()

@@ -22,9 +22,11 @@ Chained frames are joined into ``bytes``.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 
+from ..errors import BrokenResourceError
 from . import wire
 
 __all__ = ["Ring"]
@@ -171,6 +173,13 @@ class Ring:
 
     def tx_posted(self, frames: Sequence[bytes | bytearray | memoryview], kick: bool = True) -> int:
         """Server S2C: fill buffers the client posted (slots tail..head), publish tail."""
+        try:
+            return self._tx_posted(frames, kick)
+        except (IndexError, ValueError):
+            # a posted descriptor names an unknown region or a buffer past its end
+            raise BrokenResourceError(errno.EPROTO, "memif peer posted an invalid buffer") from None
+
+    def _tx_posted(self, frames: Sequence[bytes | bytearray | memoryview], kick: bool) -> int:
         h16 = self.h16
         tail = self._pos
         avail = (h16[_HEAD] - tail) & 0xFFFF
@@ -283,13 +292,24 @@ class Ring:
         """Client S2C: frames the server filled (last_tail..tail). Releases the previous batch."""
         if self._rel != self._pos:
             self.release()
-        return self._rx(self.h16[_TAIL], maxn)
+        try:
+            return self._rx(self.h16[_TAIL], maxn)
+        except IndexError:
+            raise BrokenResourceError(errno.EPROTO, "memif descriptor names an unknown region") from None
 
     def rx_peer(self, maxn: int) -> list[memoryview | bytes]:
-        """Server C2S: frames the client produced (last_head..head). Releases the previous batch."""
+        """Server C2S: frames the client produced (last_head..head). Releases the previous batch.
+
+        Descriptors come from the peer: a region index it never added raises
+        BrokenResourceError (that connection only); offsets/lengths past a region's end
+        only shorten the view (slicing is bounds-safe), they never read outside it.
+        """
         if self._rel != self._pos:
             self.release()
-        return self._rx(self.h16[_HEAD], maxn)
+        try:
+            return self._rx(self.h16[_HEAD], maxn)
+        except IndexError:
+            raise BrokenResourceError(errno.EPROTO, "memif descriptor names an unknown region") from None
 
     def release(self) -> None:
         """Give consumed slots back to the peer.
@@ -300,18 +320,17 @@ class Ring:
         """
         pos = self._pos
         if self.slot_off:  # we own the buffers: client S2C
+            # The server writes only length and flags (DPDK ``eth_memif_tx`` non-zero-copy,
+            # and our tx_posted): offsets stay ours, so re-posting is two stores per slot.
             d = self.desc
             mask = self.mask
             reg = self.reg16
             bsize = self.bsize
-            slot_off = self.slot_off
             r = self._rel
             while r != pos:
-                s = r & mask
-                i = s << 2
+                i = (r & mask) << 2
                 d[i] = reg
                 d[i + 1] = bsize
-                d[i + 2] = slot_off[s]
                 r = (r + 1) & 0xFFFF
             self.h16[_HEAD] = (pos + self.size) & 0xFFFF
         else:

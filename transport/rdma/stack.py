@@ -100,7 +100,7 @@ class _Side:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.seqpacket = sock.family == socket.AF_UNIX
+        self.seqpacket = sock.type == socket.SOCK_SEQPACKET
         self._rbuf = bytearray()
 
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -783,8 +783,14 @@ class RdmaStack(NetworkStack):
     def _family(addr: Address) -> int:
         return socket.AF_UNIX if isinstance(addr, str) else socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
 
+    def _check_family(self, fam: int) -> None:
+        if fam != socket.AF_UNIX and self.provider.name == "softverbs":
+            raise VerbsError(errno.EPROTONOSUPPORT,
+                             "softverbs passes memory by SCM_RIGHTS: its side channel must be a Unix socket path")
+
     def listen(self, addr: Address, opts: SocketOptions = SocketOptions()) -> RdmaServerSocket:
         fam = self._family(addr)
+        self._check_family(fam)
         kind = socket.SOCK_SEQPACKET if fam == socket.AF_UNIX else socket.SOCK_STREAM
         sock = socket.socket(fam, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
@@ -801,6 +807,7 @@ class RdmaStack(NetworkStack):
 
     def connect(self, addr: Address, opts: SocketOptions = SocketOptions()) -> RdmaConnectedSocket:
         fam = self._family(addr)
+        self._check_family(fam)
         kind = socket.SOCK_SEQPACKET if fam == socket.AF_UNIX else socket.SOCK_STREAM
         sock = socket.socket(fam, kind | socket.SOCK_CLOEXEC)
         try:
@@ -831,6 +838,21 @@ class RdmaStack(NetworkStack):
         else:
             # Until the TCP connect completes, writability is what wakes ``fileno()``.
             conn._ep.modify(sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        return conn
+
+    def adopt(self, sock: socket.socket) -> RdmaConnectedSocket:
+        """The server end of a side channel accepted elsewhere.
+
+        Unix sockets have no SO_REUSEPORT, so a pool accepts in one process (the
+        Processor) and hands each accepted fd to a worker by SCM_RIGHTS; the worker
+        adopts it here. The QP and its regions are then created in the worker, whose
+        loop runs the handshake: ``fileno()`` turns readable when the HELLO arrives and
+        ``read_into``/``send`` raise BlockingIOError until the connection is up.
+        """
+        self._check_family(sock.family)
+        sock.setblocking(False)
+        conn = RdmaConnectedSocket(self, _Side(sock), client=False)
+        self._conns.add(conn)
         return conn
 
     def close(self) -> None:
