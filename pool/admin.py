@@ -100,7 +100,7 @@ class AdminServer:
         try:
             sock.bind(path)
             os.chmod(path, 0o600)
-            sock.listen(16)
+            sock.listen(128)
         except BaseException:
             sock.close()
             raise
@@ -110,7 +110,7 @@ class AdminServer:
         return self._sock.fileno()
 
     def _on_accept(self, _fd: int) -> None:
-        for _ in range(16):  # bounded per wake-up
+        for _ in range(64):  # bounded per wake-up
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -254,14 +254,8 @@ class AdminClient:
     def raw(self, frame: bytes, *, check: bool = True) -> dict[str, Any]:
         """Send pre-framed bytes (tests use this for malformed requests)."""
         deadline = time.monotonic() + self.timeout
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s = self._connect(deadline)
         try:
-            s.settimeout(self.timeout)
-            try:
-                s.connect(self.path)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                raise AdminError(f"no pool is serving at {self.path} ({exc.strerror}): start one with "
-                                 "`msgr serve --admin PATH` or pass the right --admin PATH") from None
             s.sendall(frame)
             head = self._recv_exact(s, 4, deadline)
             (n,) = _LEN.unpack(head)
@@ -281,6 +275,29 @@ class AdminClient:
         if check and not reply.get("ok", False):
             raise AdminError(str(reply.get("error", reply)))
         return reply
+
+    def _connect(self, deadline: float) -> socket.socket:
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.path)
+                return s
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                s.close()
+                raise AdminError(f"no pool is serving at {self.path} ({exc.strerror}): start one with "
+                                 "`msgr serve --admin PATH` or pass the right --admin PATH") from None
+            except BlockingIOError:
+                # A full listen backlog makes a Unix-socket connect fail with EAGAIN
+                # instead of waiting (unix(7)) once a timeout is set: retry to the deadline.
+                s.close()
+                if time.monotonic() > deadline:
+                    raise AdminError(f"the pool at {self.path} accepted no connection within "
+                                     f"{self.timeout} s (backlog full)") from None
+                time.sleep(0.005)
+            except BaseException:
+                s.close()
+                raise
 
     @staticmethod
     def _recv_exact(s: socket.socket, n: int, deadline: float) -> bytes:

@@ -46,6 +46,11 @@ class WorkerContext(abc.ABC):
     def accepting_slots(self) -> list[int]:
         """Slots currently ACCEPTING according to the control page (this one excluded)."""
 
+    def resolve_slot(self, slot: int) -> int:
+        """The slot that now owns sessions of ``slot``: follows the control page's
+        redirect table (retired slot -> surviving slot); ``slot`` itself if none."""
+        return slot
+
     @abc.abstractmethod
     def drained(self) -> None:
         """The app owns nothing any more (after ``begin_drain``): the worker may exit."""

@@ -75,7 +75,7 @@ def _unpack_message(v: list[Any]) -> Message:
     return m
 
 
-def export_session(conn: AsyncConnection, pending: bytes) -> bytes:
+def export_session(conn: AsyncConnection, stream: dict[str, Any]) -> bytes:
     """Serialize a READY server connection's session for another worker."""
     s = conn.session
     assert s is not None
@@ -89,7 +89,7 @@ def export_session(conn: AsyncConnection, pending: bytes) -> bytes:
         "sent": [_pack_message(m) for m in s.sent],
         "queued": [_pack_message(m) for m in s.queued_messages()],
         "requeued": len(s.requeued),
-        "pending": pending,
+        "stream": stream,
     }, use_bin_type=True)
 
 
@@ -261,11 +261,11 @@ class MessengerApp(WorkerApp):
         conn._set_reading(False)
         # Everything READY to write was written (pending_output is empty): encode nothing
         # more on this socket; the new owner continues the stream.
-        pending = wire.decoder.take_pending()
-        meta = export_session(conn, pending)
+        stream = wire.export_ready()
+        meta = export_session(conn, stream)
         if len(meta) > _MAX_META:
             # Too much queued to move in one handoff: keep serving a little longer.
-            wire.decoder.feed(pending)
+            wire.restore_ready(stream)
             conn._set_reading(True)
             conn._schedule_flush()
             return
@@ -285,7 +285,7 @@ class MessengerApp(WorkerApp):
                 conn.state = ConnState.CLOSED
                 msgr.unregister(conn)
             elif conn.wire is not None:
-                conn.wire.decoder.feed(pending)
+                conn.wire.restore_ready(stream)
                 conn._set_reading(True)
                 conn._schedule_flush()
 
@@ -314,7 +314,7 @@ class MessengerApp(WorkerApp):
             s.queue(m)
         peer_addrs = tuple(EntityAddr.decode(memoryview(a)) for a in state["peer_addrs"])
         wire = Connection.import_ready(Role.SERVER, msgr.proto_config, s,
-                                       int(state["peer_type"]), peer_addrs, state["pending"])
+                                       int(state["peer_type"]), peer_addrs, state["stream"])
         conn = AsyncConnection(msgr, policy, peer_addr=sock.peer_address, outgoing=False)
         conn.session = s
         conn.key = state["key"]

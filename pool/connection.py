@@ -307,6 +307,7 @@ class AsyncConnection:
                     return
         except ProtocolError as err:
             msgr.stats["protocol_errors"] += 1
+            msgr.stats[f"protocol_error_{err.code}"] += 1
             self._fault(f"protocol error: {err.reason}")
             return
         if wire.has_data_to_send() or (self.session is not None and self.session.ack_pending):

@@ -34,6 +34,7 @@ from transport.event_center import READABLE, EventCenter
 from transport.posix import PosixStack
 from transport.stack import Address, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
 
+from .auth import AuthSettings
 from .connection import AsyncConnection, ConnState
 from .dispatcher import Dispatcher
 from .throttle import Throttle
@@ -62,7 +63,7 @@ class Messenger:
                  backoff: Backoff | None = None, nonce: int | None = None,
                  cookie_tag: int = 0, seed: int | None = None,
                  ready_timeout: float = 10.0, idle_timeout: float = 900.0,
-                 standby_timeout: float = 900.0) -> None:
+                 standby_timeout: float = 900.0, auth: AuthSettings | None = None) -> None:
         self.center = center
         self.entity_type = entity_type
         self.name = name
@@ -90,6 +91,8 @@ class Messenger:
             features_supported=features.SUPPORTED, features_required=features.REQUIRED,
             limits=limits or FrameLimits(), next_global_seq=self._next_global_seq,
             new_cookie=self._new_cookie)
+        self.auth = auth or AuthSettings()
+        self.auth.apply(self.proto_config)
         self.conns: dict[str, AsyncConnection] = {}
         self.anon: set[AsyncConnection] = set()
         self.accepting: set[AsyncConnection] = set()
@@ -465,6 +468,6 @@ class Messenger:
             self.stats["socket_errors"] += 1
 
     def counters(self) -> dict[str, Any]:
-        return {"msgs_in": self.msgs_in, "msgs_out": self.msgs_out, "bytes_in": self.bytes_in,
+        return {**{f"auth_rejected_{k}": v for k, v in self.auth.stats.counts.items()},"msgs_in": self.msgs_in, "msgs_out": self.msgs_out, "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "connections": len(self.connections()),
                 **dict(self.stats)}

@@ -8,10 +8,11 @@ desired count with the slot table. All per-slot decisions go through
 
 Facts and choices:
 
-* **Reaping.** ``waitpid(-1, WNOHANG)`` until it returns 0 (supervisors.md 2.6), so
-  foreign children (we may be PID 1 in a container) are reaped too. multiprocess's
-  ``Popen`` caches the status in ``returncode`` and would otherwise keep polling a pid we
-  already reaped (and might later signal a recycled pid), so we store it there.
+* **Reaping.** Each worker's ``Process.exitcode`` (a ``waitpid(pid, WNOHANG)``), then
+  ``waitpid(-1, WNOHANG)`` until it returns 0 (supervisors.md 2.6), so foreign children
+  (we may be PID 1 in a container) are reaped too. When that loop reaps a worker we
+  store the status in multiprocess's ``Popen.returncode``: it would otherwise keep
+  polling a pid we already reaped (and might later signal a recycled pid).
 * **Heartbeats** are read from the control page. Boot and steady state have separate
   deadlines; a miss sends SIGABRT (the worker's faulthandler dumps its stack), then
   SIGKILL after ``kill_grace`` (gunicorn ``murder_workers``).
@@ -30,7 +31,6 @@ Facts and choices:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import signal
@@ -55,7 +55,7 @@ from .app import AppFactory
 from .config import PoolConfig
 from .control_page import ControlPage
 from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
-from .processor import Channel, Kind, Message, Processor
+from .processor import Channel, Kind, ListenerSlots, Message, Processor
 from .titles import set_title
 from .worker import BOOT_ERROR, WorkerSpec, worker_main
 
@@ -86,6 +86,7 @@ class _Proc:
     stalled_at: float = 0.0
     deadline: float = 0.0  # drain or stop deadline (0 = none)
     killed: bool = False
+    killed_at: float = 0.0
 
 
 class Supervisor:
@@ -115,8 +116,7 @@ class Supervisor:
         self.server: PosixServerSocket | None = None  # processor mode
         self.accept_loop: AcceptLoop | None = None
         self.processor: Processor | None = None
-        self.listeners: dict[int, PosixServerSocket] = {}  # reuseport: lid -> our copy
-        self.listener_owner: dict[int, int | None] = {}
+        self.reuseport: ListenerSlots | None = None
         self.address: tuple[str, int] = cfg.bind
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -192,10 +192,8 @@ class Supervisor:
             self.accept_loop = AcceptLoop(self.center, self.server, self._on_accept)
             self.accept_loop.start()
             return
-        first = self._listener(0)
-        addr = first.address
-        assert isinstance(addr, tuple)
-        self.address = (addr[0], addr[1])
+        self.reuseport = ListenerSlots(self.cfg.bind, self._send_listener, self.log)
+        self.address = self.reuseport.address
         try:
             with open(MIGRATE_REQ) as f:
                 migrate = f.read().strip()
@@ -209,16 +207,10 @@ class Supervisor:
         self.log(f"reuseport: net.ipv4.tcp_migrate_req={migrate}; a retiring slot's listener is "
                  "handed to a surviving worker (the supervisor keeps every listener open)")
 
-    def _listener(self, lid: int) -> PosixServerSocket:
-        sock = self.listeners.get(lid)
-        if sock is None:
-            bind = self.cfg.bind if not self.listeners else self.address
-            # Identical options for every member of the group (ip-sysctl.rst warns
-            # against migrating between listeners with different settings).
-            sock = PosixStack().listen(bind, SocketOptions(reuseport=True, backlog=1024))
-            self.listeners[lid] = sock
-            self.listener_owner[lid] = None
-        return sock
+    def _send_listener(self, slot: int, kind: Kind, lid: int, fds: list[int]) -> None:
+        p = self.procs.get(slot)
+        if p is not None:
+            p.channel.send(kind, xid=lid, fds=fds)
 
     def _teardown(self) -> None:
         # Reached on a clean stop and on a supervisor bug alike: leave nothing behind.
@@ -235,9 +227,8 @@ class Supervisor:
             self.processor.close()
         if self.server is not None:
             self.server.close()
-        for lst in self.listeners.values():
-            lst.close()
-        self.listeners.clear()
+        if self.reuseport is not None:
+            self.reuseport.close()
         if self.page is not None:
             self.page.close()
             self.page.unlink()
@@ -284,6 +275,14 @@ class Supervisor:
         self.log("SIGHUP: reload is not supported; ignoring")
 
     def _reap(self) -> None:
+        # multiprocess's Process.start() polls earlier children (``_cleanup``) and so may
+        # reap one of our workers before the loop below sees it: ask each Popen first
+        # (``exitcode`` is waitpid(pid, WNOHANG), or the status multiprocess cached).
+        for tracked, p in list(self.procs.items()):
+            code = p.proc.exitcode
+            if code is not None:
+                self.pid2slot.pop(p.pid, None)
+                self._on_exit(tracked, code)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -300,13 +299,15 @@ class Supervisor:
             self._on_exit(slot, code)
 
     def _forget(self, slot: int, p: _Proc, code: int) -> None:
+        # Its last words still count (a CONN_ACK, a HANDOFF sent just before exiting),
+        # so read them while the slot is still known.
+        p.channel.read_available()
+        p.channel.close()
         self.procs.pop(slot, None)
         self.pid2slot.pop(p.pid, None)
         if p.proc._popen is not None:  # see "Reaping" in the module doc
             p.proc._popen.returncode = code
         p.proc.close()
-        p.channel.read_available()  # its last acks count (e.g. a CONN_ACK before dying)
-        p.channel.close()
         for xid, (s, cb) in list(self.deliveries.items()):
             if s == slot:
                 del self.deliveries[xid]
@@ -355,6 +356,12 @@ class Supervisor:
                     self._rehome(slot)
                     continue
             if p.killed:
+                if now > p.killed_at + 5.0:
+                    # SIGKILL cannot be caught, so an unreaped pid this long after it is
+                    # a bookkeeping bug (someone else reaped it): never wait forever.
+                    self.log(f"slot {slot}: pid {p.pid} gone without an exit status; forgetting it")
+                    self.pid2slot.pop(p.pid, None)
+                    self._on_exit(slot, -int(signal.SIGKILL))
                 continue
             if st is State.STALLED and now > p.stalled_at + self.cfg.kill_grace:
                 self.log(f"slot {slot}: pid {p.pid} still alive {self.cfg.kill_grace}s after SIGABRT: SIGKILL")
@@ -375,6 +382,7 @@ class Supervisor:
 
     def _kill(self, p: _Proc) -> None:
         p.killed = True
+        p.killed_at = time.monotonic()
         self._signal(p, signal.SIGKILL)
 
     def _reconcile(self) -> None:
@@ -540,46 +548,25 @@ class Supervisor:
                 os.close(fd)
 
     def _start(self, slot: int, p: _Proc) -> None:
-        if self.cfg.accept == "reuseport":
-            sock = self._listener(slot)
-            p.channel.send(Kind.START, payload=json.dumps([slot]).encode(), fds=[sock.fileno()])
+        if self.reuseport is not None:
+            payload, fds = self.reuseport.start_message(slot)
+            p.channel.send(Kind.START, payload=payload, fds=fds)
         else:
             p.channel.send(Kind.START)
 
     def _on_accepting(self, slot: int) -> None:
-        if self.cfg.accept == "reuseport":
-            prev = self.listener_owner.get(slot)
-            self.listener_owner[slot] = slot
-            if prev is not None and prev != slot and prev in self.procs:
-                self.procs[prev].channel.send(Kind.UNLISTEN, xid=slot)  # the new owner polls it now
-            for lid, owner in self.listener_owner.items():
-                if owner is None:
-                    self._give_listener(lid, slot)
+        if self.reuseport is not None:
+            self.reuseport.on_accepting(slot)
         elif self.processor is not None and self.accept_loop is not None:
             self.processor.kick()
             if not self.processor.backlog and not self.stopping:
                 self.accept_loop.resume()
 
     def _rehome(self, slot: int) -> None:
-        """Hand every listener polled by ``slot`` to a surviving accepting worker."""
-        if self.cfg.accept != "reuseport":
-            return
-        for lid, owner in list(self.listener_owner.items()):
-            if owner != slot:
-                continue
-            counts: dict[int, int] = {}
-            for s in self._accepting_load():
-                if s != slot:
-                    counts[s] = sum(1 for o in self.listener_owner.values() if o == s)
-            if counts:
-                self._give_listener(lid, min(counts, key=lambda s: (counts[s], s)))
-            else:
-                self.listener_owner[lid] = None  # orphan until a worker accepts again
-
-    def _give_listener(self, lid: int, slot: int) -> None:
-        self.listener_owner[lid] = slot
-        self.procs[slot].channel.send(Kind.LISTEN, xid=lid, fds=[self.listeners[lid].fileno()])
-        self.log(f"listener {lid} handed to slot {slot}")
+        if self.reuseport is not None:
+            survivors = self._accepting_load()
+            survivors.pop(slot, None)
+            self.reuseport.rehome(slot, survivors)
 
     # -- handoff ---------------------------------------------------------------------------
 
@@ -652,7 +639,7 @@ class Supervisor:
                 "restarts": ws.restarts, "generation": ws.generation,
                 "heartbeat_age": round((now_ns - hb) / 1e9, 3) if hb and ws.pid else None,
                 "loop_count": v["loop_count"], "last_exit": ws.last_exit,
-                "listeners": sorted(lid for lid, o in self.listener_owner.items() if o == ws.slot),
+                "listeners": self.reuseport.owned_by(ws.slot) if self.reuseport else [],
             })
         return {"pid": os.getpid(), "desired": self.desired, "accept": self.cfg.accept,
                 "bind": list(self.address), "stopping": self.stopping,

@@ -164,6 +164,11 @@ class Worker(WorkerContext):
                 out.append(i)
         return out
 
+    def resolve_slot(self, slot: int) -> int:
+        if not 0 <= slot < self.page.nslots:
+            return slot
+        return self.page.resolve(slot)
+
     def drained(self) -> None:
         if self.channel is not None:
             self.channel.send(Kind.DRAINED)

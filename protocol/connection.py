@@ -33,6 +33,8 @@ from typing import Any, Union
 
 from . import features as feat
 from .auth import AuthResult, ClientAuth, NoneClientAuth, NoneServerAuth, ServerAuth, signature
+from .control import MODE_SECURE
+from .secure import TAG_SIZE, SecureChannel
 from .control import (
     IDENT_FLAG_LOSSY, Ack, AuthBadMethod, AuthDone, AuthReplyMore, AuthRequest,
     AuthRequestMore, AuthSignature, ClientIdent, EntityAddr, Hello, IdentMissingFeatures,
@@ -170,7 +172,8 @@ class Config:
     features_required: int = feat.REQUIRED
     limits: FrameLimits = field(default_factory=FrameLimits)
     client_auth: Callable[[], ClientAuth] = NoneClientAuth
-    server_auth: ServerAuth = field(default_factory=NoneServerAuth)
+    #: one ServerAuth per accepted connection (it may hold that connection's nonces)
+    server_auth: Callable[[], ServerAuth] = NoneServerAuth
     #: fresh messenger-wide global_seq strictly greater than the argument
     next_global_seq: Callable[[int], int] = lambda old: old + 1
     #: random non-zero 64-bit cookie
@@ -229,9 +232,14 @@ class Connection:
         self.seen_peer_addr = seen_peer_addr or EntityAddr(0, "", 0)
         self.target_addr = target_addr or EntityAddr(0, "", 0)
         self.learned_addr: EntityAddr | None = None
+        self.auth_failure: str | None = None
         self.auth: AuthResult | None = None
         self.pending_request: ClientIdent | SessionReconnect | None = None
         self._client_auth: ClientAuth | None = config.client_auth() if role is Role.CLIENT else None
+        self._server_auth: ServerAuth | None = config.server_auth() if role is Role.SERVER else None
+        self._secure: SecureChannel | None = None
+        self._scratch: bytearray | None = None
+        self._error: RemoteProtocolError | None = None
         self._pre_auth_rx = bytearray()
         self._pre_auth_tx = bytearray()
         self._out: list[Buffer] = []
@@ -239,17 +247,61 @@ class Connection:
         self._events: list[Event] = []
         self.messages_in = 0
         self.messages_out = 0
-        self._send_raw(encode_banner(config.features_supported, config.features_required))
+        banner = encode_banner(config.features_supported, config.features_required)
+        if self._wants_transcript():
+            self._pre_auth_tx += banner
+        self._send_raw(banner)
 
     # -- I/O surface -----------------------------------------------------------------
     def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self._secure is not None:
+            if self._scratch is None:
+                self._scratch = bytearray(256 * 1024)
+            return memoryview(self._scratch)
         return self.decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._secure is not None:
+            assert self._scratch is not None
+            self._feed_secure(memoryview(self._scratch)[:nbytes])
+            return
         self.decoder.buffer_updated(nbytes)
 
     def receive_data(self, data: Buffer) -> None:
+        if self._secure is not None:
+            self._feed_secure(data)
+            return
         self.decoder.feed(data)
+
+    def _feed_secure(self, data: Buffer) -> None:
+        assert self._secure is not None
+        if self._error is not None:
+            return
+        try:
+            plains = self._secure.feed(data)
+        except RemoteProtocolError as err:
+            # Surface from next_event(), like every other error in the received stream.
+            self._error = err
+            return
+        for plain in plains:
+            self.decoder.feed(plain)
+
+    def _enable_secure(self, session_key: bytes | None) -> None:
+        """Switch both directions to AES-GCM records (right after AUTH_DONE)."""
+        if not session_key:
+            raise LocalProtocolError("secure mode needs a session key (auth none cannot "
+                                     "provide one)", "secure")
+        lim = self.config.limits
+        max_record = 32 + 4 + 3 * lim.segment_max + lim.data_max + 13 + TAG_SIZE
+        self._secure = SecureChannel(session_key, self.role is Role.CLIENT, max_record)
+        # Bytes after AUTH_DONE already sitting in the decoder are ciphertext.
+        pending = self.decoder.take_pending()
+        if pending:
+            self._feed_secure(pending)
+
+    @property
+    def secure(self) -> bool:
+        return self._secure is not None
 
     def data_to_send(self) -> list[Buffer]:
         out = self._out
@@ -268,6 +320,8 @@ class Connection:
         """Next event, or NEED_DATA. Raises RemoteProtocolError on bad input."""
         if self._events:
             return self._events.pop(0)
+        if self._error is not None:
+            raise self._error
         dec = self.decoder
         while True:
             state = self.state
@@ -310,12 +364,13 @@ class Connection:
                 return self._events.pop(0)
 
     # -- transcript (for AUTH_SIGNATURE) ----------------------------------------------
+    def _wants_transcript(self) -> bool:
+        if self._client_auth is not None:
+            return self._client_auth.wants_transcript
+        return self._server_auth is not None and self._server_auth.wants_transcript
+
     def _record_rx(self, tag: int, segments: Sequence[memoryview]) -> None:
-        if self.role is Role.CLIENT:
-            wants = self._client_auth is not None and self._client_auth.wants_transcript
-        else:
-            wants = self.config.server_auth.wants_transcript
-        if wants:
+        if self._wants_transcript():
             self._pre_auth_rx += bytes([tag])
             for s in segments:
                 self._pre_auth_rx += s
@@ -325,12 +380,12 @@ class Connection:
 
     def _send_control(self, obj: Any) -> None:
         bufs = encode_control(obj)
-        if self.auth is None:
-            wants = (self._client_auth.wants_transcript if self._client_auth
-                     else self.config.server_auth.wants_transcript)
-            if wants:
-                self._pre_auth_tx += bytes([obj.TAG]) + obj.encode()
-        self._out.extend(bufs)
+        if self.auth is None and self._wants_transcript():
+            self._pre_auth_tx += bytes([obj.TAG]) + obj.encode()
+        if self._secure is not None:
+            self._out.append(self._secure.seal(bufs))
+        else:
+            self._out.extend(bufs)
 
     # -- handshake handlers -------------------------------------------------------------
     def _on_banner(self, banner: Banner) -> None:
@@ -346,6 +401,8 @@ class Connection:
         if not banner.supported & feat.REVISION_1:
             raise RemoteProtocolError("peer does not speak msgr2.1 (REVISION_1)", "features")
         self.peer_features = banner.supported
+        if self._wants_transcript():
+            self._pre_auth_rx += encode_banner(banner.supported, banner.required)
         self.state = State.HELLO
         peer = self.target_addr if self.role is Role.CLIENT else self.seen_peer_addr
         self._send_control(Hello(int(cfg.entity_type), peer))
@@ -359,11 +416,13 @@ class Connection:
             self._send_control(AuthRequest(method, modes, payload))
 
     def _on_auth_request(self, req: AuthRequest) -> None:
-        self._server_auth_outcome(self.config.server_auth.handle_request(
+        assert self._server_auth is not None
+        self._server_auth_outcome(self._server_auth.handle_request(
             req.method, tuple(req.preferred_modes), bytes(req.payload)))
 
     def _on_auth_request_more(self, req: AuthRequestMore) -> None:
-        self._server_auth_outcome(self.config.server_auth.handle_more(bytes(req.payload)))
+        assert self._server_auth is not None
+        self._server_auth_outcome(self._server_auth.handle_more(bytes(req.payload)))
 
     def _server_auth_outcome(self, outcome: tuple[str, object]) -> None:
         kind, value = outcome
@@ -376,8 +435,9 @@ class Connection:
             self._send_control(AuthDone(value.global_id, value.con_mode, b""))
             self._finish_auth(value)
         else:
-            self._send_control(AuthBadMethod(0, -13, (1,), (1,)))
+            self._send_control(AuthBadMethod(0, -13, (1, 2), (1, 2)))
             self.state = State.CLOSED
+            self.auth_failure = str(value)
             raise RemoteProtocolError(f"authentication rejected: {value}", "auth")
 
     def _on_auth_reply_more(self, more: AuthReplyMore) -> None:
@@ -396,6 +456,8 @@ class Connection:
 
     def _finish_auth(self, result: AuthResult) -> None:
         self.auth = result
+        if result.con_mode == MODE_SECURE:
+            self._enable_secure(result.session_key)
         self._send_control(AuthSignature(signature(result.session_key, bytes(self._pre_auth_rx))))
 
     def _on_signature(self, sig: AuthSignature) -> None:
@@ -597,6 +659,7 @@ class Connection:
         n = 0
         pop = s.pop_outgoing
         pack = HEADER.pack
+        sec = self._secure
         while n < max_messages and s.has_outgoing():
             msg = pop()
             try:
@@ -605,11 +668,15 @@ class Connection:
             except Exception as exc:
                 raise LocalProtocolError(f"message header out of range: {exc}",
                                          "bad_header") from exc
-            out += encode_message_frame(header, msg.encoded_front(), msg.data)
+            frame = encode_message_frame(header, msg.encoded_front(), msg.data)
+            if sec is None:
+                out += frame
+            else:
+                out.append(sec.seal(frame))
             n += 1
         if n == 0 and s.ack_pending:
             s.ack_pending = 0
-            out.extend(encode_control(Ack(s.in_seq)))
+            self._send_control(Ack(s.in_seq))
         self.messages_out += n
         return n
 
@@ -636,10 +703,33 @@ class Connection:
             "seen_peer_addr": self.seen_peer_addr.encode(),
             "tag": int(req.TAG),
             "request": req.encode(),
+            **self._export_stream(),
+        }
+
+    def _export_stream(self) -> dict[str, Any]:
+        """Auth outcome, secure-mode keys and counters, and unparsed bytes."""
+        sec = self._secure
+        return {
             "global_id": self.auth.global_id if self.auth else 0,
             "con_mode": self.auth.con_mode if self.auth else 0,
+            "session_key": (self.auth.session_key or b"") if self.auth else b"",
+            "counters": [sec.tx_counter, sec.rx_counter] if sec else None,
+            "cipher_pending": sec.take_pending() if sec else b"",
             "pending": self.decoder.take_pending(),
         }
+
+    def _import_stream(self, state: dict[str, Any]) -> None:
+        key = bytes(state.get("session_key") or b"") or None
+        self.auth = AuthResult(int(state["global_id"]), int(state["con_mode"]), key)
+        if state.get("pending"):
+            self.decoder.feed(state["pending"])
+        counters = state.get("counters")
+        if counters is not None:
+            self._enable_secure(key)
+            assert self._secure is not None
+            self._secure.tx_counter, self._secure.rx_counter = int(counters[0]), int(counters[1])
+            if state.get("cipher_pending"):
+                self._feed_secure(state["cipher_pending"])
 
     @classmethod
     def import_handshake(cls, config: Config, state: dict[str, Any]) -> tuple[Connection, Event]:
@@ -649,11 +739,9 @@ class Connection:
         conn.peer_type = int(state["peer_type"])
         conn.peer_features = int(state["peer_features"])
         conn.seen_peer_addr = EntityAddr.decode(memoryview(state["seen_peer_addr"]))
-        conn.auth = AuthResult(int(state["global_id"]), int(state["con_mode"]), None)
         conn.state = State.SESSION_ACCEPTING
         req = decode_control(int(state["tag"]), memoryview(state["request"]))
-        if state.get("pending"):
-            conn.decoder.feed(state["pending"])
+        conn._import_stream(state)
         if isinstance(req, ClientIdent):
             conn._on_client_ident(req)
         elif isinstance(req, SessionReconnect):
@@ -662,25 +750,28 @@ class Connection:
             raise RemoteProtocolError("exported handshake holds no session request", "handoff")
         return conn, conn._events.pop(0)
 
-    def export_ready(self) -> bytes:
-        """Unparsed bytes of a READY connection (the session itself is exported by the
+    def export_ready(self) -> dict[str, Any]:
+        """Stream state of a READY connection (the session itself is exported by the
         owner); the connection must not be used afterwards."""
         if self.state is not State.READY:
             raise LocalProtocolError("only a READY connection can be migrated")
         self.state = State.CLOSED
-        return self.decoder.take_pending()
+        return self._export_stream()
 
     @classmethod
     def import_ready(cls, role: Role, config: Config, session: Session, peer_type: int,
-                     peer_addrs: tuple[EntityAddr, ...], pending: bytes) -> Connection:
+                     peer_addrs: tuple[EntityAddr, ...], stream: dict[str, Any]) -> Connection:
         """A READY connection continuing a migrated session on a handed-off socket."""
         conn = cls(role, config, session if role is Role.CLIENT else None)
         conn._out.clear()
         conn.session = session
         conn.peer_type = peer_type
         conn.peer_addrs = peer_addrs
-        conn.auth = AuthResult(0, 1, None)
         conn.state = State.READY
-        if pending:
-            conn.decoder.feed(pending)
+        conn._import_stream(stream)
         return conn
+
+    def restore_ready(self, stream: dict[str, Any]) -> None:
+        """Undo export_ready (the handoff was refused): keep serving this socket."""
+        self.state = State.READY
+        self._import_stream(stream)

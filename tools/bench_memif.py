@@ -11,8 +11,12 @@ rx eventfd and testpmd kicks it):
   checked to be the next in sequence (lost/reordered frames are counted and reported);
 * **rtt**: one frame at a time, round-trip time p50/p99.
 
-The Messenger-over-memif vs Messenger-over-TCP comparison of issue 7 is not measured
-here: it needs ``--stack dpdk`` in the pool (TODO, see BENCHMARKS_memif.md).
+**messenger** (``--messenger``): the same Messenger echo (``pool.apps.EchoDispatcher``,
+stateful server, lossless client) between two local processes over ``MemifStack`` and
+over ``PosixStack`` (TCP loopback and a Unix socket), in one run: requests/s at window
+1 and 128, RTT p50/p99 at window 1, and the server process's CPU µs per request. This
+is Messenger-on-a-stack in two processes, not the pool's ``msgr serve --stack dpdk``
+(not wired yet).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import tempfile
 import time
 from typing import Any
 
+from transport.hugepages import hugepage_info, reserved_hugepages
 from transport.memif import MemifConfig, MemifInterface, connect
 
 __all__ = ["register", "run", "measure_pipelined", "measure_rtt"]
@@ -153,13 +158,13 @@ def measure_rtt(iface: MemifInterface, count: int, size: int = 64) -> dict[str, 
         iface.tx_burst([frame])
         deadline = t + 100_000_000
         while True:
-            got = iface.rx_burst(8)
-            if got:
-                break
             if intr:
+                # interrupt mode proper: sleep on the eventfd *before* looking at the ring,
+                # so every sample includes testpmd's kick and our wake-up
                 select.select([efd], [], [], 0.1)
                 iface.clear_interrupt()
-            if now() > deadline:
+            got = iface.rx_burst(8)
+            if got or now() > deadline:
                 break
         if not got:
             lost += 1
@@ -171,11 +176,193 @@ def measure_rtt(iface: MemifInterface, count: int, size: int = 64) -> dict[str, 
             "min_us": round(samples[0], 2)}
 
 
+# -- Messenger over memif vs over posix ---------------------------------------------------
+
+def _stack(kind: str) -> Any:
+    if kind == "memif":
+        from transport.memif import MemifStack
+        return MemifStack()
+    from transport.posix import PosixStack
+    return PosixStack()
+
+
+def _serve_messenger(kind: str, addr: Any, ready_fd: int) -> None:
+    from pool.api import EntityType, EventCenter, Messenger, Policy
+    from pool.apps import EchoDispatcher
+
+    center = EventCenter(name=f"bench-memif-server-{kind}")
+    m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
+                  stack=_stack(kind))
+    m.add_dispatcher(EchoDispatcher())
+    m.bind(addr)
+    signal.signal(signal.SIGTERM, lambda *_: center.stop())
+    os.write(ready_fd, b"1")
+    os.close(ready_fd)
+    center.run()
+    m.shutdown()
+    center.close()
+
+
+def _client_messenger(kind: str, addr: Any, window: int, payload: bytes, duration: float,
+                      latencies: list[int] | None) -> int:
+    from pool.api import AsyncConnection, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
+
+    center = EventCenter(name=f"bench-memif-client-{kind}")
+    m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
+                  stack=_stack(kind))
+    state = {"done": 0, "outstanding": 0, "seq": 0}
+    sent_at: dict[int, int] = {}
+    deadline = time.monotonic() + duration
+
+    def send(conn: AsyncConnection) -> None:
+        seq = state["seq"]
+        state["seq"] = seq + 1
+        state["outstanding"] += 1
+        if latencies is not None:
+            sent_at[seq] = time.perf_counter_ns()
+        conn.send_message(Message(1, [seq, payload]))
+
+    class Client(Dispatcher):
+        def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
+            state["done"] += 1
+            state["outstanding"] -= 1
+            if latencies is not None:
+                latencies.append(time.perf_counter_ns() - sent_at.pop(msg.front[0]))
+            if time.monotonic() < deadline:
+                send(conn)
+
+    m.add_dispatcher(Client())
+    conn = m.connect(addr)
+    for _ in range(window):
+        send(conn)
+    while state["outstanding"] > 0 and time.monotonic() < deadline + 10:
+        center.process_events(0.1)
+    m.shutdown()
+    center.process_events(0)
+    center.close()
+    return state["done"]
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _in_child(fn: Any) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _client_run(kind: str, addr: Any, window: int, payload: bytes, duration: float,
+                with_latency: bool) -> tuple[int, list[int], float]:
+    r, w = os.pipe()
+
+    def body() -> None:
+        os.close(r)
+        lat: list[int] | None = [] if with_latency else None
+        t0 = time.monotonic()
+        n = _client_messenger(kind, addr, window, payload, duration, lat)
+        with os.fdopen(w, "w") as f:
+            json.dump([n, lat or [], time.monotonic() - t0], f)
+
+    pid = _in_child(body)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        raise RuntimeError(f"messenger client over {kind} failed")
+    n, lat, elapsed = json.loads(data)
+    return int(n), list(lat), float(elapsed)
+
+
+def measure_messenger(kind: str, workdir: str, payload_size: int, duration: float) -> dict[str, Any]:
+    """One stack: server and client Messenger in two forked processes (CPUs unpinned)."""
+    if kind == "tcp":
+        import socket
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            addr: Any = ("127.0.0.1", probe.getsockname()[1])
+    else:
+        addr = os.path.join(workdir, f"msgr-{kind}.sock")
+    r, w = os.pipe()
+
+    def serve() -> None:
+        os.close(r)
+        _serve_messenger(kind, addr, w)
+
+    pid = _in_child(serve)
+    os.close(w)
+    ok = os.read(r, 1)
+    os.close(r)
+    if ok != b"1":
+        os.waitpid(pid, 0)
+        raise RuntimeError(f"messenger server over {kind} failed to start")
+    payload = os.urandom(payload_size)
+    try:
+        _client_run(kind, addr, 16, payload, 0.3, False)  # warm-up
+        n1, lat, t1 = _client_run(kind, addr, 1, payload, duration, True)
+        cpu0 = _proc_cpu(pid)
+        n128, _, t128 = _client_run(kind, addr, 128, payload, duration, False)
+        cpu1 = _proc_cpu(pid)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    lat.sort()
+    pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000.0, 1) if lat else 0.0  # noqa: E731
+    return {"test": "messenger_echo", "stack": kind, "payload": payload_size,
+            "rps_w1": round(n1 / t1), "rtt_p50_us": pick(0.5), "rtt_p99_us": pick(0.99),
+            "rps_w128": round(n128 / t128),
+            "server_cpu_us_per_req": round((cpu1 - cpu0) * 1e6 / max(1, n128), 1)}
+
+
+def run_messenger(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="amsgr-bench-msgr-") as wd:
+        for size in (int(x) for x in args.payloads.split(",")):
+            for kind in ("memif", "tcp", "unix"):
+                print(f"messenger over {kind} ({size} B)...", file=sys.stderr)
+                try:
+                    rows.append(measure_messenger(kind, wd, size, args.duration))
+                except Exception as err:  # noqa: BLE001 - reported in the results
+                    rows.append({"test": "messenger_echo", "stack": kind, "payload": size,
+                                 "error": f"failed: {err}"})
+                print(f"  {rows[-1]}", file=sys.stderr)
+            base = {r["stack"]: r for r in rows if r.get("payload") == size and "rps_w128" in r}
+            if "memif" in base and "tcp" in base:
+                rows.append({"test": "ratio", "payload": size,
+                             "memif_over_tcp_rps_w128": round(base["memif"]["rps_w128"] / base["tcp"]["rps_w128"], 2),
+                             "memif_over_tcp_rps_w1": round(base["memif"]["rps_w1"] / base["tcp"]["rps_w1"], 2)})
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.messenger_only:
+        return _report(args, run_messenger(args), None)
     why = available()
     if why:
         print(f"msgr bench memif: {why}", file=sys.stderr)
         return 2
+    if args.reserve_hugepages:
+        # explicit and root-only; the old nr_hugepages is restored on exit
+        with reserved_hugepages(args.reserve_hugepages) as got:
+            print(f"reserved {got} hugepages for the run", file=sys.stderr)
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     old_aff = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})
     rows: list[dict[str, Any]] = []
@@ -204,10 +391,16 @@ def run(args: argparse.Namespace) -> int:
         finally:
             rc = pmd.stop()
             os.sched_setaffinity(0, old_aff)
+    if args.messenger:
+        rows += run_messenger(args)
+    return _report(args, rows, rc)
+
+
+def _report(args: argparse.Namespace, rows: list[dict[str, Any]], rc: int | None) -> int:
     meta = {"kernel": os.uname().release, "cpus": os.cpu_count(), "python": sys.version.split()[0],
-            "duration_s": args.duration, "testpmd_exit": rc,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "messenger_over_memif": "TODO: needs the pool's --stack dpdk (not measured)"}
+            "duration_s": args.duration, "testpmd_exit": rc, "hugepages": hugepage_info(),
+            "loadavg_after": os.getloadavg(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(json.dumps(rows, indent=1))
     if args.json:
         with open(args.json, "w") as f:
@@ -225,4 +418,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--window", type=int, default=992, help="frames in flight (≤ ring − 32, trap 3)")
     p.add_argument("--modes", default="busy-poll,interrupt")
     p.add_argument("--no-hugepages", action="store_true", help="plain memfd region")
+    p.add_argument("--reserve-hugepages", type=int, default=0, metavar="N",
+                   help="root: reserve N more 2 MiB pages for the run, restore after")
+    p.add_argument("--messenger", action="store_true",
+                   help="also: Messenger echo over memif vs TCP vs Unix (two processes)")
+    p.add_argument("--messenger-only", action="store_true", help="only the Messenger part")
+    p.add_argument("--payloads", default="64,4096", help="Messenger payload sizes")
     p.set_defaults(func=run)

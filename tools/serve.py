@@ -30,7 +30,7 @@ def load_factory(spec: str, config: dict[str, Any]) -> AppFactory:
             return import_factory(spec)
         raise ValueError(f"--app {spec}: the built-in apps come with pool/apps.py, which is not "
                          "installed here; pass MODULE:CLASS") from None
-    factory: AppFactory = apps.load_app(spec)
+    factory: AppFactory = apps.load_app(spec, config)
     return factory
 
 

@@ -49,7 +49,8 @@ class _Conn:
 
 class RawEchoApp(WorkerApp):
     """Length-prefixed echo. Config: ``hang_after`` (s) + ``hang_once_file``: the loop
-    blocks forever once, so the heartbeat check must kill it."""
+    blocks forever once, so the heartbeat check must kill it; ``ignore_sigabrt``;
+    ``never_drain``."""
 
     def __init__(self) -> None:
         self.conns: dict[int, _Conn] = {}
@@ -59,6 +60,10 @@ class RawEchoApp(WorkerApp):
 
     def start(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
+        if ctx.config.get("ignore_sigabrt"):
+            # Test hook: replaces faulthandler's SIGABRT handler, so only the heartbeat
+            # check's second stage (SIGKILL) can end a hung loop.
+            signal.signal(signal.SIGABRT, signal.SIG_IGN)
         hang = ctx.config.get("hang_after")
         if hang is not None:
             ctx.center.create_time_event(float(hang), self._hang)
@@ -150,6 +155,8 @@ class RawEchoApp(WorkerApp):
 
     def begin_drain(self) -> None:
         self.draining = True
+        if self.ctx.config.get("never_drain"):
+            return  # test hook: only the supervisor's drain deadline can end this worker
         for c in list(self.conns.values()):
             self._migrate(c)
         self._maybe_drained()

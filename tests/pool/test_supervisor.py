@@ -141,10 +141,12 @@ def test_sigkill_worker_is_replaced_quickly(tmp_path: Path) -> None:
             echo(s, b"still serving")
 
 
-def test_hung_worker_is_killed_by_heartbeat_and_replaced(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ignore_abort", [False, True], ids=["abort-dumps", "abort-ignored"])
+def test_hung_worker_is_killed_by_heartbeat_and_replaced(tmp_path: Path, ignore_abort: bool) -> None:
     marker = tmp_path / "hung-once"
-    cfg = json.dumps({"hang_after": 0.3, "hang_once_file": str(marker)})
-    with running_pool(tmp_path, 2, extra=("--heartbeat-timeout", "1.0", "--app-config", cfg)) as pool:
+    cfg = json.dumps({"hang_after": 0.3, "hang_once_file": str(marker), "ignore_sigabrt": ignore_abort})
+    extra = ("--heartbeat-timeout", "1.5", "--app-config", cfg)
+    with running_pool(tmp_path, 2, extra=extra) as pool:
         wait_for(marker.exists, 5, "a worker to hang")
 
         def recovered() -> bool:
@@ -152,10 +154,14 @@ def test_hung_worker_is_killed_by_heartbeat_and_replaced(tmp_path: Path) -> None
             return sum(w["restarts"] for w in st["workers"]) == 1 and \
                 [w["state"] for w in st["workers"]].count("ACCEPTING") == 2
 
-        wait_for(recovered, 8, "the hung worker replaced")
+        wait_for(recovered, 10, "the hung worker replaced")
         log = pool.log()
         assert "missed its heartbeat deadline" in log and "SIGABRT" in log
-        assert "Fatal Python error: Aborted" in log  # stage one: faulthandler's stack dump
+        if ignore_abort:  # stage two
+            assert "after SIGABRT: SIGKILL" in log
+            assert [w["last_exit"] for w in pool.status()["workers"]].count(-signal.SIGKILL) == 1
+        else:  # stage one: faulthandler's stack dump, then the abort ends it
+            assert "Fatal Python error: Aborted" in log and "SIGKILL" not in log
         assert pool.client.call("perf")["supervisor"]["heartbeat_kills"] == 1
 
 
@@ -183,6 +189,17 @@ def test_boot_failures_trip_flap_guard(tmp_path: Path) -> None:
     log = pool.log()
     assert "FAILED" in log and "no worker can be kept alive" in log
     assert not os.path.exists(pool.admin)
+
+
+def test_drain_deadline_kills_a_worker_that_never_drains(tmp_path: Path) -> None:
+    extra = ("--drain-timeout", "0.5", "--app-config", json.dumps({"never_drain": True}))
+    with running_pool(tmp_path, 2, extra=extra) as pool:
+        r = msgr("scale", "1", "--admin", pool.admin)
+        assert r.returncode == 0, r.stderr
+        ws = pool.status()["workers"]
+        assert [w["state"] for w in ws] == ["ACCEPTING", "EXITED"]
+        assert ws[1]["last_exit"] == -signal.SIGKILL and ws[1]["restarts"] == 0
+        assert "did not finish draining in 0.5s: SIGKILL" in pool.log()
 
 
 @pytest.mark.parametrize("how", ["msgr stop", "SIGTERM", "SIGINT"])

@@ -299,3 +299,76 @@ def test_bad_descriptor_from_peer_breaks_only_that_connection() -> None:
         c.rx_rings[0].desc[2] = (1 << 32) - 16
         with pytest.raises(BrokenResourceError):
             s.tx_burst([b"x" * 64])
+
+
+def _raw_client(addr: str, lst: MemifListener):
+    import socket as _s
+    from transport.memif.control import recv_msg
+    sock = _s.socket(_s.AF_UNIX, _s.SOCK_SEQPACKET)
+    sock.connect("\0" + addr[1:])
+    sock.settimeout(5)
+    lst.accept()
+    assert isinstance(recv_msg(sock)[0], wire.Hello)
+    return sock
+
+
+def test_ring_outside_region_is_refused_with_a_reason() -> None:
+    from transport.memif.control import recv_msg, send_msg
+    addr = f"@amsgr-badring-{os.getpid()}"
+    with MemifListener(addr) as lst:
+        sock = _raw_client(addr, lst)
+        region = os.memfd_create("tiny", os.MFD_CLOEXEC)
+        efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+        try:
+            os.ftruncate(region, 4096)
+            script = [(wire.Init(), None), (wire.AddRegion(0, 4096), region),
+                      (wire.AddRing(wire.RING_FLAG_C2S, 0, 0, 4000, 10, 0), efds[0]),
+                      (wire.AddRing(0, 0, 0, 0, 10, 0), efds[1])]
+            for msg, fd in script:
+                send_msg(sock, msg, fd)
+                lst.accept()
+                assert recv_msg(sock)[0] == wire.Ack()
+            send_msg(sock, wire.Connect(b"x"))
+            lst.accept()
+            msg, _ = recv_msg(sock)
+            assert isinstance(msg, wire.Disconnect) and msg.reason.startswith(b"Invalid ring or region")
+            assert lst.accept() is None and not lst._pending  # that handshake is gone
+        finally:
+            sock.close()
+            os.close(region)
+            for fd in efds:
+                os.close(fd)
+
+
+def test_random_control_datagrams_fault_only_their_connection() -> None:
+    """Invariant 4 of DESIGN.md for the memif listener: garbage never breaks it."""
+    import random
+    rng = random.Random(11)
+    addr = f"@amsgr-garbage-{os.getpid()}"
+    with MemifListener(addr) as lst:
+        for _ in range(60):
+            sock = _raw_client(addr, lst)
+            try:
+                for _ in range(rng.randint(1, 4)):
+                    kind = rng.randrange(3)
+                    data = (bytes([rng.randrange(9), 0]) + rng.randbytes(126) if kind == 0 else
+                            rng.randbytes(rng.randint(0, 300)) if kind == 1 else
+                            wire.pack(wire.Init(version=rng.randrange(0x10000), id=0)))
+                    try:
+                        sock.send(data)
+                    except OSError:
+                        break
+                    lst.accept()
+            finally:
+                sock.close()
+            lst.accept()
+        # still serving: a proper client connects
+        conn = MemifConnector(addr, MemifConfig(hugepages=False))
+        s = c = None
+        deadline = time.monotonic() + 5
+        while (s is None or c is None) and time.monotonic() < deadline:
+            s = s or lst.accept()
+            c = c or conn.step()
+        assert s is not None and c is not None
+        s.close()
+        c.close()

@@ -216,3 +216,86 @@ def test_refused_handshake_surfaces_as_connection_refused() -> None:
                         pass
         finally:
             client.close()
+
+
+def _echo_stream(sock: MemifStream, deadline: float) -> None:
+    """Echo bytes on ``sock`` until EOF (select-driven, as a worker's loop would be)."""
+    buf = memoryview(bytearray(1 << 16))
+    out = bytearray()
+    while time.monotonic() < deadline:
+        select.select([sock.fileno()], [], [], 0.05)
+        while out:
+            try:
+                n = sock.send([bytes(out[: 1 << 16])])
+            except BlockingIOError:
+                break
+            del out[:n]
+        try:
+            n = sock.read_into(buf)
+        except BlockingIOError:
+            continue
+        if n == 0:
+            return
+        out.extend(buf[:n])
+    raise TimeoutError("no EOF")
+
+
+def test_server_connection_handed_to_another_process() -> None:
+    """Handoff (the pool's Processor → worker, or a retiring worker): export a live
+    server-side connection with unread data, adopt it in a child, keep streaming."""
+    import pickle
+    import socket
+
+    stack = MemifStack(StackConfig(memif=MemifConfig(hugepages=False)))
+    server, client, conn = _pair(stack, f"@amsgr-handoff-{os.getpid()}")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def child() -> None:
+        a.close()
+        msg, fds, _, _ = socket.recv_fds(b, 1 << 20, 64)
+        adopted = MemifStream.adopt(pickle.loads(msg), fds)
+        try:
+            _echo_stream(adopted, time.monotonic() + 20)
+        finally:
+            adopted.close()
+
+    pid = fork_peer(child)
+    b.close()
+    try:
+        first = os.urandom(100_000)
+        assert _transfer(client, conn, first[:50_000]) == first[:50_000]  # served here
+        sent = 0  # then bytes the old owner takes in but never reads: they must travel
+        while sent < len(first) - 50_000:
+            try:
+                sent += client.send([first[50_000 + sent:]])
+            except BlockingIOError:
+                select.select([client.fileno()], [], [], 0.05)
+        meta, fds = conn.export()
+        socket.send_fds(a, [pickle.dumps(meta)], fds)
+        for fd in fds:
+            os.close(fd)
+        rest = os.urandom(1 << 20)
+        want = first[50_000:] + rest  # the unread bytes first, echoed by the new owner
+        got = bytearray()
+        buf = memoryview(bytearray(1 << 16))
+        sent = 0
+        deadline = time.monotonic() + 20
+        while len(got) < len(want):
+            assert time.monotonic() < deadline, f"{len(got)}/{len(want)} echoed"
+            if sent < len(rest):
+                try:
+                    sent += client.send([memoryview(rest)[sent:sent + (1 << 16)]])
+                except BlockingIOError:
+                    pass
+            try:
+                n = client.read_into(buf)
+                got += buf[:n]
+            except BlockingIOError:
+                select.select([client.fileno()], [], [], 0.05)
+        assert got == want
+        client.shutdown()
+        assert wait_child(pid) == 0
+    finally:
+        a.close()
+        client.close()
+        server.close()

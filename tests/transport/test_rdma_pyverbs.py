@@ -25,7 +25,14 @@ import pytest
 
 from transport.rdma import pyverbs_provider as pp
 from transport.rdma.verbs import (
-    Access, NoDeviceError, QPCaps, QPParams, QPState, QPStateError, WCOpcode, WCStatus,
+    Access,
+    NoDeviceError,
+    QPCaps,
+    QPParams,
+    QPState,
+    QPStateError,
+    WCOpcode,
+    WCStatus,
 )
 
 IMPORT_ERROR = pp.import_error()

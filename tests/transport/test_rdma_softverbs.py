@@ -13,16 +13,27 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from transport.fdpass import recv_fds, send_fds, seqpacket_pair
-from transport.rdma.softverbs import SoftCQ, SoftDevice, SoftQP, SoftVerbsProvider
+from transport.rdma.softverbs import SoftCQ, SoftDevice, SoftVerbsProvider
 from transport.rdma.verbs import (
-    LEGAL_TRANSITIONS, Access, MemoryRegion, PeerInfo, QPCaps, QPParams, QPState,
-    QPStateError, VerbsError, WCOpcode, WCStatus, WorkCompletion, check_transition,
+    LEGAL_TRANSITIONS,
+    Access,
+    MemoryRegion,
+    PeerInfo,
+    QPCaps,
+    QPParams,
+    QPState,
+    QPStateError,
+    VerbsError,
+    WCOpcode,
+    WCStatus,
+    WorkCompletion,
+    check_transition,
 )
 
 RW = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ
@@ -429,3 +440,32 @@ def test_memory_regions_are_memfd_regions() -> None:
         dev.deregister(mr)
     finally:
         dev.close()
+
+
+def test_responder_not_yet_in_rtr_is_retried_then_fails() -> None:
+    """Packets to a QP still in INIT are dropped: the requester retries retry_cnt
+    times on its transport timer, then RETRY_EXC_ERR."""
+    a, b = Side(params=QPParams(retry_cnt=2, timeout=1)), Side()
+    try:
+        a.qp.connect(b.qp.local_info())  # b never connects: stays in INIT
+        b.qp.post_recv(1, b.mr, 0, 64)
+        a.qp.post_send(1, a.mr, 0, 8)
+        wcs = wait_wcs(a.cq, 1)
+        assert wcs[0].status == WCStatus.RETRY_EXC_ERR and a.dev.stats["retry"] == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_responder_reaching_rtr_in_time_gets_the_message() -> None:
+    a, b = Side(params=QPParams(timeout=1)), Side()
+    try:
+        a.qp.connect(b.qp.local_info())
+        b.qp.post_recv(1, b.mr, 0, 64)
+        a.qp.post_send(1, a.mr, 0, 8)
+        assert a.cq.poll() == []  # b is in INIT: dropped, to be retried
+        b.qp.connect(a.qp.local_info())
+        assert wait_wcs(a.cq, 1)[0].ok and [w.wr_id for w in wait_wcs(b.cq, 1)] == [1]
+    finally:
+        a.close()
+        b.close()

@@ -118,6 +118,8 @@ def test_credits_keep_receiver_ready_both_ways(tmpdir_path: str, rx_chunks: int,
         pump([client, conn], step)
         assert bytes(a.got) == bytes(b.data) and bytes(b.got) == bytes(a.data)
         assert s.device.stats["rnr"] == 0, "credits let a sender meet receiver-not-ready"  # type: ignore[attr-defined]
+        for c in (client, conn):  # every send completion gave its chunk back
+            assert len(c._tx_free) == 2 and len(c._ctrl_free) == 2 * RdmaStack.CTRL_SLOTS + 2
         client.close()
         conn.close()
         server.close()
@@ -214,7 +216,7 @@ def test_concurrent_close_with_data_in_flight(stack: RdmaStack, tmpdir_path: str
 
 def test_stack_close_closes_everything(tmpdir_path: str) -> None:
     s = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
-    server, client, conn = establish(s, f"{tmpdir_path}/x.sock")
+    server, client, _conn = establish(s, f"{tmpdir_path}/x.sock")
     client.send([b"data"])
     s.close()  # both connections; no fd may leak (no_leaks checks)
     server.close()
@@ -367,6 +369,7 @@ def test_tcp_side_channel_framing() -> None:
     """The TCP side channel (pyverbs only) frames messages with a length prefix and
     reassembles them from arbitrary splits."""
     import socket as _socket
+
     from transport.rdma.stack import _Side
     a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)  # a stream, like TCP
     sa, sb = _Side(a), _Side(b)
@@ -389,3 +392,239 @@ def test_tcp_side_channel_framing() -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("garbage", [b"\x00", b"not json", b'{"m": "amsgr-rdma/1", "kind": "hello"}',
+                                     (b'{"m": "amsgr-rdma/1", "kind": "hello", "verbs": {"provider": "softverbs"},'
+                                      b' "credits": 4, "chunk": 4096}'),
+                                     b'{"m": "amsgr-rdma/1", "kind": "ack"}'])
+def test_garbage_on_the_side_channel_faults_only_that_connection(stack: RdmaStack, tmpdir_path: str,
+                                                                 garbage: bytes) -> None:
+    """Design invariant 4 for the side channel: a listener meeting garbage drops that
+    connection (nothing leaks) and keeps serving; a client meeting garbage sees a reset."""
+    import socket as _socket
+    path = f"{tmpdir_path}/g.sock"
+    server = stack.listen(path)
+    bad = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    bad.connect(path)
+    bad.send(garbage)
+    deadline = time.monotonic() + DEADLINE
+    wait_readable([server.fileno()], deadline)
+    assert server.accept() is None
+    bad.close()
+    # The listener still serves.
+    client = stack.connect(path)
+    conn = server.accept()
+    while conn is None:
+        wait_readable([server.fileno()], deadline)
+        conn = server.accept()
+    a, b = Flow(client, b"fine"), Flow(conn, b"")
+    pump([client, conn], lambda: (a.step(), b.step(), bytes(b.got) == b"fine")[2])
+    client.close()
+    conn.close()
+    server.close()
+    # A client talking to a "server" that answers garbage.
+    lsock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    lsock.bind(path)
+    lsock.listen(1)
+    try:
+        victim = stack.connect(path)
+        peer, _ = lsock.accept()
+        peer.recv(65536)  # its HELLO
+        peer.send(garbage)
+        buf = memoryview(bytearray(8))
+        pump([victim], lambda: _raises(lambda: victim.read_into(buf), ConnectionResetError))
+        victim.close()
+        peer.close()
+    finally:
+        lsock.close()
+        os.unlink(path)
+
+
+def test_event_center_server_survives_killed_clients(tmpdir_path: str) -> None:
+    """An echo server on the real EventCenter; four client processes, two of which are
+    SIGKILLed mid-stream. The killed ones end in a reset, the others in an orderly EOF
+    after every echo was verified, and the server keeps serving throughout."""
+    from transport.event_center import READABLE, EventCenter
+
+    path = f"{tmpdir_path}/ec.sock"
+    s = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
+    server = s.listen(path)
+    center = EventCenter(name="rdma-test")
+    outcomes: list[str] = []
+    live: dict[int, RdmaConnectedSocket] = {}
+    pids: dict[int, int] = {}  # ready-pipe fd -> child pid
+    buf = memoryview(bytearray(65536))
+
+    def serve(conn: RdmaConnectedSocket) -> None:
+        pending = bytearray()
+        fd = conn.fileno()
+
+        def finish(how: str) -> None:
+            outcomes.append(how)
+            center.delete_file_event(fd, READABLE)
+            del live[fd]
+            conn.close()
+
+        def on_readable(_: int) -> None:
+            for _ in range(16):
+                try:
+                    n = conn.read_into(buf)
+                except BlockingIOError:
+                    break
+                except ConnectionResetError:
+                    return finish("reset")
+                if n == 0:
+                    return finish("eof")
+                pending.extend(buf[:n])
+            while pending:
+                try:
+                    del pending[: conn.send([bytes(pending[:65536])])]
+                except BlockingIOError:
+                    break
+                except BrokenPipeError:
+                    return finish("reset")
+
+        live[fd] = conn
+        center.create_file_event(fd, READABLE, on_readable)
+
+    def on_accept(_: int) -> None:
+        while (c := server.accept()) is not None:
+            serve(c)
+
+    def on_ready(fd: int) -> None:  # a victim reached its mark: kill it mid-stream
+        center.delete_file_event(fd, READABLE)
+        os.kill(pids[fd], signal.SIGKILL)
+
+    def client_main(idx: int, wfd: int) -> None:
+        cs = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
+        c = cs.connect(path)
+        rng = random.Random(idx)
+        rounds = 0
+        while True:
+            msg = rng.randbytes(rng.randint(1, 20000))
+            f = Flow(c, _LEN.pack(len(msg)) + msg)
+            pump([c], lambda: (f.step(), len(f.got) >= len(f.data))[1])
+            assert bytes(f.got) == bytes(f.data)
+            rounds += 1
+            if rounds == 20:
+                if wfd < 0:
+                    break
+                os.write(wfd, b"k")  # and keep going until the SIGKILL lands
+        c.close()
+        cs.close()
+
+    children: list[int] = []
+    center.create_file_event(server.fileno(), READABLE, on_accept)
+    try:
+        for idx in range(4):
+            victim = idx >= 2
+            r, w = os.pipe() if victim else (-1, -1)
+            pid = _fork(lambda: client_main(idx, w))
+            children.append(pid)
+            if victim:
+                os.close(w)
+                pids[r] = pid
+                center.create_file_event(r, READABLE, on_ready)
+        deadline = time.monotonic() + 60
+        while len(outcomes) < 4:
+            assert time.monotonic() < deadline, f"outcomes so far: {outcomes}"
+            center.process_events(0.1)
+        assert sorted(outcomes) == ["eof", "eof", "reset", "reset"]
+    finally:
+        statuses = [os.waitpid(pid, 0)[1] for pid in children]
+        for fd in pids:
+            os.close(fd)
+        for conn in list(live.values()):
+            conn.close()
+        center.close()
+        server.close()
+        s.close()
+    assert statuses[:2] == [0, 0]
+    assert all(os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL for st in statuses[2:])
+
+
+def _mappings() -> int:
+    """Our memfd mappings in this process (memfd names show up in /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "amsgr-soft" in line)
+
+
+def test_closed_connections_leave_no_mappings(tmpdir_path: str) -> None:
+    """no_leaks counts fds; mappings outlive their fds, so count those too."""
+    s = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
+    before = _mappings()
+    server = s.listen(f"{tmpdir_path}/m.sock")
+    for _ in range(10):
+        client = s.connect(server.address)
+        deadline = time.monotonic() + DEADLINE
+        conn = server.accept()
+        while conn is None:
+            wait_readable([server.fileno()], deadline)
+            conn = server.accept()
+        a, b = Flow(client, b"x" * 10000), Flow(conn, b"y" * 10000)
+        pump([client, conn], lambda: (a.step(), b.step(), len(a.got) == len(b.got) == 10000)[2])
+        assert _mappings() > before
+        conn.close()
+        client.close()
+    server.close()
+    s.close()
+    assert _mappings() == before
+
+
+def test_processor_hands_the_side_channel_to_a_worker_process(tmpdir_path: str) -> None:
+    """The pool's processor mode: this process accepts the side channel and passes the
+    fd by SCM_RIGHTS to a worker process, which adopts it and echoes."""
+    import socket as _socket
+
+    from transport.fdpass import recv_fds, send_fds, seqpacket_pair
+
+    path = f"{tmpdir_path}/proc.sock"
+    ctl, worker_ctl = seqpacket_pair()
+
+    def worker_main() -> None:
+        ctl.close()
+        _, fds = recv_fds(worker_ctl, 16, 1)
+        ws = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
+        conn = ws.adopt(_socket.socket(fileno=fds[0]))
+        echo = Flow(conn, b"")
+        pending = bytearray()
+
+        def step() -> bool:
+            echo.step()
+            pending.extend(echo.got)
+            echo.got.clear()
+            while pending:
+                try:
+                    del pending[: conn.send([bytes(pending)])]
+                except BlockingIOError:
+                    break
+            return echo.eof
+
+        pump([conn], step)
+        conn.close()
+        ws.close()
+
+    lsock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    lsock.bind(path)
+    lsock.listen(4)
+    pid = _fork(worker_main)
+    worker_ctl.close()
+    s = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
+    try:
+        client = s.connect(path)
+        raw, _ = lsock.accept()
+        send_fds(ctl, b"conn", [raw.fileno()])
+        raw.close()  # the worker owns it now
+        data = random.Random(3).randbytes(200_000)
+        f = Flow(client, data)
+        pump([client], lambda: (f.step(), len(f.got) == len(data))[1])
+        assert bytes(f.got) == data
+        client.close()
+    finally:
+        _, status = os.waitpid(pid, 0)
+        ctl.close()
+        lsock.close()
+        os.unlink(path)
+        s.close()
+    assert status == 0

@@ -1,5 +1,11 @@
 """SPSC shared-memory ring: two real processes (os.fork), every byte checked.
 
+Covers: random record sizes 1 B..ring/4 over hundreds of wraps (zero-copy and batched
+paths), full-ring backpressure with the space doorbell, a sleeping consumer woken by the
+producer (and never rung while awake), the sleep handshake under thousands of hand-offs,
+the EventCenter poller, SIGKILL of a producer mid-write (no torn record visible), reset
+epochs, segments (named, memfd, swept after SIGKILL) and the x86-64-only guard.
+
 Synchronisation between the processes is only ever ring state, eventfd doorbells,
 pipes and pidfds; waits are bounded by deadlines and a stuck child is SIGKILLed.
 """
@@ -509,3 +515,81 @@ def test_event_center_poller_spins_then_sleeps_and_is_woken(
         poller.close()
         center.close()
     assert _join(pid) == 0
+
+
+def _recv_one_sleeping(cons: RingConsumer, bell: Doorbell) -> bytes:
+    """Block for one record via the sleep handshake only (no spinning); a lost wake-up
+    shows up as a 10 s stall and fails the test."""
+    while True:
+        views = cons.drain()
+        if views:
+            data = bytes(views[0])
+            assert len(views) == 1
+            cons.release()
+            return data
+        # Drop rings left from earlier rounds (a producer that saw the flag of a
+        # sleep we then cancelled): they would hide a lost wake-up from the assert.
+        bell.drain()
+        if cons.prepare_sleep():
+            assert select.select([bell], [], [], 10.0)[0], "lost wake-up"
+            cons.wake()
+
+
+@pytest.mark.parametrize("echo_sleeps", [False, True])
+def test_sleep_handshake_never_loses_a_wakeup_ping_pong(
+    bells: tuple[Doorbell, Doorbell], echo_sleeps: bool
+) -> None:
+    """The main side always sleeps between messages ('set sleeping, membarrier,
+    re-check' against the producer's 'store tail, load sleeping'). A spinning echo
+    replies within a microsecond, so replies often land inside the sleeper's window
+    between its last empty drain and its flag store: exactly the race the re-check closes."""
+    cap = 4096
+    seg = Segment.create_memfd(2 * Ring.required_size(cap))
+    there = Ring.create(seg.buf[: Ring.required_size(cap)], cap)
+    back = Ring.create(seg.buf[Ring.required_size(cap):], cap)
+    bell_there, bell_back = bells
+    rounds = 3000
+
+    # Each side on its own CPU when there are two, so the spinning echo really replies
+    # within a microsecond instead of waiting for a scheduler slice.
+    cpus = sorted(os.sched_getaffinity(0))
+    mine = set(cpus)
+
+    def echo() -> None:
+        if len(cpus) >= 2:
+            os.sched_setaffinity(0, {cpus[1]})
+        cons, prod = RingConsumer(there, bell_there), RingProducer(back, bell_back)
+        deadline = time.monotonic() + DEADLINE_S
+        for _ in range(rounds):
+            if echo_sleeps:
+                msg = _recv_one_sleeping(cons, bell_there)
+            else:
+                while not cons.poll_spin(10_000):
+                    assert time.monotonic() < deadline
+                (view,) = cons.drain()
+                msg = bytes(view)
+                del view
+                cons.release()
+            assert prod.send(msg)
+
+    pid = _fork(echo)
+    try:
+        if len(cpus) >= 2:
+            os.sched_setaffinity(0, {cpus[0]})
+        cons, prod = RingConsumer(back, bell_back), RingProducer(there, bell_there)
+        jitter = random.Random(5)
+        for i in range(rounds):
+            msg = struct.pack("<I", i)
+            assert prod.send(msg)
+            # Busy jitter (0 to a few µs, not a sleep): slides our drain/flag window
+            # across the moment the reply lands.
+            for _ in range(jitter.randrange(150)):
+                pass
+            assert _recv_one_sleeping(cons, bell_back) == msg
+    finally:
+        os.sched_setaffinity(0, mine)
+        code = _join(pid)
+        there.close()
+        back.close()
+        seg.close()
+    assert code == 0

@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ClosedResourceError, TransportError
 from ..hugepages import Region, alloc_region
@@ -80,8 +81,10 @@ class MemifInterface:
 
     def __init__(self, role: str, sock: socket.socket, regions: list[memoryview],
                  maps: list[mmap.mmap | Region], rx: list[Ring], tx: list[Ring],
-                 eventfds: list[int], interrupt: bool, peer_name: bytes, id: int) -> None:
+                 eventfds: list[int], interrupt: bool, peer_name: bytes, id: int,
+                 region_fds: list[int] | None = None) -> None:
         self.role = role
+        self._region_fds = region_fds or []
         self.sock = sock
         self._regions = regions
         self._maps = maps
@@ -176,6 +179,75 @@ class MemifInterface:
         except OSError:
             pass
 
+    # -- handoff to another process ----------------------------------------------------
+    def export(self) -> tuple[dict[str, Any], list[int]]:
+        """Hand this (server-side) connection to another process.
+
+        Returns plain metadata and *new* fds (control socket, regions, eventfds) for the
+        caller to send by SCM_RIGHTS and then close; :meth:`adopt` rebuilds the
+        interface there. Consumed slots are returned to the peer first, so the shared
+        ring headers hold all state (a server owns only the tails it publishes). This
+        object is closed without a DISCONNECT: the peer never notices the move.
+        """
+        if self.role != "server":
+            raise ValueError("only server-side memif connections can be exported")
+        if self.closed:
+            raise ClosedResourceError("memif interface")
+        for q in range(self.queues):
+            self.rx_rings[q].release()
+        meta = {
+            "version": 1, "interrupt": self.interrupt, "id": self.id,
+            "peer_name": self.peer_name, "queues": self.queues,
+            "regions": [len(v) for v in self._regions],
+            "rings": [[*r.where, r.log2] for r in self.rx_rings + self.tx_rings],
+        }
+        fds = [os.dup(self.sock.fileno())] + [os.dup(fd) for fd in self._region_fds] \
+            + [os.dup(fd) for fd in self._eventfds]
+        self.down_reason = "exported"  # close() below sends nothing
+        self.close()
+        return meta, fds
+
+    @classmethod
+    def adopt(cls, meta: dict[str, Any], fds: list[int]) -> "MemifInterface":
+        """Rebuild an exported server-side connection; takes ownership of ``fds``."""
+        nreg = len(meta["regions"])
+        nq = int(meta["queues"])
+        if meta.get("version") != 1 or len(fds) != 1 + nreg + 2 * nq or len(meta["rings"]) != 2 * nq:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("memif export metadata does not match the fds")
+        sock = socket.socket(fileno=fds[0])
+        sock.setblocking(False)
+        region_fds = fds[1:1 + nreg]
+        efds = fds[1 + nreg:]
+        maps: list[mmap.mmap] = []
+        views: list[memoryview] = []
+        try:
+            for fd, size in zip(region_fds, meta["regions"]):
+                m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                maps.append(m)
+                views.append(memoryview(m))
+            rings = []
+            for (reg, off, log2), efd in zip(meta["rings"], efds):
+                r = Ring(views[reg], off, log2, views, efd)
+                r.where = (reg, off)
+                # Our private counters are the tails we published (rx: consumed and
+                # released; tx: filled), both in shared memory.
+                r._pos = r._rel = r.tail
+                rings.append(r)
+        except BaseException:
+            for v in views:
+                v.release()
+            for m in maps:
+                m.close()
+            sock.close()
+            for fd in region_fds + efds:
+                os.close(fd)
+            raise
+        return cls("server", sock, views, maps, rings[:nq], rings[nq:], efds,
+                   bool(meta["interrupt"]), bytes(meta["peer_name"]), int(meta["id"]),
+                   region_fds)
+
     def close(self, reason: str = "closed") -> None:
         """Send DISCONNECT (best effort), close the control socket, eventfds and maps."""
         if self.closed:
@@ -184,9 +256,10 @@ class MemifInterface:
         if self.down_reason is None:
             self._send_disconnect(reason)
         self.sock.close()
-        for fd in self._eventfds:
+        for fd in self._eventfds + self._region_fds:
             os.close(fd)
         self._eventfds = []
+        self._region_fds = []
         # Ring views pin the maps; drop them first so the maps can really be closed.
         for r in self.rx_rings + self.tx_rings:
             for v in (r.h16, r.h32, r.desc):
@@ -218,8 +291,11 @@ class MemifConnector:
     """Non-blocking client handshake: call :meth:`step` whenever the socket is readable.
 
     HELLO → INIT/ACK → ADD_REGION(fd)/ACK → ADD_RING(fd)/ACK for every C2S then every
-    S2C ring → CONNECT/CONNECTED (§3.4). Memory and eventfds are created after HELLO, when
-    the server's limits are known.
+    S2C ring → CONNECT/CONNECTED (§3.4). Lock-step by default (what DPDK expects; memory
+    and eventfds are created after HELLO, sized by the server's limits). ``pipelined``
+    sends every message at once, sized by our config, and checks HELLO when it comes:
+    the stream stack uses it so a connect needs no reply before the listener's owner
+    gets around to ``accept`` (as the kernel completes a TCP connect).
     """
 
     def __init__(self, address: str, config: MemifConfig = MemifConfig(),
@@ -542,7 +618,7 @@ class _ServerHandshake:
                 rings.append(r)
                 if r.cookie != wire.COOKIE:
                     raise self._fail("Wrong cookie")
-        except BaseException:
+        except BaseException as e:
             for r in rings:
                 for v in (r.h16, r.h32, r.desc):
                     v.release()
@@ -550,11 +626,15 @@ class _ServerHandshake:
                 v.release()
             for m in maps:
                 m.close()
+            if isinstance(e, (ValueError, OSError)) and not isinstance(e, MemifProtocolError):
+                raise self._fail(f"Invalid ring or region: {e}"[: wire.REASON_LEN]) from e
             raise
-        # The mappings outlive the fds; only the eventfds are kept.
-        for fd, _ in self.region_fds:
-            os.close(fd)
+        # Region fds are kept (not needed for the mapping) so the connection can be
+        # handed to another process (MemifInterface.export).
+        region_fds = [fd for fd, _ in self.region_fds]
         self.region_fds = []
+        for r, (msg, _) in zip(rings, c2s + s2c):
+            r.where = (msg.region, msg.offset)
         rx, tx = rings[:nq], rings[nq:]
         for r in rings:
             r.reset()  # DPDK memif_connect zeroes head and tail of every ring
@@ -563,7 +643,7 @@ class _ServerHandshake:
         efds = [e for _, e in c2s + s2c]
         self.rings = []
         return MemifInterface("server", self.sock, views, maps, rx, tx, efds, cfg.interrupt,
-                              peer_name, self.init.id if self.init else 0)
+                              peer_name, self.init.id if self.init else 0, region_fds)
 
     def abort(self) -> None:
         # Read what the client already queued (a pipelined client sends everything at

@@ -59,6 +59,8 @@ class Ring:
         self._rel = 0
         #: Client-owned buffer layout: offset of the buffer of each slot, its region, bsize.
         self.slot_off: list[int] = []
+        #: (region index, offset) as announced in ADD_RING (for handoff).
+        self.where: tuple[int, int] = (0, offset)
         self.reg16 = 0
         self.bsize = 0
 

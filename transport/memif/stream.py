@@ -14,8 +14,10 @@ memif has no end-to-end flow control: a full ring makes DPDK's tx drop frames
   receiver holds segments past a hole and re-acks; 3 duplicate acks, a partial ack
   during recovery, or the retransmission timeout (20 ms, doubling up to 1 s, reset on
   progress) resend the oldest unacked segment. Duplicates are dropped and re-acked.
-* One ACK per received burst (or piggybacked on data sent in the same pass); a window
-  update goes out when the reader frees a large part of a previously small window.
+* ACKs ride on data when there is any. A pure ACK (each one is a kick that wakes the
+  peer) goes out at once after a hole, a duplicate or FIN, for a window update (the
+  reader freed much of a small window) or after a quarter window of segments, else
+  after a 0.5 ms delay (TCP's delayed ACK): a request/reply pair then costs two frames.
 * ``shutdown`` queues FIN; ``close`` sends FIN (when everything else is in the ring)
   then DISCONNECT. A peer that sees DISCONNECT first drains its ring (the memory stays
   mapped on both sides) and reports EOF if FIN was there, ``ConnectionResetError`` if not.
@@ -36,7 +38,8 @@ import select
 import struct
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import ClosedResourceError
 from ..stack import Address, Buffer, ConnectedSocket
@@ -49,6 +52,7 @@ DATA, ACK, FIN, RST = 1, 2, 3, 4
 _U32 = 0xFFFFFFFF
 _RTO_MIN = 0.02
 _RTO_MAX = 1.0
+_ACK_DELAY = 0.0005  # delayed ACK: a reply within this carries the ACK (no extra kick)
 _RING_RETRY = 0.0005  # tx ring full: the peer frees slots without telling us; look again soon
 
 
@@ -72,13 +76,22 @@ class _TimerFd:
             raise OSError(e, os.strerror(e))
         self.fd = fd
         self.armed_until = 0.0
+        # One spec, one bound function: arming is on the hot path (delayed ACK, RTO).
+        self._spec = self._Spec(0, 0, 0, 0)
+        self._ref = ctypes.byref(self._spec)
+        settime = libc.timerfd_settime
+        settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        settime.restype = ctypes.c_int
+        self._settime = settime
 
     def arm(self, delay: float) -> None:
-        delay = max(delay, 1e-6)
+        if delay < 1e-6:
+            delay = 1e-6
         sec = int(delay)
-        spec = self._Spec(0, 0, sec, int((delay - sec) * 1e9) or 1)
-        assert self._libc is not None
-        if self._libc.timerfd_settime(self.fd, 0, ctypes.byref(spec), None) < 0:
+        spec = self._spec
+        spec.v_sec = sec
+        spec.v_nsec = int((delay - sec) * 1e9) or 1
+        if self._settime(self.fd, 0, self._ref, None) < 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
         self.armed_until = time.monotonic() + delay
@@ -99,7 +112,9 @@ class MemifStream(ConnectedSocket):
     """One memif connection as a byte stream (a :class:`ConnectedSocket`).
 
     Built either from a finished :class:`MemifInterface` (server side, after accept) or
-    from a :class:`MemifConnector` still handshaking (client side, ``is_connected`` 0).
+    from a pipelined :class:`MemifConnector` still handshaking (client side; it reports
+    connected at once and finishes the handshake as the listener answers).
+    Server-side connections move between processes with :meth:`export` / :meth:`adopt`.
     """
 
     def __init__(self, iface: MemifInterface | MemifConnector, window: int | None = None,
@@ -122,13 +137,13 @@ class MemifStream(ConnectedSocket):
         self._conn: MemifConnector | None = None
         self._error: OSError | None = None
         self._closed = False
-        self._poll_signalled = False
-        self.on_close: list = []  # callbacks run by close() (the stack removes its poller)
+        self._wake_set = False  # our wake eventfd holds a count (saves syscalls)
+        self.on_close: list[Callable[[], None]] = []  # run by close() (removes the poller)
         # sender
         self._snd_una = 0
         self._snd_nxt = 0
         self._unacked: deque[tuple[int, int, bytes]] = deque()  # (seq, type, payload)
-        self._resend_from = 0  # go-back-N: next unacked seq to (re)transmit
+        self._resend_from = 0  # first segment not yet put in the ring (ring-full backlog)
         self._peer_wnd = 0
         self._rto = _RTO_MIN
         self._rto_deadline = 0.0
@@ -145,6 +160,9 @@ class MemifStream(ConnectedSocket):
         self._fin_rcvd = False
         self._rd_shut = False
         self._need_ack = False
+        self._ack_now = False  # send the pending ACK without delay
+        self._rx_unacked = 0  # in-order segments taken since our last ACK
+        self._ack_deadline = 0.0
         self._ooo: dict[int, tuple[int, bytes]] = {}  # out-of-order segments by seq
         self._adv_wnd = 0
         self._peer_gone = False
@@ -162,6 +180,7 @@ class MemifStream(ConnectedSocket):
         # Window ≤ half the ring: DATA and ACK frames together never overflow it (trap 3).
         w = max(1, ring // 2 - 16) if ring >= 64 else max(1, ring // 2)
         self._window = min(self._want_window or w, w)
+        self._ack_every = max(1, self._window // 4)
         # One segment per buffer normally; a bigger MSS still works (chained descriptors).
         self._mss = self._want_mss
         self._rcvbuf = max(self._rcvbuf, self._window * self._mss)
@@ -177,16 +196,72 @@ class MemifStream(ConnectedSocket):
         iface = self.iface
         if iface is None:
             return False
-        if not self._poll_signalled and iface.rx_rings and iface.rx_rings[0].rx_ready():
-            self._poll_signalled = True
-            os.eventfd_write(self._wake, 1)
+        if not self._wake_set and iface.rx_rings and iface.rx_rings[0].rx_ready():
+            self._signal()
             return True
         return False
+
+    def export(self) -> tuple[dict[str, Any], list[int]]:
+        """Hand this server-side connection, with its stream state, to another process.
+
+        Returns (metadata of plain values and bytes, fds to pass by SCM_RIGHTS and then
+        close). Unacknowledged segments travel along and are sent again by the adopter
+        (duplicates are dropped by the peer); received but unread bytes travel too.
+        This object is closed without FIN or DISCONNECT.
+        """
+        if self.iface is None or self._closed:
+            raise ClosedResourceError("memif socket (not up)")
+        self._service(signal=False)  # take in what is in the ring; acks go out now
+        if self._error is not None:
+            raise self._error
+        state = {
+            "snd_una": self._snd_una, "snd_nxt": self._snd_nxt,
+            "unacked": [[seq, kind, payload] for seq, kind, payload in self._unacked],
+            "peer_wnd": self._peer_wnd, "window": self._window, "mss": self._mss,
+            "rcvbuf": self._rcvbuf, "rcv_nxt": self._rcv_nxt,
+            "rx": b"".join(self._rxq)[self._rx_off:] if self._rxq else b"",
+            "ooo": [[seq, kind, payload] for seq, (kind, payload) in self._ooo.items()],
+            "fin_rcvd": self._fin_rcvd, "fin_queued": self._fin_queued,
+            "rd_shut": self._rd_shut, "wr_shut": self._wr_shut,
+        }
+        meta, fds = self.iface.export()
+        self.iface = None
+        self.close()
+        return {"iface": meta, "stream": state}, fds
+
+    @classmethod
+    def adopt(cls, meta: dict[str, Any], fds: list[int]) -> "MemifStream":
+        """Rebuild an exported connection here; takes ownership of ``fds``."""
+        iface = MemifInterface.adopt(meta["iface"], fds)
+        st = meta["stream"]
+        self = cls(iface, window=st["window"], rcvbuf=st["rcvbuf"], mss=st["mss"])
+        self._snd_una = self._resend_from = st["snd_una"]  # resend everything unacked
+        self._snd_nxt = st["snd_nxt"]
+        self._unacked = deque((seq, kind, bytes(p)) for seq, kind, p in st["unacked"])
+        self._peer_wnd = st["peer_wnd"]
+        self._rcv_nxt = st["rcv_nxt"]
+        if st["rx"]:
+            self._rxq.append(bytes(st["rx"]))
+            self._rx_bytes = len(st["rx"])
+        self._ooo = {seq: (kind, bytes(p)) for seq, kind, p in st["ooo"]}
+        self._fin_rcvd = st["fin_rcvd"]
+        self._fin_queued = st["fin_queued"]
+        self._rd_shut = st["rd_shut"]
+        self._wr_shut = st["wr_shut"]
+        self._need_ack = self._ack_now = True  # tell the peer where we are
+        self._signal()  # look at the rings and queues at once
+        return self
+
+    def _signal(self) -> None:
+        """Make :meth:`fileno` readable (once: the eventfd counts, one write suffices)."""
+        if not self._wake_set:
+            self._wake_set = True
+            os.eventfd_write(self._wake, 1)
 
     def _fail(self, err: OSError) -> None:
         if self._error is None:
             self._error = err
-        os.eventfd_write(self._wake, 1)
+        self._signal()
 
     # -- ConnectedSocket -----------------------------------------------------------------
     def fileno(self) -> int:
@@ -225,13 +300,19 @@ class MemifStream(ConnectedSocket):
         if iface is not None:
             self._ep.unregister(iface.ctrl_fileno())
             self._up(iface)
-            os.eventfd_write(self._wake, 1)  # the owner may be waiting to send: look again
+            self._signal()  # the owner may be waiting to send: look again
 
     def read_into(self, buf: memoryview) -> int:
         if self._closed:
             raise ClosedResourceError("memif socket")
         if self._rd_shut:
             return 0
+        if self._rx_bytes:
+            # Fast path: bytes already taken from the ring (fileno stays readable).
+            n = self._copy_out(buf)
+            if self._rx_bytes or self._fin_rcvd or self._error is not None:
+                self._signal()
+            return n
         self._service(signal=False)
         if self.iface is None:
             if self._error is not None:
@@ -240,7 +321,7 @@ class MemifStream(ConnectedSocket):
         if self._rx_bytes:
             n = self._copy_out(buf)
             if self._rx_bytes or self._fin_rcvd or self._error is not None:
-                os.eventfd_write(self._wake, 1)  # level-triggered contract: still readable
+                self._signal()  # level-triggered contract: still readable
             return n
         if self._fin_rcvd:
             return 0
@@ -266,7 +347,7 @@ class MemifStream(ConnectedSocket):
         self._rx_bytes -= n
         # Window update once a small advertised window has opened substantially.
         if self._adv_wnd < self._window // 2 and self._free_wnd() >= self._window // 2:
-            self._need_ack = True
+            self._need_ack = self._ack_now = True
             self._flush_ack()
         return n
 
@@ -275,7 +356,13 @@ class MemifStream(ConnectedSocket):
             raise ClosedResourceError("memif socket")
         if self._wr_shut:
             raise BrokenPipeError(errno.EPIPE, "memif socket shut down")
-        self._service()
+        # Light service: acks and data from the ring (plain memory reads); fds (control,
+        # timer, wake-ups) and retransmission are left to the READABLE path, which the
+        # owner runs anyway.
+        if self.iface is None:
+            self._service()
+        elif not self._take_ring(True):
+            self._check_rto()
         if self.iface is None:
             if self._error is not None:
                 raise self._error
@@ -285,6 +372,8 @@ class MemifStream(ConnectedSocket):
         if self._peer_gone:
             raise BrokenPipeError(errno.EPIPE, "memif peer disconnected")
         credit = self._credit()
+        if self._rexmit:
+            self._transmit()
         if self._resend_from != self._snd_nxt:
             self._arm_retry()  # ring full: the timer brings us back
             raise BlockingIOError(errno.EAGAIN, "tx ring full")
@@ -317,6 +406,7 @@ class MemifStream(ConnectedSocket):
             seq = (seq + 1) & _U32
         self._snd_nxt = seq
         self._transmit()
+        self._rearm()
         return sum(len(p) for p in payloads)
 
     def shutdown(self) -> None:
@@ -331,7 +421,7 @@ class MemifStream(ConnectedSocket):
                     self._service()
                 except OSError:
                     pass
-        os.eventfd_write(self._wake, 1)
+        self._signal()
 
     def close(self) -> None:
         if self._closed:
@@ -389,28 +479,54 @@ class MemifStream(ConnectedSocket):
             s, k, p = self._unacked[0]
             if iface.tx_burst([self._frame(k, s, p)]):
                 self._rexmit = False
-                self._need_ack = False
+                self._ack_sent()
                 self.retransmits += 1
         start = (self._resend_from - self._snd_una) & _U32
         if start < len(self._unacked):
             frames = [self._frame(k, s, p) for s, k, p in itertools.islice(self._unacked, start, None)]
             n = iface.tx_burst(frames)
             if n:
-                self._need_ack = False  # every frame carried the current ack
+                self._ack_sent()  # every frame carried the current ack
                 self._resend_from = (self._resend_from + n) & _U32
                 if not self._rto_deadline:
                     self._rto_deadline = time.monotonic() + self._rto
-                    self._arm(self._rto)
             if n < len(frames):
                 self._arm_retry()
         self._flush_ack()
 
     def _flush_ack(self) -> None:
-        if self._need_ack and self.iface is not None:
+        """Send a pure ACK now when due, else let it wait (delayed ACK): a reply sent
+        within ``_ACK_DELAY`` carries it for free, and each pure ACK is a kick that
+        wakes the peer. Due: a hole or duplicate (fast retransmit needs it), FIN, a
+        window update, a quarter window received, or the delay ran out."""
+        if not self._need_ack or self.iface is None:
+            return
+        now = time.monotonic()
+        if self._ack_now or self._rx_unacked >= self._ack_every or \
+                (self._ack_deadline and now >= self._ack_deadline):
             if self.iface.tx_burst([self._frame(ACK, self._snd_nxt, b"")]):
-                self._need_ack = False
+                self._ack_sent()
             else:
                 self._arm_retry()
+        elif not self._ack_deadline:
+            self._ack_deadline = now + _ACK_DELAY
+
+    def _ack_sent(self) -> None:
+        self._need_ack = self._ack_now = False
+        self._rx_unacked = 0
+        self._ack_deadline = 0.0
+
+    def _rearm(self) -> None:
+        """Keep the timerfd armed no later than the next RTO or delayed-ACK deadline."""
+        dl = self._rto_deadline
+        ad = self._ack_deadline
+        if ad and (not dl or ad < dl):
+            dl = ad
+        if dl:
+            now = time.monotonic()
+            armed = self._timer.armed_until
+            if armed <= now or armed > dl + 1e-4:
+                self._timer.arm(max(dl - now, 1e-5))
 
     def _arm(self, delay: float) -> None:
         now = time.monotonic()
@@ -421,26 +537,73 @@ class MemifStream(ConnectedSocket):
         self._arm(_RING_RETRY)
 
     def _service(self, signal: bool = True) -> None:
-        """Drain wake-ups and the rx ring, handle acks and data, retransmit if due."""
-        self._timer.clear()
-        try:
-            os.eventfd_read(self._wake)
-        except BlockingIOError:
-            pass
-        self._poll_signalled = False
-        if self.iface is None and self._conn is not None:
-            self._step_handshake()
+        """Drain wake-ups and the rx ring, handle acks and data, retransmit if due.
+
+        One ``epoll_wait(0)`` on our own epoll fd says which fds are ready, so only
+        those are read: a send or read costs one syscall here plus the peer's kick,
+        instead of one per fd.
+        """
+        ctrl_ready = rx_ready = False
+        timer_fd = self._timer.fd
+        ctrl_fd = rx_fd = -2
         iface = self.iface
+        if iface is not None:
+            ctrl_fd = iface.ctrl_fileno()
+            rx_fd = iface.fileno(0)
+        for fd, _ in self._ep.poll(0):
+            if fd == self._wake:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                self._wake_set = False
+            elif fd == timer_fd:
+                self._timer.clear()
+            elif fd == rx_fd:
+                rx_ready = True
+            else:
+                ctrl_ready = True  # the control socket (or the connector's)
+        if self.iface is None and self._conn is not None:
+            if ctrl_ready:
+                self._step_handshake()
+            iface = self.iface
+            if iface is None:
+                if self._error is not None:
+                    self._signal()
+                return
+            ctrl_ready = False
         if iface is None:
             if self._error is not None:
-                os.eventfd_write(self._wake, 1)
+                self._signal()
             return
-        if not self._peer_gone:
+        if ctrl_ready and not self._peer_gone:
             try:
                 iface.poll_control()
             except MemifDisconnected:
                 self._peer_gone = True
-        iface.clear_interrupt(0)
+        if rx_ready:
+            iface.clear_interrupt(0)
+        if self._take_ring(signal):
+            return
+        self._check_rto()
+        self._transmit()
+        self._rearm()
+
+    def _check_rto(self) -> None:
+        """Retransmission timeout: resend the oldest segment, back off."""
+        if self._unacked and self._rto_deadline:
+            now = time.monotonic()
+            if now >= self._rto_deadline:
+                self._rexmit = True
+                self._recover = self._snd_nxt
+                self._rto = min(self._rto * 2, _RTO_MAX)
+                self._rto_deadline = now + self._rto
+
+    def _take_ring(self, signal: bool) -> bool:
+        """Process every frame in the rx ring; True when the peer is gone (EOF/reset
+        pending). No syscalls unless something must be signalled."""
+        iface = self.iface
+        assert iface is not None
         while True:
             frames = iface.rx_burst(256)
             if not frames:
@@ -450,25 +613,16 @@ class MemifStream(ConnectedSocket):
                 break
         iface.rx_release(0)
         if signal and (self._rx_bytes or self._fin_rcvd or self._error is not None):
-            os.eventfd_write(self._wake, 1)  # data/EOF/error wait in user space
+            self._signal()  # data/EOF/error wait in user space
         if self._peer_gone:
             if not self._fin_rcvd and self._error is None:
                 self._fail(ConnectionResetError(errno.ECONNRESET,
                                                 f"memif peer disconnected: {iface.down_reason}"))
-            os.eventfd_write(self._wake, 1)  # stay readable: EOF/error is pending
-            return
-        # retransmission timeout: resend the oldest segment, back off
-        if self._unacked and self._rto_deadline:
-            now = time.monotonic()
-            if now >= self._rto_deadline:
-                self._rexmit = True
-                self._recover = self._snd_nxt
-                self._rto = min(self._rto * 2, _RTO_MAX)
-                self._rto_deadline = now + self._rto
-                self._arm(self._rto)
-        self._transmit()
+            self._signal()  # stay readable: EOF/error is pending
+            return True
+        return False
 
-    def _on_frames(self, frames: list) -> None:
+    def _on_frames(self, frames: list[memoryview | bytes]) -> None:
         unpack = HDR.unpack_from
         hsize = HDR.size
         for f in frames:
@@ -487,7 +641,6 @@ class MemifStream(ConnectedSocket):
                 self._dup_acks = 0
                 if self._unacked:
                     self._rto_deadline = time.monotonic() + self._rto
-                    self._arm(self._rto)
                     if ((self._recover - ack) & _U32) - 1 < 0x7FFFFFFF:
                         # partial ack during recovery (NewReno): the next hole is lost too
                         self._rexmit = True
@@ -512,8 +665,9 @@ class MemifStream(ConnectedSocket):
                     if self._rx_count % self._drop_every == 0:
                         self._drops += 1
                         continue
-                self._need_ack = True  # in order: ack; duplicate or hole: re-ack
+                self._need_ack = True
                 if seq != self._rcv_nxt:
+                    self._ack_now = True  # duplicate or hole: re-ack at once
                     ahead = (seq - self._rcv_nxt) & _U32
                     if ahead < self._window and seq not in self._ooo:
                         # hold segments past a hole so one retransmission fills it
@@ -530,8 +684,10 @@ class MemifStream(ConnectedSocket):
 
     def _deliver(self, kind: int, payload: bytes | memoryview) -> None:
         self._rcv_nxt = (self._rcv_nxt + 1) & _U32
+        self._rx_unacked += 1
         if kind == FIN:
             self._fin_rcvd = True
+            self._ack_now = True
         elif not self._rd_shut:
             data = bytes(payload)
             self._rxq.append(data)

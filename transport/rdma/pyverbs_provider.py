@@ -41,15 +41,42 @@ from typing import Any
 
 from ..hugepages import alloc_region
 from .verbs import (
-    Access, CompletionQueue, Device, MemoryRegion, NoDeviceError, PeerInfo, Provider,
-    QPCaps, QPParams, QPState, QPStateError, QueuePair, VerbsError, WCOpcode, WCStatus,
-    WorkCompletion, check_transition,
+    Access,
+    CompletionQueue,
+    Device,
+    MemoryRegion,
+    NoDeviceError,
+    PeerInfo,
+    Provider,
+    QPCaps,
+    QPParams,
+    QPState,
+    QPStateError,
+    QueuePair,
+    VerbsError,
+    WCOpcode,
+    WCStatus,
+    WorkCompletion,
+    check_transition,
 )
 
 __all__ = [
-    "DIST_PACKAGES", "load_pyverbs", "import_error", "device_status", "list_devices",
-    "qp_init_attr", "init_attr", "rtr_attr", "rts_attr", "err_attr", "recv_wr", "send_wr",
-    "PyverbsProvider", "PyverbsDevice", "PyverbsCQ", "PyverbsQP",
+    "DIST_PACKAGES",
+    "PyverbsCQ",
+    "PyverbsDevice",
+    "PyverbsProvider",
+    "PyverbsQP",
+    "device_status",
+    "err_attr",
+    "import_error",
+    "init_attr",
+    "list_devices",
+    "load_pyverbs",
+    "qp_init_attr",
+    "recv_wr",
+    "rtr_attr",
+    "rts_attr",
+    "send_wr",
 ]
 
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
@@ -61,7 +88,6 @@ def load_pyverbs() -> SimpleNamespace:
 
     Raises ImportError when neither works; the message says where we looked.
     """
-    global _pv
     if _pv is not None:
         return _pv
     # pyverbs calls logging.basicConfig(level=INFO) on import; a library must not
@@ -76,7 +102,7 @@ def load_pyverbs() -> SimpleNamespace:
 
 
 def _load() -> SimpleNamespace:
-    global _pv
+    global _pv  # one lazily loaded namespace per process
     if "pyverbs" not in sys.modules:
         try:
             importlib.import_module("pyverbs")
@@ -92,7 +118,7 @@ def _load() -> SimpleNamespace:
             except BaseException:
                 del sys.modules["pyverbs"]
                 raise
-    from pyverbs import enums  # noqa: PLC0415 - lazy by design
+    from pyverbs import enums
     from pyverbs.addr import GID, AHAttr, GlobalRoute
     from pyverbs.cq import CQ, CompChannel
     from pyverbs.device import Context, get_device_list
@@ -285,7 +311,10 @@ class PyverbsCQ(CompletionQueue):
                 status = WCStatus(wc.status)
             except ValueError:
                 status = WCStatus.GENERAL_ERR
-            op = WCOpcode.RECV if wc.opcode & 0x80 else WCOpcode(min(int(wc.opcode), 2))
+            # ibv_poll_cq(3): the opcode of an error completion is undefined, so callers
+            # must look at the status first; map anything unknown to SEND.
+            op = (WCOpcode.RECV if wc.opcode & 0x80 else
+                  WCOpcode(wc.opcode) if wc.opcode in (0, 1, 2) else WCOpcode.SEND)
             out.append(WorkCompletion(wc.wr_id, status, op, wc.byte_len, wc.qp_num))
         return out
 

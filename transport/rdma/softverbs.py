@@ -21,8 +21,19 @@ Model ("the sender's process plays both NICs"):
   no action by the target's CPU; a local error moves the QP to ERR and flushes every
   outstanding WR with WR_FLUSH_ERR. Peer death is seen through a pidfd that sits in the
   CQ's epoll set, so a dead peer wakes ``CompletionQueue.fileno()``.
-* Timing is not emulated: retries run when the CQ is polled (``next_timeout`` tells an
-  event loop when), delivery is synchronous inside ``post_send``.
+* A NIC flushes posted receives the moment its QP enters ERR. Here the peer's sender
+  may be popping that RQ at that instant, so the flush waits until the peer is quiet
+  (dead, in ERR, or destroyed; each rings our doorbell) - never two completions for one
+  receive, at the price of flush completions that can come later than on hardware.
+* Timing is not emulated: delivery is synchronous inside ``post_send``; a send waiting
+  on RNR or on a responder still in INIT is retried when its timer (a timerfd in the
+  CQ's epoll set) fires and the CQ is polled.
+
+Not emulated (see shared/notes/rdma.md §5.3): CQ overrun (completions queue without
+bound), MTU segmentation, retry/ACK timing of a wire, memory pinning and
+RLIMIT_MEMLOCK, regions registered after ``local_info`` (the peer never maps them: a
+receive or one-sided access into one fails with LOC_PROT_ERR / REM_ACCESS_ERR), and
+peers on other hosts (softverbs needs one kernel: the boot id is its GID).
 
 Memory ordering: each ring index and state word has one writer and is accessed as one
 aligned 8- or 4-byte load/store through ``memoryview.cast`` (never ``struct.pack_into``,
@@ -48,12 +59,27 @@ from typing import Any
 
 from ..hugepages import Region, alloc_region
 from .verbs import (
-    RNR_RETRY_INFINITE, RNR_TIMER_MS, Access, CompletionQueue, Device, MemoryRegion,
-    PeerInfo, Provider, QPCaps, QPParams, QPState, QPStateError, QueuePair, VerbsError,
-    WCOpcode, WCStatus, WorkCompletion, check_transition,
+    RNR_RETRY_INFINITE,
+    RNR_TIMER_MS,
+    Access,
+    CompletionQueue,
+    Device,
+    MemoryRegion,
+    PeerInfo,
+    Provider,
+    QPCaps,
+    QPParams,
+    QPState,
+    QPStateError,
+    QueuePair,
+    VerbsError,
+    WCOpcode,
+    WCStatus,
+    WorkCompletion,
+    check_transition,
 )
 
-__all__ = ["SoftVerbsProvider", "SoftDevice", "SoftCQ", "SoftQP", "EMULATION"]
+__all__ = ["EMULATION", "SoftCQ", "SoftDevice", "SoftQP", "SoftVerbsProvider"]
 
 #: Every result obtained on this provider is an emulation of RDMA, not RDMA.
 EMULATION = True
@@ -179,7 +205,7 @@ def _pow2(n: int) -> int:
 class _SoftMR:
     mr_id: int
     region: Region
-    device: "SoftDevice"
+    device: SoftDevice
 
 
 @dataclass
@@ -212,7 +238,7 @@ class SoftCQ(CompletionQueue):
     """A CQ: local completions in a deque, receive completions pulled from the RCQ rings
     of its QPs; ``fileno()`` is an epoll fd over the doorbell eventfd and peer pidfds."""
 
-    def __init__(self, device: "SoftDevice", depth: int = 256) -> None:
+    def __init__(self, device: SoftDevice, depth: int = 256) -> None:
         self._dev = device
         self.depth = depth
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -241,7 +267,7 @@ class SoftCQ(CompletionQueue):
             self._signal()
         self._deque.append(wc)
 
-    def _watch_pid(self, pidfd: int, qp: "SoftQP") -> None:
+    def _watch_pid(self, pidfd: int, qp: SoftQP) -> None:
         self._pidfds[pidfd] = qp
         self._ep.register(pidfd, select.EPOLLIN)
 
@@ -274,7 +300,7 @@ class SoftCQ(CompletionQueue):
                 qp._try_flush_rq()
         for qp in self._recv_qps:
             qp._reap_rcq()
-        out = []
+        out: list[WorkCompletion] = []
         while self._deque and len(out) < n:
             out.append(self._deque.popleft())
         if self._deque:
@@ -310,7 +336,7 @@ class SoftCQ(CompletionQueue):
 class SoftQP(QueuePair):
     """An RC queue pair emulated over a shared QP region (see module docstring)."""
 
-    def __init__(self, device: "SoftDevice", send_cq: SoftCQ, recv_cq: SoftCQ,
+    def __init__(self, device: SoftDevice, send_cq: SoftCQ, recv_cq: SoftCQ,
                  caps: QPCaps, params: QPParams) -> None:
         self._dev, self._scq, self._rcq_cq = device, send_cq, recv_cq
         self.caps, self.params = caps, params
@@ -427,6 +453,8 @@ class SoftQP(QueuePair):
                     self._pidfd = os.pidfd_open(pid)
                 except ProcessLookupError:
                     self._peer_dead = True
+                except (AttributeError, OSError):
+                    pass  # no pidfd (Linux < 5.3): the stack's side channel still sees EOF
                 else:
                     for cq in {self._scq, self._rcq_cq}:
                         cq._watch_pid(self._pidfd, self)
@@ -726,8 +754,15 @@ class SoftDevice(Device):
         ent[2] -= 1
         if ent[2] == 0:
             del self._peer_maps[key]
+            self._drop_map(ent)
+
+    @staticmethod
+    def _drop_map(ent: list[Any]) -> None:
+        try:
             ent[1].release()
             ent[0].close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes with it
 
     def create_cq(self, depth: int = 256) -> SoftCQ:
         return SoftCQ(self, depth)
@@ -745,8 +780,7 @@ class SoftDevice(Device):
         for mr in list(self._mrs.values()):
             self.deregister(mr)
         for ent in self._peer_maps.values():
-            ent[1].release()
-            ent[0].close()
+            self._drop_map(ent)
         self._peer_maps.clear()
 
 

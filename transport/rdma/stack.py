@@ -24,7 +24,11 @@ and no cross-connection wake-ups are needed):
   (infinite, Ceph's setting) turns into a short delay, never an error.
 * **Readiness.** ``fileno()`` is an epoll fd over the CQ fd, the side channel and a
   notify eventfd; it is readable when data, credits, EOF or an error arrived.
-  ``write_fileno()`` is None (transport/stack.py's contract for one-fd stacks).
+  ``write_fileno()`` is None (transport/stack.py's contract for one-fd stacks): after
+  a ``send`` raised BlockingIOError, ``fileno()`` turns readable once send space is back
+  and *stays* readable until ``send`` is called again, so an owner that reads first and
+  flushes second cannot lose that wake-up. The owner must therefore retry its pending
+  output on READABLE (as tests/conformance/suite.py's Endpoint does).
 * **Shutdown.** FIN is an in-band flag (after all data, RC keeps order). Side-channel
   EOF without FIN, a dead peer, or an error completion is a reset.
 """
@@ -44,13 +48,29 @@ from typing import Any
 
 from ..errors import BrokenResourceError, ClosedResourceError
 from ..fdpass import recv_fds, send_fds
-from ..stack import Address, Buffer, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
+from ..stack import (
+    Address,
+    Buffer,
+    ConnectedSocket,
+    NetworkStack,
+    ServerSocket,
+    SocketOptions,
+)
 from .verbs import (
-    Access, CompletionQueue, Device, MemoryRegion, PeerInfo, Provider, QPCaps, QPParams,
-    QueuePair, VerbsError, WCOpcode,
+    Access,
+    CompletionQueue,
+    Device,
+    MemoryRegion,
+    PeerInfo,
+    Provider,
+    QPCaps,
+    QPParams,
+    QueuePair,
+    VerbsError,
+    WCOpcode,
 )
 
-__all__ = ["RdmaStack", "RdmaConnectedSocket", "RdmaServerSocket", "get_provider", "PROVIDER_ENV"]
+__all__ = ["PROVIDER_ENV", "RdmaConnectedSocket", "RdmaServerSocket", "RdmaStack", "get_provider"]
 
 log = logging.getLogger("transport.rdma")
 
@@ -182,6 +202,7 @@ class RdmaConnectedSocket(ConnectedSocket):
         self._side_open = True
         self._send_blocked = False
         self._credit_wake = False  # send space appeared after a blocked send: stay readable
+        self._notified = False  # the notify eventfd holds a count
         self._was_open = False
         self._rxq: deque[list[int]] = deque()  # [chunk, start, end] of unread data
         dev = stack.device
@@ -203,6 +224,9 @@ class RdmaConnectedSocket(ConnectedSocket):
             self._qp.to_init()
             self._rx = dev.register((r + c) * self._cs, Access.LOCAL_WRITE, stack.hugepages)
             self._tx = dev.register((t + 2 * c + 2) * self._cs, Access.NONE, stack.hugepages)
+            self._cq.req_notify()
+            for i in range(r + c):  # every receive is posted before the peer hears of us
+                self._qp.post_recv(i, self._rx, i * self._cs, self._cs)
         except BaseException:
             self._release()
             raise
@@ -217,9 +241,6 @@ class RdmaConnectedSocket(ConnectedSocket):
         self._ctrl_sent = self._peer_acks = 0
         self._ctrl_recvd = self._acks_sent = 0
         self._peer_payload = self._cs - HDR_SIZE
-        self._cq.req_notify()
-        for i in range(r + c):  # every receive is posted before the peer hears of us
-            self._qp.post_recv(i, self._rx, i * self._cs, self._cs)
 
     # -- setup -------------------------------------------------------------------------
     def _hello(self, kind: str) -> None:
@@ -232,14 +253,27 @@ class RdmaConnectedSocket(ConnectedSocket):
                 os.close(fd)
 
     def _take_hello(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """Connect our QP to the peer's HELLO; anything malformed is EPROTO (the fds
+        that came with it are closed either way)."""
         assert self._qp is not None
-        info = dict(msg["verbs"])
+        try:
+            info = dict(msg["verbs"])
+            credits, chunk = int(msg["credits"]), int(msg["chunk"])
+            if credits < 1 or chunk <= HDR_SIZE:
+                raise ValueError("credits/chunk out of range")
+        except (KeyError, TypeError, ValueError) as exc:
+            for fd in fds:
+                os.close(fd)
+            raise BrokenResourceError(errno.EPROTO, f"malformed rdma HELLO: {exc!r}") from None
         pid = self._side.peer_pid()
         if pid is not None and info.get("provider") == "softverbs":
             info["pid"] = pid  # the kernel's word (SO_PEERCRED), valid across pid namespaces
-        self._qp.connect(PeerInfo(info, fds))
-        self._peer_total = int(msg["credits"])
-        self._peer_payload = min(self._cs, int(msg["chunk"])) - HDR_SIZE
+        try:
+            self._qp.connect(PeerInfo(info, fds))  # owns the fds from here on
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BrokenResourceError(errno.EPROTO, f"malformed rdma HELLO: {exc!r}") from None
+        self._peer_total = credits
+        self._peer_payload = min(self._cs, chunk) - HDR_SIZE
 
     def _start_client(self) -> None:
         self._hello("hello")
@@ -314,13 +348,16 @@ class RdmaConnectedSocket(ConnectedSocket):
             self._fail(ConnectionResetError(errno.ECONNRESET, "rdma peer closed or died without FIN"))
 
     # -- completions -------------------------------------------------------------------
-    def _poll_cq(self) -> None:
+    def _poll_cq(self) -> int:
+        """Drain the CQ; returns how many completions it handled."""
         cq, qp = self._cq, self._qp
         if cq is None or qp is None or self._phase == _DEAD:
-            return
+            return 0
         cq.req_notify()  # re-arm before draining: no completion is missed
+        total = 0
         while True:
             wcs = cq.poll(64)
+            total += len(wcs)
             for wc in wcs:
                 if wc.opcode == WCOpcode.RECV:
                     self._on_recv(wc.wr_id, wc.byte_len, wc.ok, wc.status)
@@ -329,7 +366,7 @@ class RdmaConnectedSocket(ConnectedSocket):
                 else:
                     self._fail(ConnectionResetError(errno.ECONNRESET, f"rdma send failed: {wc.status.name}"))
             if len(wcs) < 64:
-                break
+                return total
 
     def _on_recv(self, idx: int, nbytes: int, ok: bool, status: Any) -> None:
         if not ok:
@@ -347,8 +384,7 @@ class RdmaConnectedSocket(ConnectedSocket):
         if credits > self._peer_total:
             self._peer_total = credits
             self._notify_if_blocked()
-        if acks > self._peer_acks:
-            self._peer_acks = acks
+        self._peer_acks = max(self._peer_acks, acks)
         if kind == _DATA:
             self._data_recvd += 1
             self._rxq.append([idx, base + HDR_SIZE, base + HDR_SIZE + plen])
@@ -410,24 +446,31 @@ class RdmaConnectedSocket(ConnectedSocket):
         """Everything a wake-up may mean: side channel, completions, credits to return."""
         if self._closed:
             return
-        try:
-            os.eventfd_read(self._nfd)
-        except BlockingIOError:
-            pass
+        if self._notified:
+            self._notified = False
+            try:
+                os.eventfd_read(self._nfd)
+            except BlockingIOError:
+                pass
         if self._side_open and self._phase != _OPEN:
             self._side_event()
-        elif self._side_open:
-            # Side channel readable while open = EOF/reset or a protocol error.
+        got = 0
+        if self._phase in (_OPEN, _WAIT_ACK):
+            got = self._poll_cq()
+            self._maybe_ctrl()
+        if self._side_open and self._phase == _OPEN and not got:
+            # Open, the side channel only speaks to say the peer is gone. Look at it
+            # when a wake-up brought no completion (saves a syscall per busy call; a
+            # pending EOF keeps fileno() readable until we do).
             for fd, _ in self._ep.poll(0):
                 if fd == self._side.sock.fileno():
                     self._side_event()
                     break
-        if self._phase in (_OPEN, _WAIT_ACK):
-            self._poll_cq()
-            self._maybe_ctrl()
 
     def _notify(self) -> None:
-        os.eventfd_write(self._nfd, 1)
+        if not self._notified:
+            self._notified = True
+            os.eventfd_write(self._nfd, 1)
 
     def _notify_if_blocked(self) -> None:
         if self._send_blocked:
@@ -438,9 +481,9 @@ class RdmaConnectedSocket(ConnectedSocket):
         """Leaving read_into/send: progress may have drained the wake-up fds while
         leaving work for the app (data, EOF, an error, send space): make ``fileno()``
         readable again, level-triggered style, until the app has taken it."""
-        if self._rxq or self._peer_fin or self._err is not None or self._credit_wake:
-            if not self._closed:
-                self._notify()
+        pending = self._rxq or self._peer_fin or self._err is not None or self._credit_wake
+        if pending and not self._closed:
+            self._notify()
 
     def _fail(self, exc: OSError) -> None:
         if self._err is None:
@@ -703,7 +746,10 @@ class RdmaServerSocket(ServerSocket):
                 self._stack._conns.add(conn)
                 conn._server_handshake(data, fds)
             except OSError as exc:
-                log.warning("rdma handshake failed: %s", exc)
+                # A client that went away mid-handshake is routine (fault injection,
+                # a connect timeout); anything else is worth a warning.
+                gone = exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
+                (log.debug if gone else log.warning)("rdma handshake failed: %s", exc)
                 if conn is not None:
                     conn.close()
                 else:

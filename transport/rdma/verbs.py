@@ -20,10 +20,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "Access", "QPState", "WCStatus", "WCOpcode", "WorkCompletion", "MemoryRegion",
-    "QPCaps", "QPParams", "PeerInfo", "VerbsError", "QPStateError", "NoDeviceError",
-    "Provider", "Device", "CompletionQueue", "QueuePair", "check_transition",
-    "LEGAL_TRANSITIONS", "RNR_TIMER_MS", "RNR_RETRY_INFINITE",
+    "LEGAL_TRANSITIONS",
+    "RNR_RETRY_INFINITE",
+    "RNR_TIMER_MS",
+    "Access",
+    "CompletionQueue",
+    "Device",
+    "MemoryRegion",
+    "NoDeviceError",
+    "PeerInfo",
+    "Provider",
+    "QPCaps",
+    "QPParams",
+    "QPState",
+    "QPStateError",
+    "QueuePair",
+    "VerbsError",
+    "WCOpcode",
+    "WCStatus",
+    "WorkCompletion",
+    "check_transition",
 ]
 
 
