@@ -5,14 +5,13 @@ injected :class:`random.Random`. The supervisor feeds events; the table alone de
 the next state, so every legal path is visible in :data:`TRANSITIONS`::
 
     EXITED ──spawn──▶ SPAWNING ──ready──▶ READY ──accepting──▶ ACCEPTING
-       ▲                 │ │                │ │                  │ │
-       │                 │ └────drain───────┼─┴──────drain───────┘ │
-       │                 │                  ▼                      │
-       │  exited ◀── DRAINING / STOPPING ◀──stop── (any live state)│
-       │                                                            │
-       │   died (crash, any live state, STALLED) ──▶ BACKOFF ──spawn──▶ SPAWNING
-       │   gave_up (flap window exceeded)        ──▶ FAILED
-       └── retire (BACKOFF / FAILED / EXITED slot that is no longer wanted)
+    SPAWNING | READY | ACCEPTING ──drain──▶ DRAINING ──drained──▶ QUIESCED
+    DRAINING | QUIESCED | STOPPING ──exited──▶ EXITED
+    any live state ──stop──▶ STOPPING                 (BACKOFF ──stop──▶ EXITED)
+    any live state ──heartbeat_timeout──▶ STALLED     (then SIGABRT, SIGKILL)
+    SPAWNING | READY | ACCEPTING | STALLED ──died──▶ BACKOFF ──spawn──▶ SPAWNING
+    SPAWNING | READY | ACCEPTING | STALLED ──gave_up──▶ FAILED
+    BACKOFF | FAILED ──retire──▶ EXITED
 
 States beyond the issue's five, and why:
 
@@ -22,6 +21,8 @@ States beyond the issue's five, and why:
   SIGKILL) is under way; the Processor must not route to it (supervisors.md 2.4).
 * ``STOPPING``: pool shutdown; its exit is expected, unlike a crash, and is not
   replaced (DRAINING is the scale-down path with connection migration).
+* ``QUIESCED``: a retiring worker that migrated everything and is exiting
+  (supervisors.md 2.10); the slot is still not free until SIGCHLD.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class State(enum.IntEnum):
     STALLED = 6  # missed its heartbeat deadline: being killed
     BACKOFF = 7  # died; a replacement is scheduled
     FAILED = 8  # flap guard tripped: no more restarts
+    QUIESCED = 9  # retiring, owns nothing any more (DRAINED received), exiting
 
 
 class Event(enum.Enum):
@@ -64,6 +66,7 @@ class Event(enum.Enum):
     DRAIN = "drain"
     STOP = "stop"
     HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    DRAINED = "drained"  # the retiring worker reports it owns nothing
     EXITED = "exited"  # an expected exit (after DRAIN or STOP)
     DIED = "died"  # an unexpected exit: restart after a back-off
     GAVE_UP = "gave_up"  # an unexpected exit past the flap window
@@ -81,9 +84,13 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.SPAWNING, E.DRAIN): S.DRAINING,
     (S.READY, E.DRAIN): S.DRAINING,
     (S.ACCEPTING, E.DRAIN): S.DRAINING,
-    **{(s, E.STOP): S.STOPPING for s in (S.SPAWNING, S.READY, S.ACCEPTING, S.DRAINING, S.STALLED)},
-    **{(s, E.HEARTBEAT_TIMEOUT): S.STALLED for s in (S.SPAWNING, S.READY, S.ACCEPTING, S.DRAINING)},
+    **{(s, E.STOP): S.STOPPING
+       for s in (S.SPAWNING, S.READY, S.ACCEPTING, S.DRAINING, S.QUIESCED, S.STALLED)},
+    **{(s, E.HEARTBEAT_TIMEOUT): S.STALLED
+       for s in (S.SPAWNING, S.READY, S.ACCEPTING, S.DRAINING, S.QUIESCED)},
+    (S.DRAINING, E.DRAINED): S.QUIESCED,
     (S.DRAINING, E.EXITED): S.EXITED,
+    (S.QUIESCED, E.EXITED): S.EXITED,
     (S.STOPPING, E.EXITED): S.EXITED,
     **{(s, E.DIED): S.BACKOFF for s in (S.SPAWNING, S.READY, S.ACCEPTING, S.STALLED)},
     **{(s, E.GAVE_UP): S.FAILED for s in (S.SPAWNING, S.READY, S.ACCEPTING, S.STALLED)},
@@ -206,7 +213,7 @@ class WorkerSlot:
         """
         self.last_exit = code
         self.pid = 0
-        if self.state in (State.DRAINING, State.STOPPING) or (
+        if self.state in (State.DRAINING, State.QUIESCED, State.STOPPING) or (
                 self.state is State.STALLED and self.retiring):
             self.fire(Event.EXITED)
             return None

@@ -341,7 +341,7 @@ class Supervisor:
         for slot, p in list(self.procs.items()):
             ws = self.slots[slot]
             st = ws.state
-            if st in (State.SPAWNING, State.READY, State.ACCEPTING, State.DRAINING):
+            if st in (State.SPAWNING, State.READY, State.ACCEPTING, State.DRAINING, State.QUIESCED):
                 if ws.ready_at is None:
                     deadline, what = ws.spawned_at + self.cfg.boot_timeout, "boot"
                 else:
@@ -366,7 +366,7 @@ class Supervisor:
             if st is State.STALLED and now > p.stalled_at + self.cfg.kill_grace:
                 self.log(f"slot {slot}: pid {p.pid} still alive {self.cfg.kill_grace}s after SIGABRT: SIGKILL")
                 self._kill(p)
-            elif st is State.DRAINING and p.deadline and now > p.deadline:
+            elif st in (State.DRAINING, State.QUIESCED) and p.deadline and now > p.deadline:
                 self.stats["drain_kills"] += 1
                 self.log(f"slot {slot}: pid {p.pid} did not finish draining in {self.cfg.drain_timeout}s: SIGKILL")
                 self._kill(p)
@@ -401,7 +401,8 @@ class Supervisor:
                 self._spawn(ws.slot)
         elif len(wanted) > self.desired:
             self._retire(wanted, len(wanted) - self.desired)
-        if wanted and not any(ws.state in LIVE_STATES or ws.state is State.DRAINING for ws in self.slots):
+        if wanted and not any(ws.state in LIVE_STATES or ws.state in (State.DRAINING, State.QUIESCED)
+                              for ws in self.slots):
             self.log("no worker can be kept alive (every wanted slot is FAILED): stopping with status "
                      f"{EXIT_NO_WORKERS}")
             self.begin_stop("no workers", EXIT_NO_WORKERS)
@@ -542,7 +543,8 @@ class Supervisor:
             self._transition(slot, Event.ACCEPTING)
             self._on_accepting(slot)
         elif kind is Kind.DRAINED:
-            self.log(f"slot {slot}: pid {p.pid} drained")
+            if self.slots[slot].can(Event.DRAINED):
+                self._transition(slot, Event.DRAINED, "owns no connections; exiting")
         else:
             for fd in msg.fds:
                 os.close(fd)

@@ -14,7 +14,7 @@ from pool.admin import AdminClient, AdminError, default_admin_path
 __all__ = ["TRANSIENT", "register", "wait_scaled"]
 
 #: states that mean "the pool has not settled yet"
-TRANSIENT = {"SPAWNING", "READY", "DRAINING", "STOPPING", "STALLED", "BACKOFF"}
+TRANSIENT = {"SPAWNING", "READY", "DRAINING", "QUIESCED", "STOPPING", "STALLED", "BACKOFF"}
 POLL = 0.05  # seconds between status polls while waiting on a condition (with a deadline)
 
 

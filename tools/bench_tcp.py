@@ -167,12 +167,24 @@ def serve_zmq(port: int, ready: Callable[[], None]) -> None:
     ctx.term()
 
 
-def serve_asyncmsgr(port: int, ready: Callable[[], None]) -> None:
+#: secure-mode runs share one random key; forked servers and clients inherit it
+_BENCH_KEYRING = {"osd.0": os.urandom(32), "client.bench": os.urandom(32)}
+
+
+def _auth(secure: bool, name: str) -> Any:
+    from pool.auth import AuthSettings
+    if not secure:
+        return None
+    return AuthSettings("secret", "secure", name, _BENCH_KEYRING)
+
+
+def serve_asyncmsgr(port: int, ready: Callable[[], None], secure: bool = False) -> None:
     from pool.api import EntityType, EventCenter, Messenger, Policy
     from pool.apps import EchoDispatcher
 
     center = EventCenter(name="bench-server")
-    m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server())
+    m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
+                  auth=_auth(secure, "osd.0"))
     m.add_dispatcher(EchoDispatcher())
     m.bind(("127.0.0.1", port))
     signal.signal(signal.SIGTERM, lambda *_: center.stop())
@@ -262,14 +274,24 @@ def _client_zmq(port: int, window: int, payload: bytes, duration: float,
     return done
 
 
+def serve_asyncmsgr_secure(port: int, ready: Callable[[], None]) -> None:
+    serve_asyncmsgr(port, ready, secure=True)
+
+
+def _client_asyncmsgr_secure(port: int, window: int, payload: bytes, duration: float,
+                             latencies: list[int] | None) -> int:
+    return _client_asyncmsgr(port, window, payload, duration, latencies, secure=True)
+
+
 def _client_asyncmsgr(port: int, window: int, payload: bytes, duration: float,
-                      latencies: list[int] | None) -> int:
+                      latencies: list[int] | None, secure: bool = False) -> int:
     from pool.api import (
         AsyncConnection, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy,
     )
 
     center = EventCenter(name="bench-client")
-    m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client())
+    m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
+                  auth=_auth(secure, "client.bench"))
     state = {"done": 0, "outstanding": 0, "seq": 0}
     sent_at: dict[int, int] = {}
     deadline = time.monotonic() + duration
@@ -305,6 +327,7 @@ def _client_asyncmsgr(port: int, window: int, payload: bytes, duration: float,
 
 SERVERS: dict[str, tuple[Callable[..., None], Callable[..., int], str | None]] = {
     "asyncmsgr": (serve_asyncmsgr, _client_asyncmsgr, None),
+    "asyncmsgr-secure": (serve_asyncmsgr_secure, _client_asyncmsgr_secure, "cryptography"),
     "asyncio": (serve_asyncio, _client_raw, None),
     "uvloop": (serve_uvloop, _client_raw, "uvloop"),
     "epoll": (serve_epoll, _client_raw, None),

@@ -28,6 +28,7 @@ from typing import Any
 from pool.api import (
     AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy,
 )
+from pool.auth import AuthSettings, KeyringError, load_keyring
 
 __all__ = ["register", "run", "StressConfig", "StressResult", "run_stress"]
 
@@ -59,6 +60,7 @@ class StressConfig:
     seed: int | None = None
     max_backoff: float = 1.0
     progress: bool = False
+    auth: AuthSettings | None = None
 
 
 @dataclass
@@ -158,7 +160,8 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
         for i in range(cfg.conns):
             m = Messenger(center, entity_type=EntityType.CLIENT, policy=policy,
                           inject_socket_failures=cfg.inject_socket_failures,
-                          backoff=Backoff(0.05, cfg.max_backoff), seed=rng.getrandbits(32))
+                          backoff=Backoff(0.05, cfg.max_backoff), seed=rng.getrandbits(32),
+                          auth=cfg.auth)
             m.add_dispatcher(checker)
             msgrs.append(m)
             conns.append(m.connect(cfg.target))
@@ -262,6 +265,11 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-resets", action="store_true",
                    help="also fail if any session was reset (scale tests)")
+    p.add_argument("--auth", choices=["none", "secret"], default="none")
+    p.add_argument("--keyring", metavar="FILE", help="TOML keyring (mode 0600) for --auth secret")
+    p.add_argument("--name", default="client.admin", help="our entity name in the keyring")
+    p.add_argument("--mode", choices=["crc", "secure"], default="crc",
+                   help="secure = AES-128-GCM on every frame (needs --auth secret)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
     p.set_defaults(func=run)
 
@@ -270,7 +278,14 @@ def run(args: argparse.Namespace) -> int:
     if args.conns < 1 or args.window < 1:
         print("msgr stress: --conns and --window must be at least 1", file=sys.stderr)
         return 2
+    try:
+        keyring = load_keyring(args.keyring) if args.keyring else {}
+        auth = AuthSettings(args.auth, args.mode, args.name, keyring)
+    except (KeyringError, ValueError) as err:
+        print(f"msgr stress: {err}", file=sys.stderr)
+        return 2
     cfg = StressConfig(
+        auth=auth,
         target=args.target, conns=args.conns, messages=args.messages,
         size_min=args.size_min, size_max=args.size_max, window=args.window,
         policy=args.policy, inject_socket_failures=args.inject_socket_failures,

@@ -270,7 +270,7 @@ class Pool:
                 return None
             states = [w["state"] for w in st["workers"]]
             settled = states.count("ACCEPTING") == n and not {
-                "SPAWNING", "READY", "DRAINING", "STALLED", "BACKOFF"}.intersection(states)
+                "SPAWNING", "READY", "DRAINING", "QUIESCED", "STALLED", "BACKOFF"}.intersection(states)
             return st if settled else None
 
         st = wait_for(ok, timeout, f"{n} accepting workers")

@@ -30,6 +30,8 @@ def test_happy_path_spawn_ready_accept_drain_exit() -> None:
     ws.fire(Event.ACCEPTING)
     ws.fire(Event.DRAIN)
     assert ws.state is State.DRAINING
+    ws.fire(Event.DRAINED)
+    assert ws.state is State.QUIESCED
     assert ws.exited(0, now=1.0, rng=random.Random(1)) is None
     assert ws.state is State.EXITED and ws.pid == 0 and ws.restarts == 0
 
@@ -43,6 +45,8 @@ def test_happy_path_spawn_ready_accept_drain_exit() -> None:
     (State.FAILED, Event.SPAWN),  # only an operator's scale (RETIRE) resets FAILED
     (State.EXITED, Event.DIED),
     (State.STOPPING, Event.DRAIN),
+    (State.ACCEPTING, Event.DRAINED),  # only a retiring worker reports DRAINED
+    (State.QUIESCED, Event.DIED),  # its exit is expected
 ])
 def test_illegal_transitions_raise(state: State, event: Event) -> None:
     ws = slot(state=state)
@@ -169,7 +173,8 @@ def test_stall_then_death_is_a_crash_unless_retiring() -> None:
 
 def test_stop_paths() -> None:
     rng = random.Random(0)
-    for before in (State.SPAWNING, State.READY, State.ACCEPTING, State.DRAINING, State.STALLED):
+    for before in (State.SPAWNING, State.READY, State.ACCEPTING, State.DRAINING, State.QUIESCED,
+                   State.STALLED):
         ws = slot(state=before, pid=5)
         ws.fire(Event.STOP)
         assert ws.state is State.STOPPING
