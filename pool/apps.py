@@ -123,6 +123,9 @@ class MessengerApp(WorkerApp):
             msgr.set_address((str(bind[0]), int(bind[1])) if isinstance(bind, (list, tuple))
                              else str(bind))
         msgr.route_request = self._route
+        msgr.max_connections = int(cfg.get("max_connections", 0))
+        msgr.ready_timeout = float(cfg.get("handshake_timeout", msgr.ready_timeout))
+        msgr.idle_timeout = float(cfg.get("idle_timeout", msgr.idle_timeout))
         msgr.add_dispatcher(self.dispatcher_factory())
         self.msgr = msgr
 

@@ -108,6 +108,7 @@ class AsyncConnection:
         self._read_fd: int | None = None
         self._timer: int | None = None
         self._throttled = False
+        self._write_blocked = False
         self._parked: Message | None = None
         self.connect_started = msgr.center.now()
         self.last_active = self.connect_started
@@ -249,7 +250,14 @@ class AsyncConnection:
     # -- reading ---------------------------------------------------------------------------
     def _on_readable(self, _fd: int) -> None:
         sock, wire = self.sock, self.wire
-        if sock is None or wire is None or self._throttled or self.migrating:
+        if sock is None or wire is None or self.migrating:
+            return
+        if self._writing and sock.write_fileno() is None:
+            # memif and rdma signal "send space is back" through this same fd.
+            self._flush()
+            if self.sock is not sock:
+                return
+        if self._throttled:
             return
         msgr = self.msgr
         inject = msgr.inject_socket_failures
@@ -283,7 +291,7 @@ class AsyncConnection:
     def _process(self) -> None:
         """Handle every complete frame already received (until throttled)."""
         wire = self.wire
-        if wire is None or self._throttled:
+        if wire is None or self._throttled or self._write_blocked:
             return
         msgr = self.msgr
         try:
@@ -301,6 +309,14 @@ class AsyncConnection:
                     msgr.deliver(self, msg, size)
                     if self.wire is not wire:
                         return  # the dispatcher marked us down or replaced the socket
+                    if self._write_blocked or (self.session is not None and
+                                               self.session.queued_count > msgr.out_queue_limit):
+                        # Replies pile up faster than the peer reads them: write first.
+                        self._schedule_flush()
+                        if self._reading:
+                            self._set_reading(False)
+                            self._write_blocked = True
+                        return
                     continue
                 self._handle_event(ev)
                 if self.wire is not wire:
@@ -308,6 +324,7 @@ class AsyncConnection:
         except ProtocolError as err:
             msgr.stats["protocol_errors"] += 1
             msgr.stats[f"protocol_error_{err.code}"] += 1
+            self._send_last_words()
             self._fault(f"protocol error: {err.reason}")
             return
         if wire.has_data_to_send() or (self.session is not None and self.session.ack_pending):
@@ -438,6 +455,29 @@ class AsyncConnection:
             msgr.bytes_out += total
             self.last_active = self.center.now()
         self._want_write(bool(out))
+        # Send-side bound: a peer that does not read what we write must not make us
+        # buffer without limit. Stop reading its requests until the backlog drains.
+        if self._out_bytes > msgr.out_high_water:
+            if not self._write_blocked:
+                self._write_blocked = True
+                msgr.stats["write_backpressure"] += 1
+                self._set_reading(False)
+        elif self._write_blocked and self._out_bytes <= msgr.out_high_water // 2:
+            self._write_blocked = False
+            if not self._throttled:
+                self._set_reading(True)
+                self.center.call_soon(self._process)
+
+    def _send_last_words(self) -> None:
+        """Best effort, non-blocking: put what the wire already produced (e.g. an
+        AUTH_BAD_METHOD saying why) on the socket before it is closed."""
+        sock, wire = self.sock, self.wire
+        if sock is None or wire is None or not wire.has_data_to_send():
+            return
+        try:
+            sock.send(self._out + wire.data_to_send())
+        except OSError:
+            pass
 
     def _consume(self, n: int) -> None:
         out = self._out

@@ -16,6 +16,7 @@ worker hand a reconnect for a session owned by another worker to that worker.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import logging
 import random
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from protocol import features
+from protocol.auth import RefuseServerAuth
 from protocol.connection import Config, Connection, IdentRequest, ReconnectRequest, Role
 from protocol.control import EntityAddr
 from protocol.frames import FrameLimits
@@ -100,6 +102,12 @@ class Messenger:
         self.throttle_msgs = Throttle("messages", throttle_messages)
         self.throttle_bytes = Throttle("bytes", throttle_bytes)
         self.route_request: RouteHook | None = None
+        #: stop reading a connection whose unsent output exceeds this (bytes), resume at half
+        self.out_high_water = 4 * 1024 * 1024
+        #: ...or whose queue of not-yet-encoded replies exceeds this many messages
+        self.out_queue_limit = 4096
+        #: refuse (with EBUSY) connections beyond this many; 0 = no cap
+        self.max_connections = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.msgs_in = 0
         self.msgs_out = 0
@@ -174,7 +182,15 @@ class Messenger:
                 self.set_address((str(local[0]), int(local[1])))
         conn = AsyncConnection(self, self.default_policy, peer_addr=sock.peer_address,
                                outgoing=False)
-        wire = Connection(Role.SERVER, self.proto_config,
+        config = self.proto_config
+        if self.max_connections and len(self.connections()) + len(self.accepting) \
+                >= self.max_connections:
+            # At the cap: finish the banner exchange and answer AUTH_REQUEST with -EBUSY,
+            # so the client learns why instead of seeing a bare close.
+            self.stats["refused_busy"] += 1
+            config = dataclasses.replace(config, server_auth=lambda: RefuseServerAuth(
+                f"this worker serves its maximum of {self.max_connections} connections"))
+        wire = Connection(Role.SERVER, config,
                           seen_peer_addr=_addr_entity(sock.peer_address, 0))
         self.accepting.add(conn)
         conn.accept(sock, wire)

@@ -20,7 +20,7 @@ from .control import AUTH_NONE, AUTH_SECRET, MODE_CRC, MODE_SECURE
 from .errors import RemoteProtocolError
 
 __all__ = ["AuthResult", "AuthStats", "ClientAuth", "ServerAuth", "NoneClientAuth",
-           "NoneServerAuth", "SecretClientAuth", "SecretServerAuth", "derive_session_key",
+           "NoneServerAuth", "RefuseServerAuth", "SecretClientAuth", "SecretServerAuth", "derive_session_key",
            "signature", "ZERO_SIGNATURE"]
 
 ZERO_SIGNATURE = bytes(32)
@@ -86,6 +86,18 @@ class NoneClientAuth(ClientAuth):
             raise RemoteProtocolError(f"server chose connection mode {con_mode}, "
                                       "but auth none only supports crc mode", "auth")
         return AuthResult(global_id, con_mode, None)
+
+
+class RefuseServerAuth(ServerAuth):
+    """Turn every client away with -EBUSY (msgr2's way to kick a client): used when a
+    worker is at its connection limit."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def handle_request(self, method: int, modes: tuple[int, ...], payload: bytes
+                       ) -> tuple[str, object]:
+        return ("busy", self.reason)
 
 
 class NoneServerAuth(ServerAuth):

@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 Buffer = Union[bytes, bytearray, memoryview]
+_EBUSY = -16   # AUTH_BAD_METHOD result: server at its connection limit ("kick the client")
+_EACCES = -13  # AUTH_BAD_METHOD result: credentials or method refused
 
 
 class _NeedData:
@@ -435,16 +437,22 @@ class Connection:
             self._send_control(AuthDone(value.global_id, value.con_mode, b""))
             self._finish_auth(value)
         else:
-            self._send_control(AuthBadMethod(0, -13, (1, 2), (1, 2)))
+            busy = kind == "busy"
+            self._send_control(AuthBadMethod(0, _EBUSY if busy else _EACCES, (1, 2), (1, 2)))
             self.state = State.CLOSED
             self.auth_failure = str(value)
-            raise RemoteProtocolError(f"authentication rejected: {value}", "auth")
+            raise RemoteProtocolError(f"{'refused' if busy else 'authentication rejected'}: "
+                                      f"{value}", "busy" if busy else "auth")
 
     def _on_auth_reply_more(self, more: AuthReplyMore) -> None:
         assert self._client_auth is not None
         self._send_control(AuthRequestMore(self._client_auth.more(bytes(more.payload))))
 
     def _on_auth_bad_method(self, bad: AuthBadMethod) -> None:
+        if bad.result == _EBUSY:
+            raise RemoteProtocolError("server refused the connection: it is at its "
+                                      "connection limit (EBUSY); retry later or scale the "
+                                      "pool up", "busy")
         raise RemoteProtocolError(
             f"server rejected auth method {bad.method} (result {bad.result}); it allows "
             f"methods {list(bad.allowed_methods)}: configure a matching --auth", "auth")

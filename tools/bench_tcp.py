@@ -461,18 +461,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         base = next((r for r in rows if r.get("server") == "asyncmsgr" and r["payload"] == size
                      and "rps_w128" in r), None)
         lines.append(f"\npayload {size} B")
-        lines.append(f"  {'server':<10} {'req/s w128':>11} {'ratio':>6} {'req/s w1':>9} "
+        lines.append(f"  {'server':<17} {'req/s w128':>11} {'ratio':>6} {'req/s w1':>9} "
                      f"{'p50 µs':>8} {'p99 µs':>8} {'cpu µs/req':>10} {'ratio':>6} {'RSS MiB':>8}")
         for r in rows:
             if r.get("payload") != size:
                 continue
             if "error" in r:
-                lines.append(f"  {r['server']:<10} {r['error']}")
+                lines.append(f"  {r['server']:<17} {r['error']}")
                 continue
             ratio = r["rps_w128"] / base["rps_w128"] if base else 0.0
             cratio = r["cpu_us_per_req"] / base["cpu_us_per_req"] if base else 0.0
             lines.append(
-                f"  {r['server']:<10} {r['rps_w128']:>11,.0f} {ratio:>6.2f} {r['rps_w1']:>9,.0f} "
+                f"  {r['server']:<17} {r['rps_w128']:>11,.0f} {ratio:>6.2f} {r['rps_w1']:>9,.0f} "
                 f"{r['rtt_p50_us']:>8.0f} {r['rtt_p99_us']:>8.0f} {r['cpu_us_per_req']:>10.1f} "
                 f"{cratio:>6.2f} {r['peak_rss_kb'] / 1024:>8.1f}")
     lines.append("\nratio = peer / asyncmsgr (req/s: > 1 means the peer is faster; "

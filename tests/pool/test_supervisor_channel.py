@@ -116,3 +116,38 @@ def test_fds_dropped_at_rlimit_nofile_are_reported_for_a_nak(center: EventCenter
         os.close(fd)
     ca.close()
     cb.close()
+
+
+def test_worker_exits_on_control_channel_eof() -> None:
+    """The second way a worker notices its supervisor is gone (besides PDEATHSIG): EOF."""
+    import multiprocess
+
+    from pool.control_page import ControlPage
+    from pool.processor import HEADER
+    from pool.worker import WorkerSpec, worker_main
+
+    from .support import RawEchoApp
+
+    page = ControlPage.create(2)
+    parent, child = fdpass.seqpacket_pair()
+    spec = WorkerSpec(slot=1, generation=1, page_name=page.name, accept="processor",
+                      factory=RawEchoApp, supervisor_pid=os.getpid())
+    proc = multiprocess.get_context("fork").Process(target=worker_main, args=(spec, child))
+    proc.start()
+    child.close()
+    try:
+        parent.settimeout(10)
+        data, fds = fdpass.recv_fds(parent, 65536, 4)
+        assert Kind(HEADER.unpack_from(data)[0]) is Kind.READY and not fds
+        assert page.slot(1).get("heartbeat_ns") > 0
+        parent.close()  # the "supervisor" goes away without a word
+        proc.join(5)
+        assert proc.exitcode == 0
+    finally:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(5)
+        proc.close()
+        parent.close()
+        page.close()
+        page.unlink()

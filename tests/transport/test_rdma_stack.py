@@ -628,3 +628,15 @@ def test_processor_hands_the_side_channel_to_a_worker_process(tmpdir_path: str) 
         os.unlink(path)
         s.close()
     assert status == 0
+
+
+def test_forked_worker_opens_its_own_device(stack: RdmaStack) -> None:
+    parent_dev = stack.device
+
+    def child() -> None:
+        assert stack.device is not parent_dev  # verbs resources do not survive fork
+        stack.close()  # closes only the child's device
+
+    pid = _fork(child)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and stack.device is parent_dev

@@ -810,6 +810,7 @@ class RdmaStack(NetworkStack):
         self.qp_params = qp_params
         self._device_name = device_name
         self._device: Device | None = None
+        self._device_pid = 0
         self._conns: set[RdmaConnectedSocket] = set()
 
     @property
@@ -818,8 +819,14 @@ class RdmaStack(NetworkStack):
 
     @property
     def device(self) -> Device:
+        if self._device is not None and self._device_pid != os.getpid():
+            # Opened before a fork: verbs resources do not survive fork (ibv_fork_init
+            # aside), so a forked worker opens its own and leaves the parent's alone.
+            self._device = None
+            self._conns = set()
         if self._device is None:
             self._device = self.provider.open_device(self._device_name)
+            self._device_pid = os.getpid()
         return self._device
 
     def _forget(self, conn: RdmaConnectedSocket) -> None:
@@ -902,7 +909,9 @@ class RdmaStack(NetworkStack):
         return conn
 
     def close(self) -> None:
-        """Close every socket still open and the device."""
+        """Close every socket still open and the device (this process's only)."""
+        if self._device is not None and self._device_pid != os.getpid():
+            self._device, self._conns = None, set()
         for conn in list(self._conns):
             conn.close()
         if self._device is not None:
