@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -105,6 +106,9 @@ class MessengerApp(WorkerApp):
         self.draining = False
         self.routed = 0
         self.migrated = 0
+        #: a second Messenger on the same loop for a non-TCP stack (dpdk = memif, rdma):
+        #: each worker serves its own endpoint ``<stack_path>.<slot>`` (see module doc)
+        self.local: Messenger | None = None
 
     # -- WorkerApp -----------------------------------------------------------------------
     def start(self, ctx: WorkerContext) -> None:
@@ -126,8 +130,28 @@ class MessengerApp(WorkerApp):
         msgr.max_connections = int(cfg.get("max_connections", 0))
         msgr.ready_timeout = float(cfg.get("handshake_timeout", msgr.ready_timeout))
         msgr.idle_timeout = float(cfg.get("idle_timeout", msgr.idle_timeout))
-        msgr.add_dispatcher(self.dispatcher_factory())
+        dispatcher = self.dispatcher_factory()
+        msgr.add_dispatcher(dispatcher)
         self.msgr = msgr
+        stack_name = str(cfg.get("stack", "posix"))
+        if stack_name != "posix":
+            path = cfg.get("stack_path")
+            if not path:
+                raise ValueError(f"--stack {stack_name} needs a socket path (--stack-path)")
+            stack = make_stack(stack_name, ctx.center)
+            local = Messenger(ctx.center, entity_type=EntityType.OSD,
+                              policy=Policy.stateful_server(), stack=stack,
+                              inject_socket_failures=msgr.inject_socket_failures,
+                              cookie_tag=ctx.slot + 1, seed=cfg.get("seed"))
+            endpoint = f"{path}.{ctx.slot}"
+            try:
+                os.unlink(endpoint)  # a stale socket file of a previous worker in this slot
+            except FileNotFoundError:
+                pass
+            local.bind(endpoint)
+            local.add_dispatcher(dispatcher)
+            self.local = local
+            ctx.log(f"serving {stack_name} at {endpoint}")
 
     def adopt(self, conn: ConnectedSocket, meta: bytes) -> bool:
         msgr = self.msgr
@@ -149,21 +173,26 @@ class MessengerApp(WorkerApp):
         return False
 
     def connection_count(self) -> int:
-        return len(self.msgr.connections()) if self.msgr else 0
+        return sum(len(m.connections()) for m in (self.msgr, self.local) if m is not None)
 
     def counters(self) -> tuple[int, int, int, int]:
-        m = self.msgr
-        if m is None:
-            return (0, 0, 0, 0)
-        return (m.msgs_in, m.msgs_out, m.bytes_in, m.bytes_out)
+        out = [0, 0, 0, 0]
+        for m in (self.msgr, self.local):
+            if m is not None:
+                out[0] += m.msgs_in
+                out[1] += m.msgs_out
+                out[2] += m.bytes_in
+                out[3] += m.bytes_out
+        return (out[0], out[1], out[2], out[3])
 
     def begin_drain(self) -> None:
         self.draining = True
         self._drain_step()
 
     def stop(self) -> None:
-        if self.msgr is not None:
-            self.msgr.shutdown()
+        for m in (self.msgr, self.local):
+            if m is not None:
+                m.shutdown()
 
     # -- reconnect routing ------------------------------------------------------------------
     def _route(self, conn: AsyncConnection, ev: IdentRequest | ReconnectRequest) -> bool:
@@ -227,6 +256,11 @@ class MessengerApp(WorkerApp):
         for server in list(msgr.listeners):
             server.close()
         msgr.listeners.clear()
+        if self.local is not None:
+            # memif/rdma connections cannot move to another process: they end here, and
+            # their lossless clients are told (reset) when they reconnect elsewhere.
+            self.local.shutdown()
+            self.local = None
         # Half-done handshakes: close; the client retries and lands on a live worker.
         for conn in list(msgr.accepting):
             conn.mark_down()
@@ -330,6 +364,23 @@ class MessengerApp(WorkerApp):
             msgr.conns[conn.key] = conn
         conn.accept(sock, wire)
         conn.state = ConnState.READY
+
+
+def make_stack(name: str, center: Any = None) -> Any:
+    """The NetworkStack called ``name`` (posix, dpdk = memif, rdma)."""
+    if name == "posix":
+        from transport.posix import PosixStack
+        return PosixStack()
+    if name == "dpdk":
+        from transport.memif import MemifStack
+        stack = MemifStack()
+        if center is not None:
+            stack.bind_center(center)
+        return stack
+    if name == "rdma":
+        from transport.rdma import RdmaStack
+        return RdmaStack()
+    raise ValueError(f"unknown stack {name!r}: choose posix, dpdk or rdma")
 
 
 def _dispatcher_app(cls: Callable[[], Dispatcher], config: Mapping[str, Any]) -> WorkerApp:

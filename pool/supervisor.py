@@ -36,6 +36,7 @@ import random
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -121,6 +122,7 @@ class Supervisor:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._old_handlers: dict[int, Any] = {}
+        self._warned_threads = False
 
     def log(self, msg: str) -> None:
         if self._log is not None:
@@ -468,6 +470,12 @@ class Supervisor:
         assert self.page is not None and self.center is not None
         ws = self.slots[slot]
         was = ws.state
+        if self.cfg.start_method == "fork" and threading.active_count() > 1 and not self._warned_threads:
+            # A lock held by another thread at fork() stays locked forever in the child
+            # (supervisors.md 2.9); we start none, but an imported app module might.
+            self._warned_threads = True
+            self.log(f"warning: {threading.active_count()} threads run in the supervisor while forking "
+                     "workers; if workers hang at start, use --start-method spawn")
         parent, child = fdpass.seqpacket_pair()
         spec = WorkerSpec(slot=slot, generation=ws.generation + 1, page_name=self.page.name,
                           accept=self.cfg.accept, factory=self.factory, app_config=dict(self.cfg.app_config),

@@ -81,6 +81,18 @@ def _close_inherited(keep: set[int]) -> None:
             pass  # the fd of the listdir itself, already gone
 
 
+def _stdio_fds() -> set[int]:
+    """fds behind sys.stdout/sys.stderr when they are not 1/2 (e.g. a test harness's
+    capture files): closing them would make every later log line raise."""
+    out = set()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            out.add(stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+    return out
+
+
 def worker_main(spec: WorkerSpec, ctl: socket.socket) -> None:
     """Process entry point (the multiprocess target). Exits with the worker's status."""
     signal.set_wakeup_fd(-1)
@@ -93,7 +105,7 @@ def worker_main(spec: WorkerSpec, ctl: socket.socket) -> None:
         os._exit(1)  # the supervisor died before the prctl: nobody will signal us
     set_title(f"msgr worker {spec.slot}")
     if spec.close_inherited:
-        _close_inherited({0, 1, 2, ctl.fileno()})
+        _close_inherited({0, 1, 2, ctl.fileno(), *_stdio_fds()})
     faulthandler.enable()  # SIGABRT from the heartbeat check dumps every thread's stack
     os.environ["MSGR_WORKER_SLOT"] = str(spec.slot)
     sys.exit(Worker(spec, ctl).run())
@@ -172,12 +184,15 @@ class Worker(WorkerContext):
     def drained(self) -> None:
         if self.channel is not None:
             self.channel.send(Kind.DRAINED)
-        self.log("drained: exiting")
         self.center.stop()
+        self.log("drained: exiting")
 
     def log(self, msg: str) -> None:
-        sys.stderr.write(f"msgr worker {self.slot} [{os.getpid()}]: {msg}\n")
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(f"msgr worker {self.slot} [{os.getpid()}]: {msg}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # a log line must never take the loop down (e.g. stderr closed)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -305,8 +320,8 @@ class Worker(WorkerContext):
 
     def _on_channel_close(self, reason: str) -> None:
         # The supervisor is gone (or broke the protocol): nobody can route to us any more.
-        self.log(f"control channel closed ({reason}): exiting")
         self.center.stop()
+        self.log(f"control channel closed ({reason}): exiting")
 
     def _cleanup(self) -> None:
         for acc in self.listeners.values():

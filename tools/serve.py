@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -79,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return Supervisor(cfg, factory).run()
-    except (AdminError, OSError) as exc:
+    except AdminError as exc:
         print(f"msgr serve: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"msgr serve: cannot listen on {args.bind}: address already in use "
+                  "(another pool or server is there): pick another --bind", file=sys.stderr)
+        else:
+            print(f"msgr serve: {exc}", file=sys.stderr)
         return 1

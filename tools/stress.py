@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import json
 import os
 import random
@@ -28,6 +29,7 @@ from typing import Any
 from pool.api import (
     AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy,
 )
+from pool.apps import make_stack
 from pool.auth import AuthSettings, KeyringError, load_keyring
 
 __all__ = ["register", "run", "StressConfig", "StressResult", "run_stress"]
@@ -61,6 +63,7 @@ class StressConfig:
     max_backoff: float = 1.0
     progress: bool = False
     auth: AuthSettings | None = None
+    stack: str = "posix"
 
 
 @dataclass
@@ -154,17 +157,23 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
     checker = _Checker(buffers, result)
     policy = Policy.lossless_client() if cfg.policy == "lossless" else Policy.lossy_client()
     center = EventCenter(name="stress")
+    targets: list[Any] = [cfg.target]
+    if cfg.stack != "posix":
+        # A pool serves memif/rdma at <path>.<slot>, one endpoint per worker.
+        base = str(cfg.target)
+        targets = sorted(glob.glob(glob.escape(base) + ".[0-9]*")) or [base]
     msgrs: list[Messenger] = []
     try:
         conns = []
         for i in range(cfg.conns):
-            m = Messenger(center, entity_type=EntityType.CLIENT, policy=policy,
+            stack = make_stack(cfg.stack, center) if cfg.stack != "posix" else None
+            m = Messenger(center, entity_type=EntityType.CLIENT, policy=policy, stack=stack,
                           inject_socket_failures=cfg.inject_socket_failures,
                           backoff=Backoff(0.05, cfg.max_backoff), seed=rng.getrandbits(32),
                           auth=cfg.auth)
             m.add_dispatcher(checker)
             msgrs.append(m)
-            conns.append(m.connect(cfg.target))
+            conns.append(m.connect(targets[i % len(targets)]))
         start = time.monotonic()
         end_send = start + cfg.duration if cfg.duration > 0 else float("inf")
         cap = cfg.messages if cfg.messages > 0 else (1 << 62)
@@ -270,6 +279,9 @@ def register(sub: Any) -> None:
     p.add_argument("--name", default="client.admin", help="our entity name in the keyring")
     p.add_argument("--mode", choices=["crc", "secure"], default="crc",
                    help="secure = AES-128-GCM on every frame (needs --auth secret)")
+    p.add_argument("--stack", choices=["posix", "dpdk", "rdma"], default="posix",
+                   help="dpdk (memif) and rdma: --target is the pool's --stack-path; "
+                        "sessions spread over its per-worker endpoints")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
     p.set_defaults(func=run)
 
@@ -284,9 +296,13 @@ def run(args: argparse.Namespace) -> int:
     except (KeyringError, ValueError) as err:
         print(f"msgr stress: {err}", file=sys.stderr)
         return 2
+    target = args.target
+    if args.stack != "posix":
+        target = args.target if isinstance(args.target, str) else f"{args.target[0]}"
     cfg = StressConfig(
+        stack=args.stack,
         auth=auth,
-        target=args.target, conns=args.conns, messages=args.messages,
+        target=target, conns=args.conns, messages=args.messages,
         size_min=args.size_min, size_max=args.size_max, window=args.window,
         policy=args.policy, inject_socket_failures=args.inject_socket_failures,
         duration=args.duration, timeout=args.timeout, seed=args.seed,

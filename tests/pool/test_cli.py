@@ -59,3 +59,13 @@ def test_errors_are_explained(tmp_path: Path) -> None:
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
     r = msgr("serve", "--accept", "bogus")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_serve_refuses_a_busy_port_and_a_live_admin_socket(tmp_path: Path) -> None:
+    with running_pool(tmp_path, 1) as pool:
+        r = msgr("serve", "--bind", f"127.0.0.1:{pool.port}", "--admin", str(tmp_path / "b.sock"),
+                 "--app", "tests.pool.support:RawEchoApp")
+        assert r.returncode == 1 and "address already in use" in r.stderr, r.stderr
+        r = msgr("serve", "--bind", "127.0.0.1:0", "--admin", pool.admin, "--app", "tests.pool.support:RawEchoApp")
+        assert r.returncode == 1 and "another pool is already serving" in r.stderr, r.stderr
+        assert pool.status()["accepting"] == 1  # the running pool is untouched
