@@ -51,6 +51,15 @@ class WorkerContext(abc.ABC):
         redirect table (retired slot -> surviving slot); ``slot`` itself if none."""
         return slot
 
+    #: this worker's generation in its slot (bumped each time the slot is respawned)
+    generation: int = 0
+
+    def owner_of(self, slot: int, generation: int) -> int | None:
+        """The ACCEPTING slot that now owns sessions created by ``slot`` in
+        ``generation``: the slot itself while that generation still runs there, else the
+        slot its sessions were migrated to (redirect table), else None (they died)."""
+        return slot if generation == self.generation and slot == self.slot else None
+
     @abc.abstractmethod
     def drained(self) -> None:
         """The app owns nothing any more (after ``begin_drain``): the worker may exit."""

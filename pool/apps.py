@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,10 +59,15 @@ class EchoDispatcher(Dispatcher):
                                   tid=msg.tid))
 
 
-def cookie_slot(cookie: int) -> int | None:
-    """The worker slot a server cookie names (None for cookies made outside a pool)."""
-    tag = cookie >> 56
-    return tag - 1 if tag else None
+def cookie_tag(slot: int, generation: int) -> int:
+    """Top 24 bits of the server cookies a worker makes: slot+1 and its generation."""
+    return ((slot + 1) << 16) | (generation & 0xFFFF)
+
+
+def cookie_owner(cookie: int) -> tuple[int, int] | None:
+    """(slot, generation) a server cookie names; None for cookies made outside a pool."""
+    tag = cookie >> 40
+    return ((tag >> 16) - 1, tag & 0xFFFF) if tag >> 16 else None
 
 
 def _pack_message(m: Message) -> list[Any]:
@@ -76,7 +82,8 @@ def _unpack_message(v: list[Any]) -> Message:
     return m
 
 
-def export_session(conn: AsyncConnection, stream: dict[str, Any]) -> bytes:
+def export_session(conn: AsyncConnection, stream: dict[str, Any],
+                   standby: bool = False) -> bytes:
     """Serialize a READY server connection's session for another worker."""
     s = conn.session
     assert s is not None
@@ -91,6 +98,7 @@ def export_session(conn: AsyncConnection, stream: dict[str, Any]) -> bytes:
         "queued": [_pack_message(m) for m in s.queued_messages()],
         "requeued": len(s.requeued),
         "stream": stream,
+        "standby": standby,
     }, use_bin_type=True)
 
 
@@ -121,7 +129,7 @@ class MessengerApp(WorkerApp):
             throttle_bytes=int(cfg.get("throttle_bytes", 0)),
             backoff=Backoff(0.2, float(cfg.get("max_backoff", 15.0))),
             standby_timeout=float(cfg.get("standby_timeout", 900.0)),
-            cookie_tag=ctx.slot + 1, seed=cfg.get("seed"))
+            cookie_tag=cookie_tag(ctx.slot, ctx.generation), seed=cfg.get("seed"))
         bind = cfg.get("bind")
         if bind:
             msgr.set_address((str(bind[0]), int(bind[1])) if isinstance(bind, (list, tuple))
@@ -142,7 +150,8 @@ class MessengerApp(WorkerApp):
             local = Messenger(ctx.center, entity_type=EntityType.OSD,
                               policy=Policy.stateful_server(), stack=stack,
                               inject_socket_failures=msgr.inject_socket_failures,
-                              cookie_tag=ctx.slot + 1, seed=cfg.get("seed"))
+                              cookie_tag=cookie_tag(ctx.slot, ctx.generation),
+                              seed=cfg.get("seed"))
             endpoint = f"{path}.{ctx.slot}"
             try:
                 os.unlink(endpoint)  # a stale socket file of a previous worker in this slot
@@ -199,14 +208,12 @@ class MessengerApp(WorkerApp):
         """Hand a SESSION_RECONNECT for a session another worker owns to that worker."""
         if not isinstance(ev, ReconnectRequest) or self.ctx is None:
             return False
-        owner = cookie_slot(ev.request.server_cookie)
-        if owner is None:
+        named = cookie_owner(ev.request.server_cookie)
+        if named is None:
             return False
-        resolve = getattr(self.ctx, "resolve_slot", None)
-        if resolve is not None:
-            owner = resolve(owner)
-        if owner is None or owner == self.ctx.slot or owner not in self.ctx.accepting_slots():
-            return False  # ours, or the owner is gone: answer here (RESET if unknown)
+        owner = self.ctx.owner_of(*named)
+        if owner is None or owner == self.ctx.slot:
+            return False  # ours, or the owner died with it: answer here (RESET if unknown)
         wire = conn.wire
         sock = conn.sock
         if wire is None or not isinstance(sock, PosixConnectedSocket) or conn.pending_output():
@@ -266,19 +273,20 @@ class MessengerApp(WorkerApp):
             conn.mark_down()
         busy = False
         for conn in msgr.connections():
-            if conn.state is ConnState.READY and isinstance(conn.sock, PosixConnectedSocket):
-                if conn.migrating:
-                    busy = True
-                    continue
+            if conn.migrating:
+                busy = True
+            elif conn.state is ConnState.READY and isinstance(conn.sock, PosixConnectedSocket):
                 if conn.pending_output():
                     conn._set_reading(False)  # stop at a frame boundary, let output drain
-                    busy = True
-                    continue
-                self._migrate(conn)
+                else:
+                    self._migrate(conn)
                 busy = True
-            elif conn.state in (ConnState.STANDBY, ConnState.BACKOFF) or conn.sock is None:
-                # No socket to hand over; the client's next reconnect lands elsewhere and
-                # is answered with SESSION_RESET (the client is told: no silent loss).
+            elif conn.state is ConnState.STANDBY and conn.session is not None:
+                # The client is away (reconnecting): move the session without a socket;
+                # its reconnect reaches the new owner through the redirect table.
+                self._migrate(conn, standby=True)
+                busy = True
+            elif conn.sock is None:
                 conn.mark_down()
             else:
                 busy = True
@@ -287,12 +295,26 @@ class MessengerApp(WorkerApp):
             return
         ctx.center.create_time_event(_DRAIN_RETRY, self._drain_step)
 
-    def _migrate(self, conn: AsyncConnection) -> None:
+    def _migration_target(self) -> int | None:
+        """Where this draining worker's sessions go: the slot the supervisor redirected
+        ours to (so reconnects carrying our cookies find them), else any accepting one."""
+        ctx = self.ctx
+        assert ctx is not None
+        target = ctx.owner_of(ctx.slot, -1)
+        if target is not None and target != ctx.slot:
+            return target
+        slots = ctx.accepting_slots()
+        return slots[0] if slots else None
+
+    def _migrate(self, conn: AsyncConnection, standby: bool = False) -> None:
         ctx, msgr = self.ctx, self.msgr
         assert ctx is not None and msgr is not None
-        targets = ctx.accepting_slots()
-        if not targets:
+        target = self._migration_target()
+        if target is None:
             return  # nobody to take it yet; retried on the next drain step
+        if standby:
+            self._migrate_standby(conn, target)
+            return
         wire = conn.wire
         assert wire is not None
         conn._set_reading(False)
@@ -306,7 +328,6 @@ class MessengerApp(WorkerApp):
             conn._set_reading(True)
             conn._schedule_flush()
             return
-        target = targets[self.migrated % len(targets)]
         conn.migrating = True
         sock = conn.sock
         assert sock is not None
@@ -327,6 +348,31 @@ class MessengerApp(WorkerApp):
                 conn._schedule_flush()
 
         ctx.handoff(target, fd, meta, done)
+
+    def _migrate_standby(self, conn: AsyncConnection, target: int) -> None:
+        """Hand over a session that has no socket right now. The control channel carries
+        exactly one fd per handoff, so a placeholder socket travels with the state."""
+        assert self.ctx is not None and self.msgr is not None
+        msgr = self.msgr
+        meta = export_session(conn, {"global_id": 0, "con_mode": 0, "session_key": b"",
+                                     "counters": None, "cipher_pending": b"", "pending": b""},
+                              standby=True)
+        if len(meta) > _MAX_META:
+            conn.mark_down()  # cannot move it; its client will be told on reconnect
+            return
+        a, b = socket.socketpair()
+        conn.migrating = True
+
+        def done(ok: bool) -> None:
+            a.close()
+            b.close()
+            conn.migrating = False
+            if ok:
+                self.migrated += 1
+                conn.state = ConnState.CLOSED
+                msgr.unregister(conn)
+
+        self.ctx.handoff(target, a.fileno(), meta, done)
 
     def _import_session(self, sock: ConnectedSocket, state: dict[str, Any]) -> None:
         msgr = self.msgr
@@ -350,6 +396,22 @@ class MessengerApp(WorkerApp):
         for m in queued[nreq:]:
             s.queue(m)
         peer_addrs = tuple(EntityAddr.decode(memoryview(a)) for a in state["peer_addrs"])
+        if state.get("standby"):
+            sock.close()  # the placeholder; the client reconnects to us via the redirect
+            s.requeue_sent()
+            conn = AsyncConnection(msgr, policy, peer_addr=None, outgoing=False)
+            conn.session = s
+            conn.key = state["key"]
+            conn.peer_type = int(state["peer_type"])
+            conn.peer_addrs = peer_addrs
+            conn.state = ConnState.STANDBY
+            conn._was_ready = True
+            old = msgr.conns.get(conn.key) if conn.key else None
+            if old is not None:
+                old.mark_down()
+            if conn.key:
+                msgr.conns[conn.key] = conn
+            return
         wire = Connection.import_ready(Role.SERVER, msgr.proto_config, s,
                                        int(state["peer_type"]), peer_addrs, state["stream"])
         conn = AsyncConnection(msgr, policy, peer_addr=sock.peer_address, outgoing=False)

@@ -84,8 +84,8 @@ class Messenger:
         #: a server forgets a session whose client stayed away this long (the client
         #: then gets SESSION_RESET and ms_handle_remote_reset: never silent loss)
         self.standby_timeout = standby_timeout
-        #: high byte of server cookies: the pool puts the worker slot here so any worker
-        #: can tell which one owns a session (DESIGN.md, Processes).
+        #: top 24 bits of server cookies (0 = fully random): a pool puts slot+1 and the
+        #: slot's generation here so any worker can tell who owns a session.
         self.cookie_tag = cookie_tag
         self._global_seq = 0
         self.proto_config = Config(
@@ -137,8 +137,9 @@ class Messenger:
         return self._global_seq
 
     def _new_cookie(self) -> int:
-        low = secrets.randbits(56) or 1
-        return (self.cookie_tag << 56) | low
+        if not self.cookie_tag:
+            return secrets.randbits(64) or 1
+        return (self.cookie_tag << 40) | secrets.randbits(40)
 
     def target_entity_addr(self, addr: Address | None) -> EntityAddr:
         return _addr_entity(addr, 0)

@@ -483,7 +483,8 @@ class Supervisor:
                           close_inherited=self.cfg.start_method == "fork")
         view = self.page.slot(slot)
         view.clear()
-        self.page.set_redirect(slot, None)
+        # The redirect stays: sessions that migrated away from an earlier generation of
+        # this slot still carry its number (and that generation) in their cookies.
         proc = self.mp.Process(target=worker_main, args=(spec, child), name=f"msgr worker {slot}", daemon=True)
         try:
             proc.start()

@@ -142,6 +142,7 @@ class Worker(WorkerContext):
     def __init__(self, spec: WorkerSpec, ctl: socket.socket) -> None:
         self.spec = spec
         self.slot = spec.slot
+        self.generation = spec.generation & 0xFFFF
         self.config: Mapping[str, Any] = dict(spec.app_config)
         self.ctl = ctl
         self.center = EventCenter(name=f"worker{spec.slot}")
@@ -180,6 +181,22 @@ class Worker(WorkerContext):
         if not 0 <= slot < self.page.nslots:
             return slot
         return self.page.resolve(slot)
+
+    def owner_of(self, slot: int, generation: int) -> int | None:
+        page = self.page
+        seen = 0
+        while 0 <= slot < page.nslots and seen <= page.nslots:
+            view = page.slot(slot)
+            accepting = view.get("state") == State.ACCEPTING
+            if accepting and (generation < 0 or view.get("generation") & 0xFFFF == generation):
+                return slot
+            nxt = page.redirect(slot)
+            if nxt is None or nxt == slot:
+                return None
+            # Sessions that moved on were adopted by whatever generation ran there then.
+            slot, generation = nxt, -1
+            seen += 1
+        return None
 
     def drained(self) -> None:
         if self.channel is not None:

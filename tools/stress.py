@@ -32,7 +32,7 @@ from pool.api import (
 from pool.apps import make_stack
 from pool.auth import AuthSettings, KeyringError, load_keyring
 
-__all__ = ["register", "run", "StressConfig", "StressResult", "run_stress"]
+__all__ = ["register", "run", "ChaosConfig", "StressConfig", "StressResult", "run_stress"]
 
 PING = 1
 
@@ -64,6 +64,64 @@ class StressConfig:
     progress: bool = False
     auth: AuthSettings | None = None
     stack: str = "posix"
+    chaos: ChaosConfig | None = None
+
+
+@dataclass
+class ChaosConfig:
+    """Faults applied to the pool behind ``admin`` during the run (issue: long mode)."""
+
+    admin: str
+    kill_every: float = 0.0          # SIGKILL a random accepting worker this often
+    scale_every: float = 0.0         # change the worker count this often
+    scale_min: int = 1
+    scale_max: int = 4
+    final_workers: int = 0           # scale back to this at the end (0 = as found)
+
+
+class _Chaos:
+    def __init__(self, cfg: ChaosConfig, rng: random.Random, result: StressResult) -> None:
+        from pool.admin import AdminClient
+        self.cfg = cfg
+        self.rng = rng
+        self.r = result
+        self.admin = AdminClient(cfg.admin, timeout=10.0)
+        now = time.monotonic()
+        self.next_kill = now + cfg.kill_every if cfg.kill_every > 0 else float("inf")
+        self.next_scale = now + cfg.scale_every if cfg.scale_every > 0 else float("inf")
+        self.initial = self.admin.call("status").get("desired", 0)
+
+    def step(self, now: float) -> None:
+        if now >= self.next_kill:
+            self.next_kill = now + self.cfg.kill_every
+            st = self.admin.call("status")
+            live = [w for w in st["workers"] if w["state"] == "ACCEPTING" and w["pid"]]
+            if live:
+                victim = self.rng.choice(live)
+                try:
+                    # The pool's own worker, named by the pool's admin socket.
+                    os.kill(int(victim["pid"]), signal.SIGKILL)
+                    self.r.chaos_kills += 1
+                except ProcessLookupError:
+                    pass
+        if now >= self.next_scale:
+            self.next_scale = now + self.cfg.scale_every
+            n = self.rng.randint(self.cfg.scale_min, self.cfg.scale_max)
+            self.admin.call("scale", n=n, check=False)
+            self.r.chaos_scales += 1
+
+    def finish(self, timeout: float = 60.0) -> None:
+        """Scale back and wait until the pool has exactly that many accepting workers."""
+        want = self.cfg.final_workers or self.initial
+        self.admin.call("scale", n=want, check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.admin.call("status")
+            if st.get("accepting") == want and not any(
+                    w["state"] in ("SPAWNING", "READY", "DRAINING") for w in st["workers"]):
+                self.r.pool_back_to_n = True
+                return
+            time.sleep(0.1)  # polling the pool, bounded by the deadline
 
 
 @dataclass
@@ -80,6 +138,9 @@ class StressResult:
     connection_refused: int = 0    # ECONNREFUSED seen by clients
     disconnects: int = 0           # orderly EOFs seen by clients
     injected_failures: int = 0
+    chaos_kills: int = 0
+    chaos_scales: int = 0
+    pool_back_to_n: bool | None = None
     faults: int = 0
     reconnects: int = 0
     elapsed_s: float = 0.0
@@ -91,7 +152,8 @@ class StressResult:
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.reordered or self.corrupted)
+        return not (self.lost or self.duplicated or self.reordered or self.corrupted) \
+            and self.pool_back_to_n is not False
 
 
 class _Checker(Dispatcher):
@@ -174,6 +236,7 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
             m.add_dispatcher(checker)
             msgrs.append(m)
             conns.append(m.connect(targets[i % len(targets)]))
+        chaos = _Chaos(cfg.chaos, rng, result) if cfg.chaos else None
         start = time.monotonic()
         end_send = start + cfg.duration if cfg.duration > 0 else float("inf")
         cap = cfg.messages if cfg.messages > 0 else (1 << 62)
@@ -203,6 +266,8 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
                 center.process_events(0.05)
                 break
             center.process_events(0.05)
+            if chaos is not None and sending:
+                chaos.step(now)
             if cfg.progress and now - last_progress > 0.25:
                 last_progress = now
                 sys.stderr.write(f"\r  sent {seq:>9}  received {result.received:>9}  "
@@ -210,6 +275,8 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
                                  f"resets {result.session_resets:>4}  ")
                 sys.stderr.flush()
         result.elapsed_s = time.monotonic() - start
+        if chaos is not None:
+            chaos.finish()
         if cfg.progress:
             sys.stderr.write("\n")
         result.sent = seq
@@ -243,6 +310,8 @@ def format_summary(r: StressResult) -> str:
         ("ECONNRESET / ECONNREFUSED", f"{r.connection_resets} / {r.connection_refused}"),
         ("faults / reconnects", f"{r.faults} / {r.reconnects}"),
         ("injected socket failures", r.injected_failures),
+        ("chaos: workers killed / rescales", f"{r.chaos_kills} / {r.chaos_scales}"),
+        ("pool back to N", "-" if r.pool_back_to_n is None else str(r.pool_back_to_n)),
         ("msgs/s", f"{r.msgs_per_s:,.0f}"), ("RTT p50 / p99 (µs)", f"{r.p50_us:,.0f} / {r.p99_us:,.0f}"),
         ("elapsed (s)", f"{r.elapsed_s:.1f}"),
     ]
@@ -282,6 +351,13 @@ def register(sub: Any) -> None:
     p.add_argument("--stack", choices=["posix", "dpdk", "rdma"], default="posix",
                    help="dpdk (memif) and rdma: --target is the pool's --stack-path; "
                         "sessions spread over its per-worker endpoints")
+    p.add_argument("--chaos-admin", metavar="PATH",
+                   help="admin socket of the pool under test: enables --kill-every/--scale-every")
+    p.add_argument("--kill-every", type=float, default=0.0, metavar="S",
+                   help="SIGKILL a random worker of that pool every S seconds")
+    p.add_argument("--scale-every", type=float, default=0.0, metavar="S",
+                   help="rescale that pool to a random size in --scale-range every S seconds")
+    p.add_argument("--scale-range", default="1-4", metavar="MIN-MAX")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
     p.set_defaults(func=run)
 
@@ -299,7 +375,20 @@ def run(args: argparse.Namespace) -> int:
     target = args.target
     if args.stack != "posix":
         target = args.target if isinstance(args.target, str) else f"{args.target[0]}"
+    chaos = None
+    if args.chaos_admin:
+        lo, _, hi = args.scale_range.partition("-")
+        if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+            print("msgr stress: --scale-range must look like 2-4", file=sys.stderr)
+            return 2
+        chaos = ChaosConfig(args.chaos_admin, args.kill_every, args.scale_every,
+                            int(lo), int(hi))
+    elif args.kill_every or args.scale_every:
+        print("msgr stress: --kill-every/--scale-every need --chaos-admin PATH",
+              file=sys.stderr)
+        return 2
     cfg = StressConfig(
+        chaos=chaos,
         stack=args.stack,
         auth=auth,
         target=target, conns=args.conns, messages=args.messages,
