@@ -38,6 +38,7 @@ from transport.posix import PosixConnectedSocket
 from transport.stack import ConnectedSocket
 
 from .app import AppFactory, WorkerApp, WorkerContext, import_factory
+from .auth import AuthSettings, load_keyring
 from .connection import AsyncConnection, ConnState
 from .dispatcher import Dispatcher
 from .messenger import Messenger
@@ -129,6 +130,7 @@ class MessengerApp(WorkerApp):
             throttle_bytes=int(cfg.get("throttle_bytes", 0)),
             backoff=Backoff(0.2, float(cfg.get("max_backoff", 15.0))),
             standby_timeout=float(cfg.get("standby_timeout", 900.0)),
+            auth=_auth_settings(cfg),
             cookie_tag=cookie_tag(ctx.slot, ctx.generation), seed=cfg.get("seed"))
         bind = cfg.get("bind")
         if bind:
@@ -149,6 +151,7 @@ class MessengerApp(WorkerApp):
             stack = make_stack(stack_name, ctx.center)
             local = Messenger(ctx.center, entity_type=EntityType.OSD,
                               policy=Policy.stateful_server(), stack=stack,
+                              auth=_auth_settings(cfg),
                               inject_socket_failures=msgr.inject_socket_failures,
                               cookie_tag=cookie_tag(ctx.slot, ctx.generation),
                               seed=cfg.get("seed"))
@@ -426,6 +429,13 @@ class MessengerApp(WorkerApp):
             msgr.conns[conn.key] = conn
         conn.accept(sock, wire)
         conn.state = ConnState.READY
+
+
+def _auth_settings(cfg: Mapping[str, Any]) -> AuthSettings | None:
+    if cfg.get("auth", "none") == "none":
+        return None
+    return AuthSettings(str(cfg["auth"]), str(cfg.get("mode", "crc")),
+                        str(cfg.get("name", "osd.0")), load_keyring(str(cfg["keyring"])))
 
 
 def make_stack(name: str, center: Any = None) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 
 from pool.admin import AdminError, default_admin_path
 from pool.app import AppFactory, import_factory
+from pool.auth import load_keyring
 from pool.config import ACCEPT_MODES, START_METHODS, PoolConfig, parse_bind
 from pool.lifecycle import Backoff
 from pool.supervisor import Supervisor
@@ -33,6 +34,7 @@ def load_factory(spec: str, config: dict[str, Any]) -> AppFactory:
                          "installed here; pass MODULE:CLASS") from None
     factory: AppFactory = apps.load_app(spec, config)
     return factory
+
 
 
 def register(sub: Any) -> None:
@@ -57,6 +59,26 @@ def register(sub: Any) -> None:
     p.add_argument("--backoff-cap", type=float, default=5.0)
     p.add_argument("--set-migrate-req", action="store_true",
                    help="reuseport: set net.ipv4.tcp_migrate_req=1 (root; system-wide)")
+    g = p.add_argument_group("stacks")
+    g.add_argument("--stack", choices=["posix", "dpdk", "rdma"], default="posix",
+                   help="also serve memif (dpdk) or rdma clients: each worker listens at "
+                        "--stack-path.<slot> beside TCP")
+    g.add_argument("--stack-path", "--memif-socket", dest="stack_path", metavar="PATH",
+                   help="base path of the per-worker memif/rdma endpoints")
+    g = p.add_argument_group("security and limits")
+    g.add_argument("--auth", choices=["none", "secret"], default="none")
+    g.add_argument("--keyring", metavar="FILE", help="TOML keyring, mode 0600 (--auth secret)")
+    g.add_argument("--name", default="osd.0", help="this pool's entity name in the keyring")
+    g.add_argument("--mode", choices=["crc", "secure"], default="crc",
+                   help="secure: AES-128-GCM on every frame (needs --auth secret)")
+    g.add_argument("--max-connections", type=int, default=0, metavar="N",
+                   help="per worker; beyond it clients are refused with EBUSY (0 = no cap)")
+    g.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S",
+                   help="close connections that have not finished the handshake by then")
+    g.add_argument("--idle-timeout", type=float, default=900.0, metavar="S")
+    g.add_argument("--throttle-messages", type=int, default=0, metavar="N",
+                   help="per worker: messages dispatched but not released (0 = no limit)")
+    g.add_argument("--throttle-bytes", type=int, default=0, metavar="B")
     p.set_defaults(func=run)
 
 
@@ -65,7 +87,23 @@ def run(args: argparse.Namespace) -> int:
         extra = json.loads(args.app_config)
         if not isinstance(extra, dict):
             raise ValueError("--app-config must be a JSON object")
-        app_config = {"inject_socket_failures": args.inject_socket_failures, **extra}
+        if args.stack != "posix" and not args.stack_path:
+            raise ValueError(f"--stack {args.stack} needs --stack-path PATH")
+        auth = {"auth": args.auth, "mode": args.mode, "name": args.name}
+        if args.auth == "secret":
+            if not args.keyring:
+                raise ValueError("--auth secret needs --keyring FILE")
+            load_keyring(args.keyring)  # fail now, with the reason, not in every worker
+            auth["keyring"] = os.path.abspath(args.keyring)
+        elif args.mode == "secure":
+            raise ValueError("--mode secure needs --auth secret and a --keyring")
+        app_config = {
+            "inject_socket_failures": args.inject_socket_failures,
+            "stack": args.stack, "stack_path": args.stack_path,
+            "max_connections": args.max_connections,
+            "handshake_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
+            "throttle_messages": args.throttle_messages, "throttle_bytes": args.throttle_bytes,
+            **auth, **extra}
         cfg = PoolConfig(
             bind=parse_bind(args.bind), workers=args.workers, accept=args.accept, app=args.app,
             admin_path=args.admin or default_admin_path(), start_method=args.start_method,
