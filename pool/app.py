@@ -5,10 +5,18 @@ is driven by the worker's EventCenter. The worker gives it a :class:`WorkerConte
 
 Call grammar (the worker guarantees it)::
 
-    factory() -> start(ctx) -> (adopt | connection_count | counters)*
+    factory() -> start(ctx) -> (adopt | connection_count | counters | handle_submit
+                                | on_peer_map)*
               -> [begin_drain -> (counters | ...)* -> ctx.drained()] -> stop
 
 ``stop`` may come at any point after ``start`` (pool shutdown, supervisor gone).
+
+Cross-worker requests (rings issue): ``ctx.submit_to(slot, payload, on_reply)`` sends
+bytes to another worker over the shared-memory ring mesh (:mod:`pool.rings`); there the
+app's ``handle_submit(src, payload, reply)`` answers with ``reply(bytes | Exception)``
+and ``on_reply`` runs here, later, exactly once (bytes, or a
+:class:`pool.rings.SubmitError`). ``on_peer_map`` tells the app the supervisor's current
+set of ACCEPTING workers (a versioned map every worker sees in the same order).
 """
 
 from __future__ import annotations
@@ -16,12 +24,30 @@ from __future__ import annotations
 import abc
 import importlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from transport.event_center import EventCenter
 from transport.stack import ConnectedSocket
 
-__all__ = ["AppFactory", "WorkerApp", "WorkerContext", "import_factory"]
+__all__ = ["AppFactory", "PeerMap", "ReplyCallback", "WorkerApp", "WorkerContext", "import_factory"]
+
+#: the answer to a ``submit_to``: the peer's reply bytes or the reason there is none
+ReplyCallback = Callable[[bytes | Exception], None]
+
+
+@dataclass(frozen=True)
+class PeerMap:
+    """The supervisor's view of the ACCEPTING workers, versioned (monotonic per pool).
+
+    ``prev`` is the previous version's slots; ``lost`` names workers that died (not
+    drained) since then, so state they held is gone.
+    """
+
+    version: int = 0
+    slots: tuple[int, ...] = ()
+    prev: tuple[int, ...] = ()
+    lost: tuple[int, ...] = ()
 
 
 class WorkerContext(abc.ABC):
@@ -64,6 +90,23 @@ class WorkerContext(abc.ABC):
     def drained(self) -> None:
         """The app owns nothing any more (after ``begin_drain``): the worker may exit."""
 
+    def submit_to(self, slot: int, payload: bytes, on_reply: ReplyCallback) -> None:
+        """Send ``payload`` to worker ``slot``'s ``handle_submit`` over the ring mesh.
+
+        ``on_reply`` runs later on this loop, exactly once: the reply bytes, or an
+        exception (``pool.rings.PeerUnavailable``/``PeerLost``/``Overloaded``/
+        ``RemoteError``). At most ``submit_inflight`` requests per destination are in
+        flight; more wait in a bounded queue. Never blocks, never drops.
+        """
+        from .rings import PeerUnavailable
+
+        exc = PeerUnavailable("this worker has no ring mesh")
+        self.center.call_soon(lambda: on_reply(exc))
+
+    def peer_map(self) -> PeerMap:
+        """The latest peer map the supervisor published."""
+        return PeerMap()
+
     @abc.abstractmethod
     def log(self, msg: str) -> None:
         """One line to the pool's log, prefixed with this worker's slot and pid."""
@@ -98,6 +141,14 @@ class WorkerApp(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None:
         """Hard stop: close everything now."""
+
+    def handle_submit(self, src_slot: int, payload: bytes, reply: ReplyCallback) -> None:
+        """A request another worker sent with ``submit_to``: call ``reply`` once, now or
+        later, with the answer bytes or an exception (sent back as an error)."""
+        reply(RuntimeError(f"{type(self).__name__} serves no submit_to requests"))
+
+    def on_peer_map(self, peers: PeerMap) -> None:
+        """The supervisor published a new peer map (see :class:`PeerMap`)."""
 
 
 #: Must be picklable under spawn; with fork (the default) a closure works.

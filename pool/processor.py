@@ -61,6 +61,9 @@ class Kind(enum.IntEnum):
     LISTEN = 9  # S->W  also poll listener ``xid`` (fd attached)
     UNLISTEN = 10  # S->W  stop polling listener ``xid``
     DRAINED = 11  # W->S  owns nothing any more, exiting
+    RING_ADD = 12  # S->W  attach ring (JSON descriptor; fds: bell, space eventfds)
+    RING_DEL = 13  # S->W  worker ``arg`` exited: xid=1 retired (drain its ring), 0 crashed
+    PEERS = 14  # S->W  the peer map (JSON: version, accepting slots, previous, lost)
 
 
 @dataclass

@@ -24,6 +24,13 @@ Facts and choices:
   the interim owner is then told to drop it. With ``net.ipv4.tcp_migrate_req=1`` the
   kernel could migrate the queue on close instead, but handover needs no sysctl and
   also covers crashes; the value is logged at start.
+* **Ring mesh** (:mod:`pool.rings`). The supervisor alone creates and unlinks the ring
+  segments: one ring per ordered pair of live workers, made when a worker is spawned
+  (so before it is ACCEPTING) and announced to both ends (RING_ADD: names + eventfds by
+  SCM_RIGHTS). At a worker's exit its rings are retired (RING_DEL to peers, which
+  consume what it left first) or, after a crash, reset (epoch bump) so peers fail the
+  requests in flight to it. The versioned peer map (PEERS: ACCEPTING slots, previous
+  slots, workers lost since) is sent to every worker whenever that set changes.
 * **No threads before fork** (supervisors.md 2.9): nothing here starts a thread; logs
   are plain writes to stderr (no logging locks inherited by children).
 """
@@ -31,6 +38,7 @@ Facts and choices:
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import signal
@@ -57,6 +65,7 @@ from .config import PoolConfig
 from .control_page import ControlPage
 from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
 from .processor import Channel, Kind, ListenerSlots, Message, Processor
+from .rings import RingMesh
 from .titles import set_title
 from .worker import BOOT_ERROR, WorkerSpec, worker_main
 
@@ -123,6 +132,12 @@ class Supervisor:
         self._wake_w: socket.socket | None = None
         self._old_handlers: dict[int, Any] = {}
         self._warned_threads = False
+        self.mesh: RingMesh | None = None
+        self.peer_version = 0
+        self.peer_slots: list[int] = []
+        self._lost: set[int] = set()
+        self._prev_slots: list[int] = []
+        self._lost_sent: set[int] = set()
 
     def log(self, msg: str) -> None:
         if self._log is not None:
@@ -143,6 +158,7 @@ class Supervisor:
         self.center = EventCenter(name="supervisor")
         try:
             self.page = ControlPage.create(self.cfg.max_slots)
+            self.mesh = RingMesh(int(self.cfg.app_config.get("ring_capacity", 1 << 19)))
             self._setup_signals()
             self._setup_listeners()
             self.admin = AdminServer(self.center, self.cfg.admin_path, {
@@ -231,6 +247,8 @@ class Supervisor:
             self.server.close()
         if self.reuseport is not None:
             self.reuseport.close()
+        if self.mesh is not None:
+            self.mesh.close()  # unlinks every ring segment
         if self.page is not None:
             self.page.close()
             self.page.unlink()
@@ -257,6 +275,7 @@ class Supervisor:
         self._reap()
         self._enforce_deadlines()
         self._reconcile()
+        self._publish_peers()
 
     def handle_term(self) -> None:
         self.begin_stop("SIGTERM")
@@ -322,6 +341,7 @@ class Supervisor:
         was = ws.state
         self._forget(slot, p, code)
         if ws.generation != p.generation:
+            self._retire_rings(slot, crashed=True)
             return
         delay = ws.exited(code, time.monotonic(), self.rng)
         view = self.page.slot(slot)
@@ -336,6 +356,7 @@ class Supervisor:
         if delay is not None:
             self.stats["restarts"] += 1
         self._rehome(slot)
+        self._retire_rings(slot, crashed=not (was is State.QUIESCED and code == 0))
 
     def _enforce_deadlines(self) -> None:
         assert self.page is not None
@@ -498,6 +519,7 @@ class Supervisor:
                           lambda _reason: None)
         self.procs[slot] = _Proc(proc, proc.pid, gen, channel)
         self.pid2slot[proc.pid] = slot
+        self._add_rings(slot)
         view.set("pid", proc.pid)
         view.set("generation", gen)
         view.set("restarts", ws.restarts)
@@ -516,6 +538,7 @@ class Supervisor:
                          + (f", redirect to slot {target}" if target is not None else ""))
         p.deadline = time.monotonic() + self.cfg.drain_timeout
         self._rehome(slot)
+        self._publish_peers()  # before DRAIN: the app hands its shards to the new owners
         p.channel.send(Kind.DRAIN)
 
     def _accepting_load(self) -> dict[int, int]:
@@ -551,6 +574,7 @@ class Supervisor:
                 return
             self._transition(slot, Event.ACCEPTING)
             self._on_accepting(slot)
+            self._publish_peers()
         elif kind is Kind.DRAINED:
             if self.slots[slot].can(Event.DRAINED):
                 self._transition(slot, Event.DRAINED, "owns no connections; exiting")
@@ -558,7 +582,61 @@ class Supervisor:
             for fd in msg.fds:
                 os.close(fd)
 
+    # -- ring mesh and peer map --------------------------------------------------------------
+
+    def _add_rings(self, slot: int) -> None:
+        """Rings between a new worker and every other running one, announced to both."""
+        if self.mesh is None:
+            return
+        peers = [s for s in self.procs if s != slot]
+        try:
+            pairs = self.mesh.add_worker(slot, peers)
+        except OSError as exc:  # /dev/shm full: the pool still serves, without rings
+            self.log(f"slot {slot}: cannot create its rings ({exc}); submit_to to it will fail")
+            return
+        for pair in pairs:
+            payload, fds = self.mesh.descriptor(pair)
+            for end in pair:
+                q = self.procs.get(end)
+                if q is not None:
+                    q.channel.send(Kind.RING_ADD, payload=payload, fds=fds)
+
+    def _retire_rings(self, slot: int, crashed: bool) -> None:
+        if self.mesh is None:
+            return
+        peers = self.mesh.drop_worker(slot, crashed)
+        for peer in peers:
+            q = self.procs.get(peer)
+            if q is not None:
+                q.channel.send(Kind.RING_DEL, xid=0 if crashed else 1, arg=slot)
+        if crashed:
+            self._lost.add(slot)
+        self._publish_peers()
+
+    def _peer_payload(self) -> bytes:
+        return json.dumps({"v": self.peer_version, "slots": self.peer_slots,
+                           "prev": self._prev_slots, "lost": sorted(self._lost_sent)}).encode()
+
+    def _publish_peers(self) -> None:
+        """Send a new peer map version if the ACCEPTING set changed or a worker died."""
+        if self.stopping:
+            return
+        accepting = sorted(ws.slot for ws in self.slots
+                           if ws.state is State.ACCEPTING and ws.slot in self.procs)
+        if accepting == self.peer_slots and not self._lost:
+            return
+        self._prev_slots = self.peer_slots
+        self._lost_sent = set(self._lost)
+        self._lost.clear()
+        self.peer_slots = accepting
+        self.peer_version += 1
+        payload = self._peer_payload()
+        for p in self.procs.values():
+            p.channel.send(Kind.PEERS, payload=payload)
+
     def _start(self, slot: int, p: _Proc) -> None:
+        if self.peer_version:
+            p.channel.send(Kind.PEERS, payload=self._peer_payload())
         if self.reuseport is not None:
             payload, fds = self.reuseport.start_message(slot)
             p.channel.send(Kind.START, payload=payload, fds=fds)
@@ -652,10 +730,12 @@ class Supervisor:
                 "loop_count": v["loop_count"], "last_exit": ws.last_exit,
                 "listeners": self.reuseport.owned_by(ws.slot) if self.reuseport else [],
             })
+        rings = sorted(list(pair) for pair in self.mesh.rings) if self.mesh is not None else []
         return {"pid": os.getpid(), "desired": self.desired, "accept": self.cfg.accept,
                 "bind": list(self.address), "stopping": self.stopping,
                 "accepting": sum(1 for ws in self.slots if ws.state is State.ACCEPTING),
-                "control_page": self.page.name, "workers": workers}
+                "control_page": self.page.name, "workers": workers,
+                "rings": rings, "peer_map": {"version": self.peer_version, "slots": self.peer_slots}}
 
     def cmd_perf(self, args: dict[str, Any]) -> dict[str, Any]:
         status = self.cmd_status({})

@@ -42,10 +42,11 @@ from transport.event_center import EventCenter
 from transport.posix import PosixConnectedSocket, PosixServerSocket
 from transport.stack import ConnectedSocket, SocketOptions
 
-from .app import AppFactory, WorkerApp, WorkerContext
+from .app import AppFactory, PeerMap, ReplyCallback, WorkerApp, WorkerContext
 from .control_page import FIELDS, HEADER_WORDS, SLOT_WORDS, ControlPage
 from .lifecycle import State
 from .processor import Channel, Kind, Message
+from .rings import Router
 from .titles import PR_SET_PDEATHSIG, prctl, set_title
 
 __all__ = ["BOOT_ERROR", "WorkerSpec", "worker_main"]
@@ -158,6 +159,10 @@ class Worker(WorkerContext):
         self.handoffs_out = 0
         self._q = self.page.words()
         self._base = HEADER_WORDS + spec.slot * SLOT_WORDS
+        self.router = Router(self.center, self.slot, self._on_submit, self.log,
+                             inflight_limit=int(self.config.get("submit_inflight", 256)),
+                             queue_limit=int(self.config.get("submit_queue", 8192)))
+        self.peers = PeerMap()
 
     # -- WorkerContext -----------------------------------------------------------------
 
@@ -197,6 +202,22 @@ class Worker(WorkerContext):
             slot, generation = nxt, -1
             seen += 1
         return None
+
+    def submit_to(self, slot: int, payload: bytes, on_reply: ReplyCallback) -> None:
+        if slot == self.slot:
+            # Loopback: same contract (reply later, exactly once) without a ring.
+            self.center.call_soon(lambda: self._on_submit(slot, payload, on_reply))
+            return
+        self.router.submit(slot, payload, on_reply)
+
+    def peer_map(self) -> PeerMap:
+        return self.peers
+
+    def _on_submit(self, src: int, payload: bytes, reply: ReplyCallback) -> None:
+        if self.app is None:
+            reply(RuntimeError(f"worker {self.slot} has no app"))
+            return
+        self.app.handle_submit(src, payload, reply)
 
     def drained(self) -> None:
         if self.channel is not None:
@@ -289,6 +310,21 @@ class Worker(WorkerContext):
                 acc.close()
         elif kind is Kind.DRAIN:
             self._drain()
+        elif kind is Kind.RING_ADD:
+            try:
+                self.router.add_ring(json.loads(msg.payload), list(msg.fds))
+            except Exception:
+                self.log("cannot attach ring:\n" + traceback.format_exc().rstrip())
+        elif kind is Kind.RING_DEL:
+            self.router.drop_peer(msg.arg, retire=msg.xid == 1)
+        elif kind is Kind.PEERS:
+            d = json.loads(msg.payload)
+            self.peers = PeerMap(int(d["v"]), tuple(d["slots"]), tuple(d["prev"]), tuple(d["lost"]))
+            if self.app is not None:
+                try:
+                    self.app.on_peer_map(self.peers)
+                except Exception:
+                    self.log("app.on_peer_map raised:\n" + traceback.format_exc().rstrip())
         else:
             for fd in msg.fds:
                 os.close(fd)
@@ -355,6 +391,7 @@ class Worker(WorkerContext):
             except Exception:
                 pass
         self.pending.clear()
+        self.router.close()
         if self.channel is not None:
             self.channel.close()
         else:

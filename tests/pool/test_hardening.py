@@ -4,10 +4,13 @@ measured from /proc."""
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,52 +36,48 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-class Holder(Dispatcher):
-    """Never releases what it receives (the throttles must bound memory)."""
-
-    def __init__(self) -> None:
-        self.msgr: Messenger | None = None
-        self.kept: list[Any] = []
-
-    def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
-        assert self.msgr is not None
-        self.kept.append((msg, self.msgr.hold(msg)))
+_SERVER = """
+import json, signal, sys
+from pool.api import Dispatcher, EntityType, EventCenter, Messenger, Policy
+from pool.apps import EchoDispatcher
+kind, kw = sys.argv[1], json.loads(sys.argv[2])
+center = EventCenter()
+m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(), **kw)
+if kind == "echo":
+    m.add_dispatcher(EchoDispatcher())
+else:
+    kept = []
+    class Holder(Dispatcher):
+        def ms_dispatch(self, conn, msg):
+            kept.append((msg, m.hold(msg)))  # never released
+    m.add_dispatcher(Holder())
+addr = m.bind(("127.0.0.1", 0))
+print(addr[1], flush=True)
+signal.signal(signal.SIGTERM, lambda *_: center.stop())
+center.run()
+"""
 
 
 def _serve_forked(kind: str, **kw: Any) -> tuple[int, tuple[str, int]]:
-    """Fork a server process; return (pid, address)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            center = EventCenter()
-            m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
-                          **kw)
-            if kind == "echo":
-                m.add_dispatcher(EchoDispatcher())
-            else:
-                holder = Holder()
-                holder.msgr = m
-                m.add_dispatcher(holder)
-            addr = m.bind(("127.0.0.1", 0))
-            os.write(w, str(addr[1]).encode())
-            os.close(w)
-            signal.signal(signal.SIGTERM, lambda *_: center.stop())
-            center.run()
-        except BaseException:  # noqa: BLE001
-            code = 1
-        os._exit(code)
-    os.close(w)
-    port = int(os.read(r, 16))
-    os.close(r)
-    return pid, ("127.0.0.1", port)
+    """Start a server in a fresh interpreter (not a fork of this big test process, whose
+    copy-on-write pages would show up as RSS growth); return (pid, address)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, kind, json.dumps(kw)],
+                            stdout=subprocess.PIPE, cwd=str(Path(__file__).parents[2]))
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    _PROCS[proc.pid] = proc
+    return proc.pid, ("127.0.0.1", port)
+
+
+_PROCS: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def _stop(pid: int) -> None:
-    os.kill(pid, signal.SIGTERM)
-    os.waitpid(pid, 0)
+    proc = _PROCS.pop(pid)
+    proc.terminate()
+    proc.wait(timeout=30)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def _handshake(addr: tuple[str, int]) -> tuple[socket.socket, Connection, Session]:
@@ -125,6 +124,8 @@ def test_memory_stays_bounded(kind: str, limits: dict[str, int]) -> None:
                 break
             sent += 16 * len(payload)
         grown_mb = (_rss_kb(pid) - base) / 1024
+        print(f"memory[{kind}]: offered {sent >> 20} MiB before push-back, "
+              f"server RSS grew {grown_mb:.1f} MiB")
         s.close()
         assert sent < 256 << 20, "the server never pushed back"
         # throttle (8 MiB) / out high-water (4 MiB) + one read batch (4 MiB) + overhead

@@ -1,0 +1,442 @@
+"""The ring mesh between workers, and ``submit_to`` routing over it.
+
+**Mesh (supervisor side, :class:`RingMesh`).** The supervisor is the only process that
+creates and unlinks ring segments. Every ordered pair of live workers ``(src, dst)`` gets
+one SPSC ring (:mod:`transport.shm.ring`) in its own named segment
+(``/<prefix>.<supervisor pid>.r<src>x<dst>g<serial>``, so ``shmname.sweep_dead`` removes
+what a SIGKILLed supervisor left) and two eventfd doorbells: ``bell`` (the producer wakes
+the sleeping consumer) and ``space`` (the consumer wakes a producer that found the ring
+full). Each ring is announced to both ends with a ``RING_ADD`` control message (JSON
+descriptor + the two eventfds by SCM_RIGHTS). Rings for a worker are made when it is
+spawned, i.e. before it can become ACCEPTING. When a worker exits the supervisor sends
+``RING_DEL`` to its peers: after a drain (``retire``) a peer first consumes what the
+retired worker left in its ring, then closes; after a crash the supervisor first resets
+the rings (epoch bump, :meth:`Ring.reset`) so any endpoint still using them gets
+``BrokenResourceError``, and peers fail the requests in flight to that worker.
+
+**Routing (worker side, :class:`Router`).** A record is ``<B kind><Q rid>`` + payload.
+``submit(slot, payload, on_reply)`` sends a REQ on the ``me -> slot`` ring; the peer's
+app answers through a reply callback and the REP/ERR record comes back on the reverse
+ring. Like Seastar's smp service groups, at most ``inflight_limit`` requests per
+destination are on the wire; the rest wait in a bounded local queue, beyond which the
+request fails at once (:class:`Overloaded`). A full ring never drops and never blocks:
+records wait in a per-peer backlog that the space doorbell flushes. Every request gets
+exactly one ``on_reply`` call, always on a later loop iteration: bytes, or an exception
+(:class:`PeerLost`, :class:`PeerUnavailable`, :class:`Overloaded`, :class:`RemoteError`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from transport.errors import BrokenResourceError
+from transport.event_center import READABLE, EventCenter
+from transport.shm import Doorbell, Ring, RingConsumer, RingPoller, RingProducer, Segment
+
+__all__ = [
+    "DEFAULT_CAPACITY", "Overloaded", "PeerLost", "PeerUnavailable", "RemoteError", "RingMesh",
+    "Router", "SubmitError",
+]
+
+DEFAULT_CAPACITY = 1 << 20
+_HDR = struct.Struct("<BQ")
+_REQ, _REP, _ERR = 1, 2, 3
+
+ReplyCallback = Callable[[bytes | Exception], None]
+
+
+class SubmitError(Exception):
+    """A submitted request will not get a reply from the peer's app."""
+
+
+class PeerUnavailable(SubmitError):
+    """No ring to that worker (not running, or not announced yet)."""
+
+
+class PeerLost(SubmitError):
+    """The peer crashed or retired with this request in flight (it may or may not have
+    been executed)."""
+
+
+class Overloaded(SubmitError):
+    """The per-destination in-flight limit and the local queue are both full."""
+
+
+class RemoteError(SubmitError):
+    """The peer's app answered with an error."""
+
+
+# -- supervisor side ---------------------------------------------------------------------------
+
+@dataclass
+class _ShmRing:
+    src: int
+    dst: int
+    seg: Segment
+    ring: Ring
+    bell: Doorbell
+    space: Doorbell
+
+
+class RingMesh:
+    """The supervisor's rings: creation, descriptors for workers, reset and unlink."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.capacity = capacity
+        self.rings: dict[tuple[int, int], _ShmRing] = {}
+        self._serial = 0
+
+    def _create(self, src: int, dst: int) -> _ShmRing:
+        self._serial += 1
+        seg = Segment.create(f"r{src}x{dst}g{self._serial}", Ring.required_size(self.capacity))
+        try:
+            ring = Ring.create(seg.buf, self.capacity)
+        except BaseException:
+            seg.close()
+            seg.unlink()
+            raise
+        r = _ShmRing(src, dst, seg, ring, Doorbell(), Doorbell())
+        self.rings[(src, dst)] = r
+        return r
+
+    def add_worker(self, slot: int, peers: list[int]) -> list[tuple[int, int]]:
+        """Create the rings between ``slot`` and every peer, both directions (any old
+        ring of the same pair is dropped first). Returns the new pairs."""
+        made = []
+        for p in peers:
+            if p == slot:
+                continue
+            for pair in ((slot, p), (p, slot)):
+                old = self.rings.pop(pair, None)
+                if old is not None:
+                    self._destroy(old, reset=True)
+                self._create(*pair)
+                made.append(pair)
+        return made
+
+    def descriptor(self, pair: tuple[int, int]) -> tuple[bytes, list[int]]:
+        """The RING_ADD payload and fds (bell, space) for ``pair``; the fds stay ours."""
+        r = self.rings[pair]
+        payload = json.dumps({"src": r.src, "dst": r.dst, "name": r.seg.name,
+                              "capacity": self.capacity}).encode()
+        return payload, [r.bell.fileno(), r.space.fileno()]
+
+    def pairs_of(self, slot: int) -> list[tuple[int, int]]:
+        return sorted(p for p in self.rings if slot in p)
+
+    def drop_worker(self, slot: int, crashed: bool) -> list[int]:
+        """Retire every ring of ``slot``; reset them first after a crash. Returns the
+        peers that must be told (RING_DEL)."""
+        peers = set()
+        for pair in self.pairs_of(slot):
+            r = self.rings.pop(pair)
+            peers.add(pair[0] if pair[1] == slot else pair[1])
+            self._destroy(r, reset=crashed)
+        return sorted(peers)
+
+    @staticmethod
+    def _destroy(r: _ShmRing, reset: bool) -> None:
+        if reset:
+            # Epoch bump: a peer still reading or writing this ring gets
+            # BrokenResourceError instead of stale records; ringing both bells wakes it.
+            r.ring.reset(r.bell, r.space)
+        r.ring.close()
+        r.seg.close()
+        r.seg.unlink()  # peers keep their mappings; only the name goes
+        r.bell.close()
+        r.space.close()
+
+    def close(self) -> None:
+        for r in list(self.rings.values()):
+            self._destroy(r, reset=False)
+        self.rings.clear()
+
+
+# -- worker side -------------------------------------------------------------------------------
+
+@dataclass
+class _End:
+    seg: Segment
+    ring: Ring
+    bell: Doorbell
+    space: Doorbell
+
+
+@dataclass
+class _Peer:
+    slot: int
+    out: _End | None = None
+    inb: _End | None = None
+    prod: RingProducer | None = None
+    cons: RingConsumer | None = None
+    poller: RingPoller | None = None
+    space_fd: int | None = None
+    next_rid: int = 1
+    pending: dict[int, ReplyCallback] = field(default_factory=dict)
+    queue: deque[tuple[int, bytes, ReplyCallback]] = field(default_factory=deque)
+    backlog: deque[bytes] = field(default_factory=deque)
+    serving: int = 0  # requests from this peer our app has not answered yet
+
+    @property
+    def ready(self) -> bool:
+        return self.prod is not None and self.cons is not None
+
+
+class Router:
+    """A worker's end of the mesh: attaches rings, sends requests, serves the peer's.
+
+    ``on_request(src_slot, payload, reply)`` is the app's handler; ``reply`` takes bytes
+    or an exception, exactly once, now or later.
+    """
+
+    def __init__(self, center: EventCenter, slot: int,
+                 on_request: Callable[[int, bytes, ReplyCallback], None],
+                 log: Callable[[str], None], inflight_limit: int = 256,
+                 queue_limit: int = 8192) -> None:
+        self.center = center
+        self.slot = slot
+        self.on_request = on_request
+        self.log = log
+        self.inflight_limit = inflight_limit
+        self.queue_limit = queue_limit
+        self.peers: dict[int, _Peer] = {}
+        self.stats = {"sent": 0, "served": 0, "replies": 0, "failed": 0, "backlogged": 0}
+
+    # -- mesh changes ----------------------------------------------------------------------
+
+    def add_ring(self, desc: dict[str, Any], fds: list[int]) -> None:
+        """RING_ADD: attach one ring; we own ``fds`` (bell, space) from now on."""
+        src, dst = int(desc["src"]), int(desc["dst"])
+        bell, space = Doorbell.from_fd(fds[0]), Doorbell.from_fd(fds[1])
+        for extra in fds[2:]:
+            os.close(extra)
+        if self.slot not in (src, dst) or src == dst:
+            bell.close()
+            space.close()
+            return
+        seg = Segment.attach(str(desc["name"]))
+        ring = Ring.attach(seg.buf)
+        end = _End(seg, ring, bell, space)
+        peer_slot = dst if src == self.slot else src
+        peer = self.peers.get(peer_slot)
+        if peer is None:
+            peer = self.peers[peer_slot] = _Peer(peer_slot)
+        if src == self.slot:
+            if peer.out is not None:
+                self._close_out(peer)
+            peer.out = end
+            peer.prod = RingProducer(ring, bell, space)
+            peer.prod.on_space(lambda p=peer: self._flush(p))
+            peer.space_fd = space.fileno()
+            self.center.create_file_event(peer.space_fd, READABLE,
+                                          lambda _fd, p=peer: self._on_space_event(p))
+        else:
+            if peer.inb is not None:
+                self._close_in(peer)
+            peer.inb = end
+            peer.cons = RingConsumer(ring, bell, space)
+            peer.poller = RingPoller(self.center, peer.cons,
+                                     lambda views, p=peer: self._on_records(p, views),
+                                     lambda exc, p=peer: self._on_broken(p, exc))
+
+    def drop_peer(self, slot: int, retire: bool) -> None:
+        """RING_DEL: ``slot`` exited. After a drain its last records are consumed first;
+        whatever is still in flight to it then fails with :class:`PeerLost`."""
+        peer = self.peers.pop(slot, None)
+        if peer is None:
+            return
+        if retire and peer.cons is not None:
+            try:
+                while True:
+                    views = peer.cons.drain()
+                    if not views:
+                        break
+                    try:
+                        self._on_records(peer, views)
+                    finally:
+                        peer.cons.release()
+            except BrokenResourceError:
+                pass
+        self._fail_all(peer, PeerLost(f"worker {slot} {'retired' if retire else 'crashed'} "
+                                      "with this request in flight"))
+        self._close_out(peer)
+        self._close_in(peer)
+
+    def close(self) -> None:
+        for slot in list(self.peers):
+            self.drop_peer(slot, retire=False)
+
+    def _close_out(self, peer: _Peer) -> None:
+        if peer.space_fd is not None:
+            self.center.delete_file_event(peer.space_fd, READABLE)
+            peer.space_fd = None
+        if peer.prod is not None:
+            peer.prod.close()
+            peer.prod = None
+        if peer.out is not None:
+            _close_end(peer.out)
+            peer.out = None
+        peer.backlog.clear()
+
+    def _close_in(self, peer: _Peer) -> None:
+        if peer.poller is not None:
+            peer.poller.close()
+            peer.poller = None
+        if peer.cons is not None:
+            peer.cons.close()
+            peer.cons = None
+        if peer.inb is not None:
+            _close_end(peer.inb)
+            peer.inb = None
+
+    def _fail_all(self, peer: _Peer, exc: Exception) -> None:
+        cbs = list(peer.pending.values()) + [cb for _rid, _rec, cb in peer.queue]
+        peer.pending.clear()
+        peer.queue.clear()
+        self.stats["failed"] += len(cbs)
+        for cb in cbs:
+            self.center.call_soon(lambda cb=cb: cb(exc))
+
+    def _on_broken(self, peer: _Peer, exc: BrokenResourceError) -> None:
+        # The supervisor reset the ring (the peer crashed); RING_DEL follows, but fail
+        # now: nothing sent to that incarnation will ever be answered.
+        if self.peers.get(peer.slot) is peer:
+            self.log(f"ring with worker {peer.slot} was reset ({exc}): failing its requests")
+            self.drop_peer(peer.slot, retire=False)
+
+    # -- requests out ------------------------------------------------------------------------
+
+    def ready_peers(self) -> list[int]:
+        return sorted(s for s, p in self.peers.items() if p.ready)
+
+    def inflight(self, slot: int) -> int:
+        peer = self.peers.get(slot)
+        return 0 if peer is None else len(peer.pending) + len(peer.queue)
+
+    def submit(self, slot: int, payload: bytes, on_reply: ReplyCallback) -> None:
+        peer = self.peers.get(slot)
+        if peer is None or not peer.ready:
+            exc: Exception = PeerUnavailable(f"no ring to worker {slot}")
+            self.center.call_soon(lambda: on_reply(exc))
+            return
+        assert peer.prod is not None
+        if _HDR.size + len(payload) > peer.out.ring.max_record:  # type: ignore[union-attr]
+            exc = ValueError(f"request of {len(payload)} bytes exceeds the ring's record limit")
+            self.center.call_soon(lambda: on_reply(exc))
+            return
+        rid = peer.next_rid
+        peer.next_rid += 1
+        if len(peer.pending) >= self.inflight_limit or peer.queue:
+            if len(peer.queue) >= self.queue_limit:
+                exc = Overloaded(f"worker {slot}: {len(peer.pending)} in flight and "
+                                 f"{len(peer.queue)} queued")
+                self.stats["failed"] += 1
+                self.center.call_soon(lambda: on_reply(exc))
+                return
+            peer.queue.append((rid, payload, on_reply))
+            return
+        peer.pending[rid] = on_reply
+        self._send(peer, _HDR.pack(_REQ, rid) + payload)
+
+    def _pump(self, peer: _Peer) -> None:
+        while peer.queue and len(peer.pending) < self.inflight_limit:
+            rid, payload, cb = peer.queue.popleft()
+            peer.pending[rid] = cb
+            self._send(peer, _HDR.pack(_REQ, rid) + payload)
+
+    def _send(self, peer: _Peer, rec: bytes) -> None:
+        prod = peer.prod
+        if prod is None:
+            return  # closed meanwhile: the callbacks were failed by drop_peer
+        self.stats["sent"] += 1
+        if peer.backlog:
+            peer.backlog.append(rec)  # keep order behind what already waits for space
+            return
+        try:
+            if not prod.send(rec):
+                self.stats["backlogged"] += 1
+                peer.backlog.append(rec)
+        except BrokenResourceError as exc:
+            self._on_broken(peer, exc)
+
+    def _on_space_event(self, peer: _Peer) -> None:
+        if peer.prod is not None:
+            peer.prod.handle_space_event()
+        self._flush(peer)
+
+    def _flush(self, peer: _Peer) -> None:
+        prod = peer.prod
+        if prod is None or not peer.backlog:
+            return
+        try:
+            n = prod.send_many(list(peer.backlog))
+        except BrokenResourceError as exc:
+            self._on_broken(peer, exc)
+            return
+        for _ in range(n):
+            peer.backlog.popleft()
+
+    # -- records in --------------------------------------------------------------------------
+
+    def _on_records(self, peer: _Peer, views: list[memoryview]) -> None:
+        unpack = _HDR.unpack_from
+        for v in views:
+            kind, rid = unpack(v)
+            payload = bytes(v[_HDR.size:])  # the view dies at release
+            if kind == _REQ:
+                self._serve(peer, rid, payload)
+            else:
+                cb = peer.pending.pop(rid, None)
+                if cb is None:
+                    continue
+                self.stats["replies"] += 1
+                try:
+                    cb(payload if kind == _REP else RemoteError(payload.decode("utf-8", "replace")))
+                except Exception as exc:  # noqa: BLE001 - a callback must not kill the loop
+                    self.log(f"submit_to reply callback raised: {exc!r}")
+        self._pump(peer)
+
+    def _serve(self, peer: _Peer, rid: int, payload: bytes) -> None:
+        self.stats["served"] += 1
+        peer.serving += 1
+        done = False
+
+        def reply(result: bytes | Exception) -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            peer.serving -= 1
+            if self.peers.get(peer.slot) is not peer:
+                return  # the requester is gone: nobody to answer
+            if isinstance(result, Exception):
+                rec = _HDR.pack(_ERR, rid) + str(result).encode()[:4096]
+            else:
+                rec = _HDR.pack(_REP, rid) + result
+            self._send(peer, rec)
+
+        try:
+            self.on_request(peer.slot, payload, reply)
+        except Exception as exc:  # noqa: BLE001 - answer, never leave the requester hanging
+            reply(RemoteError(f"handler raised {exc!r}"))
+
+    def serving(self) -> int:
+        """Requests from peers our app has not answered yet."""
+        return sum(p.serving for p in self.peers.values())
+
+    def outstanding(self) -> int:
+        """Our requests not answered yet (in flight + queued)."""
+        return sum(len(p.pending) + len(p.queue) for p in self.peers.values())
+
+
+def _close_end(end: _End) -> None:
+    end.ring.close()
+    end.seg.close()
+    end.bell.close()
+    end.space.close()
