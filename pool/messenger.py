@@ -223,18 +223,27 @@ class Messenger:
             return f"{addr[0]}:{addr[1]}"
         return str(addr)
 
-    def handle_ident(self, conn: AsyncConnection, ev: IdentRequest, routed: bool = False) -> None:
+    def _request_context(self, conn: AsyncConnection, ev: IdentRequest | ReconnectRequest,
+                         routed: bool) -> tuple[Connection, Policy, EntityAddr, str,
+                                                AsyncConnection | None] | None:
+        """Common start of ident/reconnect handling: route elsewhere, or find the policy,
+        the peer's registry key and the existing session (None if routed away)."""
         if not routed and self.route_request is not None and self.route_request(conn, ev):
-            return
+            return None
         wire = conn.wire
         assert wire is not None
         policy = self.policy_for(ev.peer_type)
         conn.policy = policy
-        peer = ev.ident.addrs[0]
+        peer = (ev.ident if isinstance(ev, IdentRequest) else ev.request).addrs[0]
         key = self._registry_key(peer)
         existing = self.conns.get(key)
-        if existing is conn:
-            existing = None
+        return wire, policy, peer, key, (None if existing is conn else existing)
+
+    def handle_ident(self, conn: AsyncConnection, ev: IdentRequest, routed: bool = False) -> None:
+        ctx = self._request_context(conn, ev, routed)
+        if ctx is None:
+            return
+        wire, policy, peer, key, existing = ctx
         register = not policy.lossy or policy.register_lossy_clients
         d = decide_ident(existing.view() if existing else None, ev.ident, policy,
                          self.my_addr, peer)
@@ -285,17 +294,10 @@ class Messenger:
 
     def handle_reconnect(self, conn: AsyncConnection, ev: ReconnectRequest,
                          routed: bool = False) -> None:
-        if not routed and self.route_request is not None and self.route_request(conn, ev):
+        ctx = self._request_context(conn, ev, routed)
+        if ctx is None:
             return
-        wire = conn.wire
-        assert wire is not None
-        policy = self.policy_for(ev.peer_type)
-        conn.policy = policy
-        peer = ev.request.addrs[0]
-        key = self._registry_key(peer)
-        existing = self.conns.get(key)
-        if existing is conn:
-            existing = None
+        wire, policy, peer, _key, existing = ctx
         d: Decision = decide_reconnect(existing.view() if existing else None, ev.request,
                                        policy, self.my_addr, peer)
         self.stats[f"reconnect_{d.verdict.value}"] += 1

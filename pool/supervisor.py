@@ -356,7 +356,9 @@ class Supervisor:
         if delay is not None:
             self.stats["restarts"] += 1
         self._rehome(slot)
-        self._retire_rings(slot, crashed=not (was is State.QUIESCED and code == 0))
+        # A drained (or stopping) worker's exit is a retirement: peers consume what it
+        # left. Anything else is a crash: reset its rings so peers fail what is in flight.
+        self._retire_rings(slot, crashed=not (was in (State.QUIESCED, State.STOPPING) and code == 0))
 
     def _enforce_deadlines(self) -> None:
         assert self.page is not None

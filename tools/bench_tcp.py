@@ -48,6 +48,23 @@ def _reply(frame: bytes | memoryview) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def _replies(buf: bytearray) -> bytes:
+    """Answer every complete request in ``buf`` (consumed from it); b"" if none."""
+    out = []
+    pos, n = 0, len(buf)
+    view = memoryview(buf)
+    while n - pos >= 4:
+        (ln,) = _LEN.unpack_from(buf, pos)
+        if n - pos - 4 < ln:
+            break
+        out.append(_reply(view[pos + 4:pos + 4 + ln]))
+        pos += 4 + ln
+    view.release()
+    if pos:
+        del buf[:pos]
+    return b"".join(out)
+
+
 def serve_asyncio(port: int, ready: Callable[[], None], use_uvloop: bool = False) -> None:
     import asyncio
 
@@ -61,21 +78,10 @@ def serve_asyncio(port: int, ready: Callable[[], None], use_uvloop: bool = False
             self.buf = bytearray()
 
         def data_received(self, data: bytes) -> None:
-            buf = self.buf
-            buf += data
-            out = []
-            pos = 0
-            n = len(buf)
-            while n - pos >= 4:
-                (ln,) = _LEN.unpack_from(buf, pos)
-                if n - pos - 4 < ln:
-                    break
-                out.append(_reply(memoryview(buf)[pos + 4:pos + 4 + ln]))
-                pos += 4 + ln
-            if pos:
-                del buf[:pos]
+            self.buf += data
+            out = _replies(self.buf)
             if out:
-                self.t.write(b"".join(out))
+                self.t.write(out)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -126,19 +132,10 @@ def serve_epoll(port: int, ready: Callable[[], None]) -> None:
                 del conns[fd]
                 continue
             buf += data
-            out = []
-            pos, n = 0, len(buf)
-            while n - pos >= 4:
-                (ln,) = _LEN.unpack_from(buf, pos)
-                if n - pos - 4 < ln:
-                    break
-                out.append(_reply(memoryview(buf)[pos + 4:pos + 4 + ln]))
-                pos += 4 + ln
-            if pos:
-                del buf[:pos]
+            out = _replies(buf)
             if out:
                 s.setblocking(True)  # replies are small; the client reads them promptly
-                s.sendall(b"".join(out))
+                s.sendall(out)
                 s.setblocking(False)
 
 
@@ -469,12 +466,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             if "error" in r:
                 lines.append(f"  {r['server']:<17} {r['error']}")
                 continue
-            ratio = r["rps_w128"] / base["rps_w128"] if base else 0.0
-            cratio = r["cpu_us_per_req"] / base["cpu_us_per_req"] if base else 0.0
+            ratio = f"{r['rps_w128'] / base['rps_w128']:.2f}" if base else "-"
+            cratio = f"{r['cpu_us_per_req'] / base['cpu_us_per_req']:.2f}" if base else "-"
             lines.append(
-                f"  {r['server']:<17} {r['rps_w128']:>11,.0f} {ratio:>6.2f} {r['rps_w1']:>9,.0f} "
+                f"  {r['server']:<17} {r['rps_w128']:>11,.0f} {ratio:>6} {r['rps_w1']:>9,.0f} "
                 f"{r['rtt_p50_us']:>8.0f} {r['rtt_p99_us']:>8.0f} {r['cpu_us_per_req']:>10.1f} "
-                f"{cratio:>6.2f} {r['peak_rss_kb'] / 1024:>8.1f}")
+                f"{cratio:>6} {r['peak_rss_kb'] / 1024:>8.1f}")
     lines.append("\nratio = peer / asyncmsgr (req/s: > 1 means the peer is faster; "
                  "cpu: > 1 means the peer uses more CPU per request)")
     return "\n".join(lines)

@@ -359,6 +359,9 @@ def register(sub: Any) -> None:
                    help="rescale that pool to a random size in --scale-range every S seconds")
     p.add_argument("--scale-range", default="1-4", metavar="MIN-MAX")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    p.add_argument("--app", choices=["echo", "kv"], default="echo",
+                   help="kv: write then read back keys of a `serve --app kv` pool "
+                        "(tools.stress_kv; --messages = operations, half writes, half reads)")
     p.set_defaults(func=run)
 
 
@@ -366,6 +369,9 @@ def run(args: argparse.Namespace) -> int:
     if args.conns < 1 or args.window < 1:
         print("msgr stress: --conns and --window must be at least 1", file=sys.stderr)
         return 2
+    if getattr(args, "app", "echo") == "kv":
+        from tools.stress_kv import run_cli
+        return run_cli(args)
     try:
         keyring = load_keyring(args.keyring) if args.keyring else {}
         auth = AuthSettings(args.auth, args.mode, args.name, keyring)

@@ -250,3 +250,44 @@ def format_kv_summary(r: KvStressResult) -> str:
                                         ("lost", "duplicated", "corrupted", "stale_reads",
                                          "missing_keys", "read_errors") if getattr(r, k)))
     return "\n".join(lines + [verdict] + [f"  note: {e}" for e in r.error_samples[:5]])
+
+
+def run_cli(args: Any) -> int:
+    """``msgr stress --app kv``: the shared stress options mapped onto the kv workload."""
+    import json
+    import sys
+    from dataclasses import asdict
+
+    from tools.stress import ChaosConfig, StressResult, _Chaos
+
+    if not isinstance(args.target, tuple):
+        print("msgr stress --app kv: --target must be HOST:PORT", file=sys.stderr)
+        return 2
+    chaos = None
+    chaos_result = StressResult()
+    if args.chaos_admin:
+        lo, _, hi = args.scale_range.partition("-")
+        if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+            print("msgr stress: --scale-range must look like 2-4", file=sys.stderr)
+            return 2
+        chaos = _Chaos(ChaosConfig(args.chaos_admin, args.kill_every, args.scale_every,
+                                   int(lo), int(hi)), random.Random(args.seed), chaos_result)
+    cfg = KvStressConfig(target=args.target, conns=args.conns, keys=max(1, args.messages // 2),
+                         rounds=1, size_min=max(1, args.size_min),
+                         size_max=min(max(args.size_min, args.size_max), 60 * 1024),
+                         window=args.window, timeout=args.timeout, seed=args.seed, chaos=chaos)
+    result = run_kv_stress(cfg)
+    if chaos is not None:
+        chaos.finish()
+        result.scales = chaos_result.chaos_scales
+    print(format_kv_summary(result))
+    if args.json:
+        data = asdict(result)
+        data["ok"] = result.ok
+        data["chaos_kills"] = chaos_result.chaos_kills
+        data["pool_back_to_n"] = chaos_result.pool_back_to_n
+        data["target"] = str(args.target)
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2)
+    ok = result.ok and chaos_result.pool_back_to_n is not False
+    return 0 if ok else 1

@@ -1,0 +1,158 @@
+"""The ring mesh in a real pool: one ring per ordered pair of live workers, following
+scale up/down, gone from /dev/shm on stop; ``submit_to`` across workers; a crashed
+worker's in-flight requests fail explicitly at the submitter."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pool.api import AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
+from pool.app import ReplyCallback
+from pool.apps import MessengerApp
+from transport import shmname
+
+from .support import running_pool, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+SUBMIT = 7
+
+
+class _SubmitDispatcher(Dispatcher):
+    """Front ``{"to": slot, "op": bytes}``: ``submit_to(slot, op)``, reply with the result."""
+
+    def __init__(self, app: SubmitApp) -> None:
+        self.app = app
+
+    def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
+        ctx = self.app.ctx
+        assert ctx is not None
+        front = msg.front
+
+        def on_reply(r: bytes | Exception) -> None:
+            out = {"me": ctx.slot, "ok": not isinstance(r, Exception)}
+            out["r"] = f"{type(r).__name__}: {r}" if isinstance(r, Exception) else bytes(r)
+            conn.send_message(Message(SUBMIT, out))
+
+        ctx.submit_to(int(front["to"]), bytes(front["op"]), on_reply)
+
+
+class SubmitApp(MessengerApp):
+    """Serves ``echo`` (answers at once) and ``hang`` (never answers)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: _SubmitDispatcher(self))
+        self.hung: list[ReplyCallback] = []
+
+    def handle_submit(self, src_slot: int, payload: bytes, reply: ReplyCallback) -> None:
+        assert self.ctx is not None
+        if payload == b"hang":
+            self.hung.append(reply)
+        else:
+            reply(b"pong %d from %d" % (self.ctx.slot, src_slot))
+
+
+class _Client(Dispatcher):
+    def __init__(self) -> None:
+        self.replies: list[dict[str, Any]] = []
+
+    def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
+        self.replies.append(msg.front)
+
+
+def _pool_segments(pid: int) -> list[str]:
+    return [s for s in shmname.list_segments() if shmname.owner_of(s) == pid and ".r" in s]
+
+
+def _accepting(st: dict[str, Any]) -> list[int]:
+    return sorted(w["slot"] for w in st["workers"] if w["state"] == "ACCEPTING")
+
+
+def _mesh_complete(pool: Any, n: int) -> dict[str, Any] | None:
+    st = pool.try_status()
+    if st is None:
+        return None
+    live = _accepting(st)
+    want = sorted([a, b] for a in live for b in live if a != b)
+    return st if len(live) == n and st["rings"] == want else None
+
+
+def test_mesh_follows_scale(tmp_path: Path) -> None:
+    with running_pool(tmp_path, workers=3, app="echo") as pool:
+        st = wait_for(lambda: _mesh_complete(pool, 3), 10, "a full mesh of 3")
+        assert len(st["rings"]) == 6
+        assert len(_pool_segments(st["pid"])) == 6
+        pool.client.call("scale", n=2)
+        pool.wait_accepting(2)
+        st = wait_for(lambda: _mesh_complete(pool, 2), 10, "mesh of 2 after scale-down")
+        wait_for(lambda: len(_pool_segments(st["pid"])) == 2, 10, "retired rings unlinked")
+        pool.client.call("scale", n=4)
+        pool.wait_accepting(4)
+        st = wait_for(lambda: _mesh_complete(pool, 4), 10, "mesh of 4 after scale-up")
+        assert len(_pool_segments(st["pid"])) == 12
+        assert st["peer_map"]["slots"] == _accepting(st)
+        sup = st["pid"]
+    assert _pool_segments(sup) == []
+
+
+def test_submit_to_and_crash_fails_inflight(tmp_path: Path) -> None:
+    with running_pool(tmp_path, workers=3, app="tests.pool.test_rings_pool:SubmitApp") as pool:
+        st = wait_for(lambda: _mesh_complete(pool, 3), 10, "a full mesh of 3")
+        center = EventCenter(name="test-submit")
+        client = _Client()
+        m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
+                      backoff=Backoff(0.05, 1.0))
+        m.add_dispatcher(client)
+        try:
+            conn = m.connect(("127.0.0.1", pool.port))
+
+            def ask(to: int, op: bytes) -> None:
+                conn.send_message(Message(SUBMIT, {"to": to, "op": op}))
+
+            def reply(n: int, timeout: float = 10.0) -> dict[str, Any]:
+                deadline = time.monotonic() + timeout
+                while len(client.replies) < n and time.monotonic() < deadline:
+                    center.process_events(0.02)
+                assert len(client.replies) >= n, client.replies
+                return client.replies[n - 1]
+
+            ask(99, b"echo")  # no such worker: explicit PeerUnavailable
+            first = reply(1)
+            assert not first["ok"] and "PeerUnavailable" in first["r"]
+            me = first["me"]
+            others = [s for s in _accepting(st) if s != me]
+            for i, s in enumerate(others):
+                ask(s, b"echo")
+                r = reply(2 + i)
+                assert r["ok"] and r["r"] == b"pong %d from %d" % (s, me)
+            victim = others[0]
+            ask(victim, b"hang")
+            ask(victim, b"echo")  # FIFO ring: once this is answered, the hang arrived
+            r = reply(2 + len(others) + 1)
+            assert r["ok"], r
+            pid = next(w["pid"] for w in pool.status()["workers"] if w["slot"] == victim)
+            os.kill(pid, signal.SIGKILL)
+            print("KILLED", pid, victim, pool.status(), flush=True)
+            r = reply(2 + len(others) + 2)
+            assert not r["ok"] and "PeerLost" in r["r"], r
+            # The slot is respawned with fresh rings and serves again.
+            pool.wait_accepting(3)
+            wait_for(lambda: _mesh_complete(pool, 3), 10, "mesh rebuilt after the crash")
+            deadline = time.monotonic() + 10
+            while True:
+                n = len(client.replies) + 1
+                ask(victim, b"echo")
+                r = reply(n)
+                if r["ok"] or time.monotonic() > deadline:
+                    break
+            assert r["ok"], r
+        finally:
+            m.shutdown()
+            center.process_events(0)
+            center.close()
