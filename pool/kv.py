@@ -2,7 +2,8 @@
 
 Requests are Messenger messages whose front is ``{"op": "put"|"get"|"del", "k": str,
 "v": bytes|None, "id": int}``; the reply has the same message type and front
-``{"id", "ok", "v", "err"?}``. Replies may come back out of request order (match ``id``).
+``{"id", "ok", "v", "err"?, "w", "at"}`` (``w``: the worker that executed it, ``at``: the
+one owning the connection). Replies may come back out of request order (match ``id``).
 
 Sharding: ``zlib.crc32(key) % 1024`` picks a virtual shard; the shard's owner is chosen
 among the ACCEPTING workers of the supervisor's versioned peer map by rendezvous hashing
@@ -193,6 +194,7 @@ class KvApp(MessengerApp):
             return
         self.per_conn[conn] = self.per_conn.get(conn, 0) + 1
         mtype = msg.type
+        slot = self.ctx.slot if self.ctx is not None else -1
 
         def done(r: Reply) -> None:
             n = self.per_conn.get(conn, 1) - 1
@@ -201,6 +203,7 @@ class KvApp(MessengerApp):
             else:
                 self.per_conn.pop(conn, None)
             r["id"] = rid
+            r["at"] = slot  # the worker that owns the client connection
             conn.send_message(Message(mtype, r))
 
         self._handle(op, key, bytes(val) if val is not None else None, self.version, 0, done)
@@ -221,17 +224,18 @@ class KvApp(MessengerApp):
                 self._park(retry, done, f"shard {s} is moving to this worker")
                 return
             self.kv_stats["local"] += 1
+            me = ctx.slot  # "w": the worker that executed it (benchmarks tell local apart)
             if op == "put":
                 assert val is not None
                 data[key] = val
-                done({"ok": True, "v": None})
+                done({"ok": True, "v": None, "w": me})
             elif op == "get":
                 v = data.get(key)
-                done({"ok": v is not None, "v": v} if v is not None
-                     else {"ok": False, "v": None, "err": "not found"})
+                done({"ok": True, "v": v, "w": me} if v is not None
+                     else {"ok": False, "v": None, "err": "not found", "w": me})
             else:
                 existed = data.pop(key, None) is not None
-                done({"ok": True, "v": None, "existed": existed})
+                done({"ok": True, "v": None, "existed": existed, "w": me})
             return
         if hops >= _MAX_HOPS:
             done({"ok": False, "v": None, "err": f"shard {s}: too many forwarding hops"})

@@ -1,13 +1,13 @@
 """The ring mesh between workers, and ``submit_to`` routing over it.
 
 **Mesh (supervisor side, :class:`RingMesh`).** The supervisor is the only process that
-creates and unlinks ring segments. Every ordered pair of live workers ``(src, dst)`` gets
-one SPSC ring (:mod:`transport.shm.ring`) in its own named segment
-(``/<prefix>.<supervisor pid>.r<src>x<dst>g<serial>``, so ``shmname.sweep_dead`` removes
-what a SIGKILLed supervisor left) and two eventfd doorbells: ``bell`` (the producer wakes
-the sleeping consumer) and ``space`` (the consumer wakes a producer that found the ring
-full). Each ring is announced to both ends with a ``RING_ADD`` control message (JSON
-descriptor + the two eventfds by SCM_RIGHTS). Rings for a worker are made when it is
+creates ring segments. Every ordered pair of live workers ``(src, dst)`` gets one SPSC ring
+(:mod:`transport.shm.ring`) in its own memfd segment (``memfd_create(2)``: anonymous, so
+nothing can be left in /dev/shm, even after SIGKILL — the kernel frees it with the last fd
+and mapping; supervisors.md 1.5/ipc-facts) and two eventfd doorbells: ``bell`` (the
+producer wakes the sleeping consumer) and ``space`` (the consumer wakes a producer that
+found the ring full). Each ring is announced to both ends with a ``RING_ADD`` control
+message (JSON descriptor; the memfd and the two eventfds by SCM_RIGHTS). Rings for a worker are made when it is
 spawned, i.e. before it can become ACCEPTING. When a worker exits the supervisor sends
 ``RING_DEL`` to its peers: after a drain (``retire``) a peer first consumes what the
 retired worker left in its ring, then closes; after a crash the supervisor first resets
@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,12 +95,11 @@ class RingMesh:
 
     def _create(self, src: int, dst: int) -> _ShmRing:
         self._serial += 1
-        seg = Segment.create(f"r{src}x{dst}g{self._serial}", Ring.required_size(self.capacity))
+        seg = Segment.create_memfd(Ring.required_size(self.capacity), f"r{src}x{dst}g{self._serial}")
         try:
             ring = Ring.create(seg.buf, self.capacity)
         except BaseException:
             seg.close()
-            seg.unlink()
             raise
         r = _ShmRing(src, dst, seg, ring, Doorbell(), Doorbell())
         self.rings[(src, dst)] = r
@@ -121,11 +121,11 @@ class RingMesh:
         return made
 
     def descriptor(self, pair: tuple[int, int]) -> tuple[bytes, list[int]]:
-        """The RING_ADD payload and fds (bell, space) for ``pair``; the fds stay ours."""
+        """The RING_ADD payload and fds (memfd, bell, space) for ``pair``; the fds stay ours."""
         r = self.rings[pair]
-        payload = json.dumps({"src": r.src, "dst": r.dst, "name": r.seg.name,
+        payload = json.dumps({"src": r.src, "dst": r.dst, "size": r.seg.size,
                               "capacity": self.capacity}).encode()
-        return payload, [r.bell.fileno(), r.space.fileno()]
+        return payload, [r.seg.fd, r.bell.fileno(), r.space.fileno()]
 
     def pairs_of(self, slot: int) -> list[tuple[int, int]]:
         return sorted(p for p in self.rings if slot in p)
@@ -147,8 +147,7 @@ class RingMesh:
             # BrokenResourceError instead of stale records; ringing both bells wakes it.
             r.ring.reset(r.bell, r.space)
         r.ring.close()
-        r.seg.close()
-        r.seg.unlink()  # peers keep their mappings; only the name goes
+        r.seg.close()  # peers keep their own fds/mappings until they drop the ring
         r.bell.close()
         r.space.close()
 
@@ -198,29 +197,38 @@ class Router:
     def __init__(self, center: EventCenter, slot: int,
                  on_request: Callable[[int, bytes, ReplyCallback], None],
                  log: Callable[[str], None], inflight_limit: int = 256,
-                 queue_limit: int = 8192) -> None:
+                 queue_limit: int = 8192, spins: int = 64, reply_spin: float = 0.0) -> None:
         self.center = center
         self.slot = slot
         self.on_request = on_request
         self.log = log
         self.inflight_limit = inflight_limit
         self.queue_limit = queue_limit
+        self.spins = spins
+        self.reply_spin = reply_spin
+        self._spin_until = 0.0
+        self._spinning = False
         self.peers: dict[int, _Peer] = {}
         self.stats = {"sent": 0, "served": 0, "replies": 0, "failed": 0, "backlogged": 0}
 
     # -- mesh changes ----------------------------------------------------------------------
 
     def add_ring(self, desc: dict[str, Any], fds: list[int]) -> None:
-        """RING_ADD: attach one ring; we own ``fds`` (bell, space) from now on."""
+        """RING_ADD: attach one ring; we own ``fds`` (memfd, bell, space) from now on."""
         src, dst = int(desc["src"]), int(desc["dst"])
-        bell, space = Doorbell.from_fd(fds[0]), Doorbell.from_fd(fds[1])
-        for extra in fds[2:]:
+        if len(fds) < 3:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"RING_ADD {src}->{dst} came with {len(fds)} fds, 3 expected")
+        bell, space = Doorbell.from_fd(fds[1]), Doorbell.from_fd(fds[2])
+        for extra in fds[3:]:
             os.close(extra)
         if self.slot not in (src, dst) or src == dst:
+            os.close(fds[0])
             bell.close()
             space.close()
             return
-        seg = Segment.attach(str(desc["name"]))
+        seg = Segment.from_memfd(fds[0], int(desc["size"]))
         ring = Ring.attach(seg.buf)
         end = _End(seg, ring, bell, space)
         peer_slot = dst if src == self.slot else src
@@ -243,7 +251,7 @@ class Router:
             peer.cons = RingConsumer(ring, bell, space)
             peer.poller = RingPoller(self.center, peer.cons,
                                      lambda views, p=peer: self._on_records(p, views),
-                                     lambda exc, p=peer: self._on_broken(p, exc))
+                                     lambda exc, p=peer: self._on_broken(p, exc), spins=self.spins)
 
     def drop_peer(self, slot: int, retire: bool) -> None:
         """RING_DEL: ``slot`` exited. After a drain its last records are consumed first;
@@ -343,6 +351,39 @@ class Router:
             return
         peer.pending[rid] = on_reply
         self._send(peer, _HDR.pack(_REQ, rid) + payload)
+        if self.reply_spin > 0.0:
+            self._start_spin()
+
+    # -- reply spin ----------------------------------------------------------------------
+    # A request's reply usually comes back within tens of µs, while waking this process
+    # from epoll on another CPU costs ~50 µs (ipc-facts.md). So right after a submit the
+    # loop polls the rings for ``reply_spin`` seconds (call_soon keeps the EventCenter
+    # from blocking) before it lets the doorbells wake it. Bounded, so an idle worker
+    # never spins for long; the peer's doorbell still fires if we were not looking.
+
+    def _start_spin(self) -> None:
+        self._spin_until = time.monotonic() + self.reply_spin
+        if not self._spinning:
+            self._spinning = True
+            self.center.call_soon(self._spin)
+
+    def _spin(self) -> None:
+        for peer in list(self.peers.values()):
+            cons = peer.cons
+            if cons is None or not peer.pending or not cons.pending():
+                continue
+            try:
+                views = cons.drain()
+                try:
+                    self._on_records(peer, views)
+                finally:
+                    cons.release()
+            except BrokenResourceError as exc:
+                self._on_broken(peer, exc)
+        if time.monotonic() < self._spin_until and any(p.pending for p in self.peers.values()):
+            self.center.call_soon(self._spin)
+        else:
+            self._spinning = False
 
     def _pump(self, peer: _Peer) -> None:
         while peer.queue and len(peer.pending) < self.inflight_limit:

@@ -24,8 +24,8 @@ Facts and choices:
   the interim owner is then told to drop it. With ``net.ipv4.tcp_migrate_req=1`` the
   kernel could migrate the queue on close instead, but handover needs no sysctl and
   also covers crashes; the value is logged at start.
-* **Ring mesh** (:mod:`pool.rings`). The supervisor alone creates and unlinks the ring
-  segments: one ring per ordered pair of live workers, made when a worker is spawned
+* **Ring mesh** (:mod:`pool.rings`). The supervisor alone creates the ring segments
+  (memfds: nothing in /dev/shm to leak): one ring per ordered pair of live workers, made when a worker is spawned
   (so before it is ACCEPTING) and announced to both ends (RING_ADD: names + eventfds by
   SCM_RIGHTS). At a worker's exit its rings are retired (RING_DEL to peers, which
   consume what it left first) or, after a crash, reset (epoch bump) so peers fail the
@@ -248,7 +248,7 @@ class Supervisor:
         if self.reuseport is not None:
             self.reuseport.close()
         if self.mesh is not None:
-            self.mesh.close()  # unlinks every ring segment
+            self.mesh.close()  # closes every ring segment (memfds: freed with the last fd)
         if self.page is not None:
             self.page.close()
             self.page.unlink()
@@ -341,7 +341,6 @@ class Supervisor:
         was = ws.state
         self._forget(slot, p, code)
         if ws.generation != p.generation:
-            self._retire_rings(slot, crashed=True)
             return
         delay = ws.exited(code, time.monotonic(), self.rng)
         view = self.page.slot(slot)

@@ -198,6 +198,8 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
         rng.shuffle(reads)
         tries: dict[str, int] = {}
         while (reads or client.pending) and time.monotonic() < deadline:
+            if cfg.chaos is not None and reads:
+                cfg.chaos.step(time.monotonic())  # reads also cross scale changes
             while reads and len(client.pending) < cfg.window:
                 key = reads.pop()
 

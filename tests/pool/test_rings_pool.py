@@ -66,8 +66,22 @@ class _Client(Dispatcher):
         self.replies.append(msg.front)
 
 
-def _pool_segments(pid: int) -> list[str]:
-    return [s for s in shmname.list_segments() if shmname.owner_of(s) == pid and ".r" in s]
+def _ring_memfds(pid: int) -> set[str]:
+    """The ring memfds process ``pid`` holds (``/memfd:amsgr-r<src>x<dst>g<n> (deleted)``;
+    Python's mmap keeps its own dup of the fd, so count names, not fds)."""
+    out = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return set()
+    for fd in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("/memfd:amsgr-r"):
+            out.add(link)
+    return out
 
 
 def _accepting(st: dict[str, Any]) -> list[int]:
@@ -87,18 +101,26 @@ def test_mesh_follows_scale(tmp_path: Path) -> None:
     with running_pool(tmp_path, workers=3, app="echo") as pool:
         st = wait_for(lambda: _mesh_complete(pool, 3), 10, "a full mesh of 3")
         assert len(st["rings"]) == 6
-        assert len(_pool_segments(st["pid"])) == 6
+        assert len(_ring_memfds(st["pid"])) == 6
+        # Each worker attached its 2 * (n - 1) rings (memfds: nothing named in /dev/shm).
+        for w in st["workers"]:
+            wait_for(lambda w=w: len(_ring_memfds(w["pid"])) == 4, 10, f"worker {w['slot']} attached")
+        assert not [s for s in shmname.list_segments() if shmname.owner_of(s) == st["pid"]
+                    and not s.endswith(".control")]
         pool.client.call("scale", n=2)
         pool.wait_accepting(2)
         st = wait_for(lambda: _mesh_complete(pool, 2), 10, "mesh of 2 after scale-down")
-        wait_for(lambda: len(_pool_segments(st["pid"])) == 2, 10, "retired rings unlinked")
+        wait_for(lambda: len(_ring_memfds(st["pid"])) == 2, 10, "retired rings closed")
+        for w in st["workers"]:
+            if w["state"] == "ACCEPTING":
+                wait_for(lambda w=w: len(_ring_memfds(w["pid"])) == 2, 10, "peers dropped retired rings")
         pool.client.call("scale", n=4)
         pool.wait_accepting(4)
         st = wait_for(lambda: _mesh_complete(pool, 4), 10, "mesh of 4 after scale-up")
-        assert len(_pool_segments(st["pid"])) == 12
+        assert len(_ring_memfds(st["pid"])) == 12
         assert st["peer_map"]["slots"] == _accepting(st)
         sup = st["pid"]
-    assert _pool_segments(sup) == []
+    assert _ring_memfds(sup) == set()
 
 
 def test_submit_to_and_crash_fails_inflight(tmp_path: Path) -> None:
@@ -134,12 +156,11 @@ def test_submit_to_and_crash_fails_inflight(tmp_path: Path) -> None:
             victim = others[0]
             ask(victim, b"hang")
             ask(victim, b"echo")  # FIFO ring: once this is answered, the hang arrived
-            r = reply(2 + len(others) + 1)
+            r = reply(len(others) + 2)
             assert r["ok"], r
             pid = next(w["pid"] for w in pool.status()["workers"] if w["slot"] == victim)
             os.kill(pid, signal.SIGKILL)
-            print("KILLED", pid, victim, pool.status(), flush=True)
-            r = reply(2 + len(others) + 2)
+            r = reply(len(others) + 3)
             assert not r["ok"] and "PeerLost" in r["r"], r
             # The slot is respawned with fresh rings and serves again.
             pool.wait_accepting(3)
