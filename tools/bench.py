@@ -8,7 +8,7 @@ from typing import Any
 __all__ = ["register"]
 
 #: each module exposes register(bench_subparsers)
-BENCH_MODULES = ["tools.bench_tcp", "tools.bench_ring", "tools.bench_memif", "tools.bench_kv"]
+BENCH_MODULES = ["tools.bench_tcp", "tools.bench_pool", "tools.bench_ring", "tools.bench_memif", "tools.bench_kv"]
 
 
 def register(sub: Any) -> None:
