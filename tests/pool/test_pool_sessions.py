@@ -168,3 +168,25 @@ def test_sigkill_worker_resets_only_its_sessions(make_pool) -> None:
     assert w1["restarts"] == 1
     assert r.ok, r  # nothing silently lost: only forgiven after a reset notification
     assert 1 <= r.session_resets <= killed_conns, (r.session_resets, killed_conns)
+
+
+def test_bounded_chaos_run(make_pool) -> None:
+    """The CI-sized version of `msgr stress --duration 600` long mode: socket failures at
+    1/30 on both sides, a worker SIGKILLed every 3 s, the pool rescaled every 4 s. No
+    silent loss (only forgiveness after a reset notification), no duplicate, no reorder,
+    and the pool is back to N at the end."""
+    from tools.stress import ChaosConfig
+
+    pool = make_pool(3, "processor", "--inject-socket-failures", "30")
+    r = run_stress(StressConfig(
+        target=("127.0.0.1", pool.port), conns=10, messages=0, duration=12.0,
+        inject_socket_failures=30, seed=21,
+        chaos=ChaosConfig(pool.admin, kill_every=3.0, scale_every=4.0, scale_min=2,
+                          scale_max=4, final_workers=3)))
+    assert r.ok, r
+    assert (r.lost, r.duplicated, r.reordered, r.corrupted) == (0, 0, 0, 0), r
+    assert r.chaos_kills >= 2 and r.chaos_scales >= 2, r
+    assert r.pool_back_to_n is True
+    assert r.received > 500, r
+    st = pool.wait_accepting(3)
+    assert sum(w["restarts"] for w in st["workers"]) >= 1
