@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean bench
+.PHONY: run test venv clean bench typecheck
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "asyncmsgr needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -28,6 +28,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/msgr bench tcp --json bench-tcp.json
+
+typecheck: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m mypy protocol transport pool tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -88,7 +88,7 @@ def export_session(conn: AsyncConnection, stream: dict[str, Any],
     """Serialize a READY server connection's session for another worker."""
     s = conn.session
     assert s is not None
-    return msgpack.packb({
+    packed: bytes = msgpack.packb({
         "kind": _SESSION, "key": conn.key, "peer_type": conn.peer_type,
         "peer_addrs": [a.encode() for a in conn.peer_addrs],
         "out_seq": s.out_seq, "in_seq": s.in_seq, "client_cookie": s.client_cookie,
@@ -101,6 +101,7 @@ def export_session(conn: AsyncConnection, stream: dict[str, Any],
         "stream": stream,
         "standby": standby,
     }, use_bin_type=True)
+    return packed
 
 
 class MessengerApp(WorkerApp):
@@ -476,4 +477,4 @@ def load_app(spec: str, config: Mapping[str, Any] | None = None) -> AppFactory:
     obj = import_factory(spec)
     if isinstance(obj, type) and issubclass(obj, Dispatcher):
         return functools.partial(_dispatcher_app, obj, cfg)
-    return obj
+    return cast(AppFactory, obj)

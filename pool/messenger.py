@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import errno
 import logging
 import random
@@ -153,13 +154,16 @@ class Messenger:
         self.my_addr = _addr_entity(bound, self.nonce)
         self.proto_config.my_addr = self.my_addr
         self.center.create_file_event(server.fileno(), READABLE,
-                                      lambda _fd, s=server: self._accept_ready(s))
+                                      functools.partial(self._on_listener, server))
         return bound
 
     def set_address(self, addr: Address) -> None:
         """Advertise ``addr`` (a pool worker serves the supervisor's listening address)."""
         self.my_addr = _addr_entity(addr, self.nonce)
         self.proto_config.my_addr = self.my_addr
+
+    def _on_listener(self, server: ServerSocket, _fd: int) -> None:
+        self._accept_ready(server)
 
     def _accept_ready(self, server: ServerSocket) -> None:
         for _ in range(64):  # bounded accepts per wake-up

@@ -740,7 +740,8 @@ class Connection:
                 self._feed_secure(state["cipher_pending"])
 
     @classmethod
-    def import_handshake(cls, config: Config, state: dict[str, Any]) -> tuple[Connection, Event]:
+    def import_handshake(cls, config: Config, state: dict[str, Any]
+                         ) -> tuple[Connection, IdentRequest | ReconnectRequest]:
         """Rebuild an exported server connection; returns it and the request event."""
         conn = cls(Role.SERVER, config)
         conn._out.clear()  # the banner was sent by the exporting process
@@ -756,7 +757,9 @@ class Connection:
             conn._on_reconnect(req)
         else:
             raise RemoteProtocolError("exported handshake holds no session request", "handoff")
-        return conn, conn._events.pop(0)
+        ev = conn._events.pop(0)
+        assert isinstance(ev, (IdentRequest, ReconnectRequest))
+        return conn, ev
 
     def export_ready(self) -> dict[str, Any]:
         """Stream state of a READY connection (the session itself is exported by the

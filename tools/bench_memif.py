@@ -80,7 +80,7 @@ class _Testpmd:
         return rc
 
 
-def _rx(iface: MemifInterface, timeout: float) -> list:
+def _rx(iface: MemifInterface, timeout: float) -> list[Any]:
     """Frames, waiting up to ``timeout`` (select on the eventfd in interrupt mode)."""
     end = time.perf_counter() + timeout
     while True:
@@ -171,7 +171,8 @@ def measure_rtt(iface: MemifInterface, count: int, size: int = 64) -> dict[str, 
             continue
         samples.append((now() - t) / 1000.0)
     samples.sort()
-    pick = lambda q: round(samples[min(len(samples) - 1, int(q * len(samples)))], 2)  # noqa: E731
+    def pick(q: float) -> float:
+        return round(samples[min(len(samples) - 1, int(q * len(samples)))], 2)
     return {"samples": len(samples), "lost": lost, "p50_us": pick(0.50), "p99_us": pick(0.99),
             "min_us": round(samples[0], 2)}
 
@@ -320,7 +321,8 @@ def measure_messenger(kind: str, workdir: str, payload_size: int, duration: floa
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
     lat.sort()
-    pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000.0, 1) if lat else 0.0  # noqa: E731
+    def pick(q: float) -> float:
+        return round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000.0, 1) if lat else 0.0
     return {"test": "messenger_echo", "stack": kind, "payload": payload_size,
             "rps_w1": round(n1 / t1), "rtt_p50_us": pick(0.5), "rtt_p99_us": pick(0.99),
             "rps_w128": round(n128 / t128),

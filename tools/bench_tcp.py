@@ -44,7 +44,7 @@ _LEN = struct.Struct("!I")
 
 def _reply(frame: bytes | memoryview) -> bytes:
     req = msgpack.unpackb(frame, raw=False)
-    body = msgpack.packb(req, use_bin_type=True)
+    body: bytes = msgpack.packb(req, use_bin_type=True)
     return _LEN.pack(len(body)) + body
 
 

@@ -80,14 +80,14 @@ class MemifInterface:
     """
 
     def __init__(self, role: str, sock: socket.socket, regions: list[memoryview],
-                 maps: list[mmap.mmap | Region], rx: list[Ring], tx: list[Ring],
+                 maps: Sequence[mmap.mmap | Region], rx: list[Ring], tx: list[Ring],
                  eventfds: list[int], interrupt: bool, peer_name: bytes, id: int,
                  region_fds: list[int] | None = None) -> None:
         self.role = role
         self._region_fds = region_fds or []
         self.sock = sock
         self._regions = regions
-        self._maps = maps
+        self._maps: list[mmap.mmap | Region] = list(maps)
         self.rx_rings = rx
         self.tx_rings = tx
         self._eventfds = eventfds

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union, cast
 
 __all__ = [
     "MSG_SIZE", "VERSION", "COOKIE", "MsgType", "Hello", "Init", "AddRegion", "AddRing",
@@ -97,12 +97,12 @@ class Hello:
     max_c2s_ring: int = MAX_QUEUES
     max_log2_ring_size: int = MAX_LOG2_RING
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (_field(self.name, NAME_LEN, "name"), self.min_version, self.max_version,
                 self.max_region, self.max_s2c_ring, self.max_c2s_ring, self.max_log2_ring_size)
 
     @classmethod
-    def build(cls, t: tuple) -> "Hello":
+    def build(cls, t: tuple[Any, ...]) -> "Hello":
         return cls(_cstr(t[0]), *t[1:])
 
 
@@ -118,12 +118,12 @@ class Init:
     secret: bytes = b""
     name: bytes = b""
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (self.version, self.id, self.mode, _field(self.secret, SECRET_LEN, "secret"),
                 _field(self.name, NAME_LEN, "name"))
 
     @classmethod
-    def build(cls, t: tuple) -> "Init":
+    def build(cls, t: tuple[Any, ...]) -> "Init":
         return cls(t[0], t[1], t[2], _cstr(t[3]), _cstr(t[4]))
 
 
@@ -136,11 +136,11 @@ class AddRegion:
     index: int
     size: int
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (self.index, self.size)
 
     @classmethod
-    def build(cls, t: tuple) -> "AddRegion":
+    def build(cls, t: tuple[Any, ...]) -> "AddRegion":
         return cls(*t)
 
 
@@ -161,12 +161,12 @@ class AddRing:
     def c2s(self) -> bool:
         return bool(self.flags & RING_FLAG_C2S)
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (self.flags, self.index, self.region, self.offset, self.log2_ring_size,
                 self.private_hdr_size)
 
     @classmethod
-    def build(cls, t: tuple) -> "AddRing":
+    def build(cls, t: tuple[Any, ...]) -> "AddRing":
         return cls(*t)
 
 
@@ -178,11 +178,11 @@ class Connect:
     FMT: ClassVar[struct.Struct] = struct.Struct("<32s")
     if_name: bytes = b""
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (_field(self.if_name, NAME_LEN, "if_name"),)
 
     @classmethod
-    def build(cls, t: tuple) -> "Connect":
+    def build(cls, t: tuple[Any, ...]) -> "Connect":
         return cls(_cstr(t[0]))
 
 
@@ -202,11 +202,11 @@ class Disconnect:
     code: int = 0
     reason: bytes = b""
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (self.code, _field(self.reason, REASON_LEN, "reason"))
 
     @classmethod
-    def build(cls, t: tuple) -> "Disconnect":
+    def build(cls, t: tuple[Any, ...]) -> "Disconnect":
         return cls(t[0], _cstr(t[1]))
 
 
@@ -217,16 +217,16 @@ class Ack:
     TYPE: ClassVar[int] = MsgType.ACK
     FMT: ClassVar[struct.Struct] = struct.Struct("<")
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return ()
 
     @classmethod
-    def build(cls, t: tuple) -> "Ack":
+    def build(cls, t: tuple[Any, ...]) -> "Ack":
         return cls()
 
 
 Message = Union[Hello, Init, AddRegion, AddRing, Connect, Connected, Disconnect, Ack]
-_BY_TYPE: dict[int, type] = {c.TYPE: c for c in
+_BY_TYPE: dict[int, Any] = {c.TYPE: c for c in
                              (Hello, Init, AddRegion, AddRing, Connect, Connected, Disconnect, Ack)}
 _TYPE = struct.Struct("<H")
 
@@ -255,7 +255,7 @@ def unpack(data: bytes | bytearray | memoryview) -> Message:
     end = 2 + cls.FMT.size
     if any(data[end:]):
         raise WireError(f"message type {mtype} has non-zero bytes after its {cls.FMT.size}-byte body")
-    msg = cls.build(cls.FMT.unpack_from(data, 2))
+    msg: Any = cls.build(cls.FMT.unpack_from(data, 2))
     if isinstance(msg, AddRing):
         if not 1 <= msg.log2_ring_size <= MAX_LOG2_RING:
             raise WireError(f"log2 ring size {msg.log2_ring_size} outside 1..{MAX_LOG2_RING}")
@@ -263,4 +263,4 @@ def unpack(data: bytes | bytearray | memoryview) -> Message:
             raise WireError(f"ring index {msg.index} >= {MAX_QUEUES}")
     if isinstance(msg, AddRegion) and (msg.index >= MAX_REGIONS or msg.size == 0):
         raise WireError(f"bad region {msg.index} of size {msg.size}")
-    return msg
+    return cast(Message, msg)
