@@ -190,3 +190,37 @@ def test_bounded_chaos_run(make_pool) -> None:
     assert r.received > 500, r
     st = pool.wait_accepting(3)
     assert sum(w["restarts"] for w in st["workers"]) >= 1
+
+
+def test_supervisor_sigkill_under_load_leaves_nothing(tmp_path: Path) -> None:
+    """SIGKILL of the supervisor while sessions are busy: its workers exit within 2 s by
+    themselves (PDEATHSIG / control-channel EOF), and the next start sweeps the dead
+    pool's shared memory: no process or segment of the old pool remains."""
+    pool = Pool(tmp_path, 2, "processor")
+    page = pool.status()["control_page"]
+    cfg = StressConfig(target=("127.0.0.1", pool.port), conns=6, messages=0, duration=3.0,
+                       timeout=2.0, seed=31, max_backoff=0.2)
+    thread, out = _stress_in_thread(cfg)
+    try:
+        deadline = time.monotonic() + 10
+        while sum(w["msgs_in"] for w in pool.status()["workers"]) < 500:
+            assert time.monotonic() < deadline, "no load reached the pool"
+            time.sleep(0.02)  # polling the pool's counters, bounded
+        pids = [w["pid"] for w in pool.status()["workers"] if w["pid"]]
+        os.kill(pool.proc.pid, signal.SIGKILL)
+        pool.proc.wait(timeout=5)
+        t0 = time.monotonic()
+        while any(os.path.exists(f"/proc/{p}") for p in pids):
+            assert time.monotonic() - t0 < 2.0, "workers outlived their supervisor by 2 s"
+            time.sleep(0.01)  # polling /proc, bounded
+        assert page in shmname.list_segments()  # SIGKILL skipped the unlink...
+    finally:
+        thread.join(timeout=60)
+        pool.log.close()
+    again_dir = tmp_path / "again"
+    again_dir.mkdir()
+    again = Pool(again_dir, 1, "processor")
+    try:
+        assert page not in shmname.list_segments()  # ...and the next start swept it
+    finally:
+        again.stop()
