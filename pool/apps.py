@@ -264,9 +264,7 @@ class MessengerApp(WorkerApp):
     def _drain_step(self) -> None:
         ctx, msgr = self.ctx, self.msgr
         assert ctx is not None and msgr is not None
-        for server in list(msgr.listeners):
-            server.close()
-        msgr.listeners.clear()
+        msgr.close_listeners()
         if self.local is not None:
             # memif/rdma connections cannot move to another process: they end here, and
             # their lossless clients are told (reset) when they reconnect elsewhere.

@@ -45,6 +45,7 @@ from .app import AppFactory, PeerMap, ReplyCallback, WorkerContext
 from .apps import MessengerApp
 from .connection import AsyncConnection
 from .dispatcher import Dispatcher
+from .rings import DEFAULT_CAPACITY
 
 __all__ = ["NSHARDS", "KvApp", "kv_app_factory", "owners_for", "shard_of"]
 
@@ -91,6 +92,7 @@ class KvApp(MessengerApp):
         super().__init__(lambda: _KvDispatcher(self), config)
         self.move_timeout = float(self.config.get("move_timeout", 5.0))
         self.max_value = int(self.config.get("max_value", 60 * 1024))
+        self.mig_chunk = _MIG_CHUNK
         self.version = 0
         self.owners: list[int] | None = None
         self.map_slots: tuple[int, ...] = ()
@@ -114,6 +116,11 @@ class KvApp(MessengerApp):
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
+        # Every ring record must fit the ring (max record = capacity / 2): keep shard
+        # chunks and values well below it, whatever ``ring_capacity`` the pool uses.
+        cap = int({**self.config, **dict(ctx.config)}.get("ring_capacity", DEFAULT_CAPACITY))
+        self.mig_chunk = min(_MIG_CHUNK, cap // 8)
+        self.max_value = min(self.max_value, cap // 8)
         pm = ctx.peer_map()
         if pm.version:
             self.on_peer_map(pm)
@@ -333,7 +340,7 @@ class KvApp(MessengerApp):
         chunks: list[dict[str, bytes]] = [{}]
         size = 0
         for k, v in data.items():
-            if size > _MIG_CHUNK:
+            if size > self.mig_chunk:
                 chunks.append({})
                 size = 0
             chunks[-1][k] = v

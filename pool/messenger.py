@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import errno
 import logging
 import random
@@ -33,7 +32,8 @@ from protocol.frames import FrameLimits
 from protocol.message import Message
 from protocol.policy import Backoff, Policy
 from protocol.session import Decision, Session, Verdict, decide_ident, decide_reconnect
-from transport.event_center import READABLE, EventCenter
+from transport.event_center import EventCenter
+from transport.listener import AcceptLoop
 from transport.posix import PosixStack
 from transport.stack import Address, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
 
@@ -100,6 +100,7 @@ class Messenger:
         self.anon: set[AsyncConnection] = set()
         self.accepting: set[AsyncConnection] = set()
         self.listeners: list[ServerSocket] = []
+        self._accept_loops: list[AcceptLoop] = []
         self.throttle_msgs = Throttle("messages", throttle_messages)
         self.throttle_bytes = Throttle("bytes", throttle_bytes)
         self.route_request: RouteHook | None = None
@@ -153,29 +154,21 @@ class Messenger:
         bound = server.address
         self.my_addr = _addr_entity(bound, self.nonce)
         self.proto_config.my_addr = self.my_addr
-        self.center.create_file_event(server.fileno(), READABLE,
-                                      functools.partial(self._on_listener, server))
+        # AcceptLoop bounds accepts per wake-up and backs off on EMFILE/ENFILE instead of
+        # spinning on a listener that stays readable (supervisors.md 2.3).
+        loop = AcceptLoop(self.center, server, self._on_accepted, max_per_wakeup=64,
+                          backoff=0.1)
+        loop.start()
+        self._accept_loops.append(loop)
         return bound
+
+    def _on_accepted(self, sock: ConnectedSocket) -> None:
+        self.add_accept(sock)
 
     def set_address(self, addr: Address) -> None:
         """Advertise ``addr`` (a pool worker serves the supervisor's listening address)."""
         self.my_addr = _addr_entity(addr, self.nonce)
         self.proto_config.my_addr = self.my_addr
-
-    def _on_listener(self, server: ServerSocket, _fd: int) -> None:
-        self._accept_ready(server)
-
-    def _accept_ready(self, server: ServerSocket) -> None:
-        for _ in range(64):  # bounded accepts per wake-up
-            try:
-                sock = server.accept()
-            except OSError as err:
-                log.warning("accept failed on %s: %s", server.address, err)
-                self.stats["accept_errors"] += 1
-                return
-            if sock is None:
-                return
-            self.add_accept(sock)
 
     def add_accept(self, sock: ConnectedSocket) -> AsyncConnection:
         """Serve a freshly accepted socket (from our listener or handed to us)."""
@@ -466,16 +459,22 @@ class Messenger:
         self._tick_id = self.center.create_time_event(period, self._tick)
 
     # -- shutdown -------------------------------------------------------------------------------
+    def close_listeners(self) -> None:
+        """Stop accepting (existing connections are untouched)."""
+        for loop in self._accept_loops:
+            loop.close()
+        self._accept_loops.clear()
+        for server in self.listeners:
+            server.close()
+        self.listeners.clear()
+
     def shutdown(self) -> None:
         """Close every listener and connection (no reset callbacks)."""
         self._stopped = True
         if self._tick_id is not None:
             self.center.delete_time_event(self._tick_id)
             self._tick_id = None
-        for server in self.listeners:
-            self.center.delete_file_event(server.fileno(), READABLE)
-            server.close()
-        self.listeners.clear()
+        self.close_listeners()
         for conn in list(self.conns.values()) + list(self.anon) + list(self.accepting):
             conn.mark_down()
 

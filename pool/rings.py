@@ -27,6 +27,7 @@ exactly one ``on_reply`` call, always on a later loop iteration: bytes, or an ex
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -45,7 +46,7 @@ __all__ = [
     "Router", "SubmitError",
 ]
 
-DEFAULT_CAPACITY = 1 << 20
+DEFAULT_CAPACITY = 1 << 19  # 512 KiB per ring: 12 rings for 4 workers = 6 MiB
 _HDR = struct.Struct("<BQ")
 _REQ, _REP, _ERR = 1, 2, 3
 
@@ -89,6 +90,8 @@ class RingMesh:
     """The supervisor's rings: creation, descriptors for workers, reset and unlink."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        if capacity < 4096 or capacity & (capacity - 1):
+            raise ValueError(f"ring_capacity must be a power of two >= 4096, got {capacity}")
         self.capacity = capacity
         self.rings: dict[tuple[int, int], _ShmRing] = {}
         self._serial = 0
@@ -240,18 +243,18 @@ class Router:
                 self._close_out(peer)
             peer.out = end
             peer.prod = RingProducer(ring, bell, space)
-            peer.prod.on_space(lambda p=peer: self._flush(p))
+            peer.prod.on_space(functools.partial(self._flush, peer))
             peer.space_fd = space.fileno()
             self.center.create_file_event(peer.space_fd, READABLE,
-                                          lambda _fd, p=peer: self._on_space_event(p))
+                                          functools.partial(self._on_space_fd, peer))
         else:
             if peer.inb is not None:
                 self._close_in(peer)
             peer.inb = end
             peer.cons = RingConsumer(ring, bell, space)
             peer.poller = RingPoller(self.center, peer.cons,
-                                     lambda views, p=peer: self._on_records(p, views),
-                                     lambda exc, p=peer: self._on_broken(p, exc), spins=self.spins)
+                                     functools.partial(self._on_records, peer),
+                                     functools.partial(self._on_broken, peer), spins=self.spins)
 
     def drop_peer(self, slot: int, retire: bool) -> None:
         """RING_DEL: ``slot`` exited. After a drain its last records are consumed first;
@@ -309,7 +312,7 @@ class Router:
         peer.queue.clear()
         self.stats["failed"] += len(cbs)
         for cb in cbs:
-            self.center.call_soon(lambda cb=cb: cb(exc))
+            self.center.call_soon(functools.partial(cb, exc))
 
     def _on_broken(self, peer: _Peer, exc: BrokenResourceError) -> None:
         # The supervisor reset the ring (the peer crashed); RING_DEL follows, but fail
@@ -405,6 +408,9 @@ class Router:
                 peer.backlog.append(rec)
         except BrokenResourceError as exc:
             self._on_broken(peer, exc)
+
+    def _on_space_fd(self, peer: _Peer, _fd: int) -> None:
+        self._on_space_event(peer)
 
     def _on_space_event(self, peer: _Peer) -> None:
         if peer.prod is not None:

@@ -65,7 +65,7 @@ from .config import PoolConfig
 from .control_page import ControlPage
 from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
 from .processor import Channel, Kind, ListenerSlots, Message, Processor
-from .rings import RingMesh
+from .rings import DEFAULT_CAPACITY, RingMesh
 from .titles import set_title
 from .worker import BOOT_ERROR, WorkerSpec, worker_main
 
@@ -158,7 +158,7 @@ class Supervisor:
         self.center = EventCenter(name="supervisor")
         try:
             self.page = ControlPage.create(self.cfg.max_slots)
-            self.mesh = RingMesh(int(self.cfg.app_config.get("ring_capacity", 1 << 19)))
+            self.mesh = RingMesh(int(self.cfg.app_config.get("ring_capacity", DEFAULT_CAPACITY)))
             self._setup_signals()
             self._setup_listeners()
             self.admin = AdminServer(self.center, self.cfg.admin_path, {
@@ -592,7 +592,7 @@ class Supervisor:
         peers = [s for s in self.procs if s != slot]
         try:
             pairs = self.mesh.add_worker(slot, peers)
-        except OSError as exc:  # /dev/shm full: the pool still serves, without rings
+        except OSError as exc:  # out of memory/fds: the pool still serves, without rings
             self.log(f"slot {slot}: cannot create its rings ({exc}); submit_to to it will fail")
             return
         for pair in pairs:

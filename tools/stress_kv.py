@@ -207,7 +207,7 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
                     val = front.get("v")
                     if front.get("ok"):
                         allowed = maybe[key] | ({acked[key]} if key in acked else set())
-                        if bytes(val) not in allowed:
+                        if not isinstance(val, (bytes, bytearray)) or bytes(val) not in allowed:
                             r.stale_reads += 1
                         return
                     if front.get("err") == "not found":

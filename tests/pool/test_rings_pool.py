@@ -36,11 +36,31 @@ class _SubmitDispatcher(Dispatcher):
         front = msg.front
 
         def on_reply(r: bytes | Exception) -> None:
-            out = {"me": ctx.slot, "ok": not isinstance(r, Exception)}
+            out: dict[str, Any] = {"me": ctx.slot, "ok": not isinstance(r, Exception)}
             out["r"] = f"{type(r).__name__}: {r}" if isinstance(r, Exception) else bytes(r)
             conn.send_message(Message(SUBMIT, out))
 
+        if front["op"] == b"flood":
+            self._flood(conn, ctx, front)
+            return
         ctx.submit_to(int(front["to"]), bytes(front["op"]), on_reply)
+
+    def _flood(self, conn: AsyncConnection, ctx: Any, front: dict[str, Any]) -> None:
+        """Submit ``n`` requests of ``size`` bytes at once; reply with how each ended."""
+        n = int(front["n"])
+        counts: dict[str, int] = {}
+
+        def one(r: bytes | Exception) -> None:
+            kind = "ok" if not isinstance(r, Exception) else type(r).__name__
+            counts[kind] = counts.get(kind, 0) + 1
+            if sum(counts.values()) == n:
+                out: dict[str, Any] = dict(counts)
+                out["backlogged"] = ctx.router.stats["backlogged"]  # Worker internals: test only
+                conn.send_message(Message(SUBMIT, out))
+
+        pad = b"x" * int(front["size"])
+        for _ in range(n):
+            ctx.submit_to(int(front["to"]), b"echo" + pad, one)
 
 
 class SubmitApp(MessengerApp):
@@ -173,6 +193,39 @@ def test_submit_to_and_crash_fails_inflight(tmp_path: Path) -> None:
                 if r["ok"] or time.monotonic() > deadline:
                     break
             assert r["ok"], r
+        finally:
+            m.shutdown()
+            center.process_events(0)
+            center.close()
+
+
+def test_inflight_limit_queue_and_full_ring_backpressure(tmp_path: Path) -> None:
+    """64 in flight per destination, 200 queued, the rest refused (Overloaded); 64 x 8 KB
+    requests overflow a 64 KiB ring: they wait for space (backlog), none is dropped."""
+    cfg = '{"submit_inflight": 64, "submit_queue": 200, "ring_capacity": 65536}'
+    with running_pool(tmp_path, workers=2, app="tests.pool.test_rings_pool:SubmitApp",
+                      extra=("--app-config", cfg)) as pool:
+        wait_for(lambda: _mesh_complete(pool, 2), 10, "a full mesh of 2")
+        center = EventCenter(name="test-flood")
+        client = _Client()
+        m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
+                      backoff=Backoff(0.05, 1.0))
+        m.add_dispatcher(client)
+        try:
+            conn = m.connect(("127.0.0.1", pool.port))
+            conn.send_message(Message(SUBMIT, {"to": 99, "op": b"echo"}))
+            deadline = time.monotonic() + 10
+            while not client.replies and time.monotonic() < deadline:
+                center.process_events(0.02)
+            other = 1 - client.replies[0]["me"]
+            conn.send_message(Message(SUBMIT, {"to": other, "op": b"flood", "n": 500, "size": 8000}))
+            deadline = time.monotonic() + 20
+            while len(client.replies) < 2 and time.monotonic() < deadline:
+                center.process_events(0.02)
+            assert len(client.replies) == 2, client.replies
+            r = client.replies[1]
+            assert r.get("ok") == 264 and r.get("Overloaded") == 236, r
+            assert r["backlogged"] > 0, r  # the ring filled up and records waited for space
         finally:
             m.shutdown()
             center.process_events(0)
