@@ -23,6 +23,11 @@ request fails at once (:class:`Overloaded`). A full ring never drops and never b
 records wait in a per-peer backlog that the space doorbell flushes. Every request gets
 exactly one ``on_reply`` call, always on a later loop iteration: bytes, or an exception
 (:class:`PeerLost`, :class:`PeerUnavailable`, :class:`Overloaded`, :class:`RemoteError`).
+
+Consumers are driven from the EventCenter: with ``spins > 0`` by a
+:class:`~transport.shm.RingPoller` (spin, then block on the doorbell); with ``spins == 0``
+(the default below 8 cores, see :mod:`pool.worker`) by the doorbell fd alone — drain until
+empty, announce sleep (flag + fence + re-check), let the producer's eventfd write wake us.
 """
 
 from __future__ import annotations
@@ -178,6 +183,7 @@ class _Peer:
     prod: RingProducer | None = None
     cons: RingConsumer | None = None
     poller: RingPoller | None = None
+    bell_fd: int | None = None  # spins == 0: the doorbell alone drives the consumer
     space_fd: int | None = None
     next_rid: int = 1
     pending: dict[int, ReplyCallback] = field(default_factory=dict)
@@ -252,9 +258,17 @@ class Router:
                 self._close_in(peer)
             peer.inb = end
             peer.cons = RingConsumer(ring, bell, space)
-            peer.poller = RingPoller(self.center, peer.cons,
-                                     functools.partial(self._on_records, peer),
-                                     functools.partial(self._on_broken, peer), spins=self.spins)
+            if self.spins > 0:
+                peer.poller = RingPoller(self.center, peer.cons,
+                                         functools.partial(self._on_records, peer),
+                                         functools.partial(self._on_broken, peer), spins=self.spins)
+            else:
+                # No spinning at all (few cores, see pool.worker): no EventCenter poller,
+                # so an idle worker blocks in epoll; the doorbell wakes it.
+                peer.bell_fd = bell.fileno()
+                self.center.create_file_event(peer.bell_fd, READABLE,
+                                              functools.partial(self._on_bell, peer))
+                self._drive(peer)
 
     def drop_peer(self, slot: int, retire: bool) -> None:
         """RING_DEL: ``slot`` exited. After a drain its last records are consumed first;
@@ -299,6 +313,9 @@ class Router:
         if peer.poller is not None:
             peer.poller.close()
             peer.poller = None
+        if peer.bell_fd is not None:
+            self.center.delete_file_event(peer.bell_fd, READABLE)
+            peer.bell_fd = None
         if peer.cons is not None:
             peer.cons.close()
             peer.cons = None
@@ -430,6 +447,34 @@ class Router:
             peer.backlog.popleft()
 
     # -- records in --------------------------------------------------------------------------
+
+    def _on_bell(self, peer: _Peer, _fd: int) -> None:
+        if peer.cons is not None:
+            peer.cons.wake()  # clear "sleeping", reset the eventfd
+            self._drive(peer)
+
+    def _drive(self, peer: _Peer, batches: int = 16) -> None:
+        """Drain ``peer``'s ring until it is empty *and* the consumer announced it sleeps
+        (set flag, fence, re-check: the producer then rings the doorbell). After
+        ``batches`` batches yield to the loop and continue on the next iteration."""
+        cons = peer.cons
+        try:
+            for _ in range(batches):
+                if cons is None or peer.cons is not cons:
+                    return  # dropped meanwhile
+                views = cons.drain()
+                if views:
+                    try:
+                        self._on_records(peer, views)
+                    finally:
+                        if peer.cons is cons:
+                            cons.release()
+                    continue
+                if cons.prepare_sleep():
+                    return
+            self.center.call_soon(functools.partial(self._drive, peer))
+        except BrokenResourceError as exc:
+            self._on_broken(peer, exc)
 
     def _on_records(self, peer: _Peer, views: list[memoryview]) -> None:
         unpack = _HDR.unpack_from

@@ -162,19 +162,16 @@ class Worker(WorkerContext):
         # Busy-polling needs a free core per spinner (ipc-facts.md): with few cores a
         # spinning worker steals the CPU the worker it waits for needs (measured on 2
         # cores: cross-worker kv GET p50 4.3 ms spinning vs 0.15 ms blocking at once on
-        # the doorbell). So below 8 cores the ring pollers and, for the posix stack (whose
-        # only pollers are the rings), the loop's idle spin go straight to epoll.
+        # the doorbell). So below 8 cores the rings register no poller (ring_spins=0):
+        # the doorbell eventfd alone wakes the loop.
         few_cores = len(os.sched_getaffinity(0)) < 8
         self.router = Router(self.center, self.slot, self._on_submit, self.log,
                              inflight_limit=int(self.config.get("submit_inflight", 256)),
                              queue_limit=int(self.config.get("submit_queue", 8192)),
                              spins=int(self.config.get("ring_spins", 0 if few_cores else 64)),
                              reply_spin=float(self.config.get("reply_spin_us", 0)) / 1e6)
-        idle_spins = self.config.get("poller_idle_spins")
-        if idle_spins is None and few_cores and self.config.get("stack", "posix") == "posix":
-            idle_spins = 0
-        if idle_spins is not None:
-            self.center.POLLER_IDLE_SPINS = int(idle_spins)
+        if "poller_idle_spins" in self.config:
+            self.center.POLLER_IDLE_SPINS = int(self.config["poller_idle_spins"])
         self.peers = PeerMap()
 
     # -- WorkerContext -----------------------------------------------------------------
