@@ -309,8 +309,9 @@ class AsyncConnection:
                     msgr.deliver(self, msg, size)
                     if self.wire is not wire:
                         return  # the dispatcher marked us down or replaced the socket
-                    if self._write_blocked or (self.session is not None and
-                                               self.session.queued_count > msgr.out_queue_limit):
+                    if (self._write_blocked or (self.session is not None and
+                                                self.session.queued_count > msgr.out_queue_limit)) \
+                            and self.sock is not None and self.sock.write_fileno() is not None:
                         # Replies pile up faster than the peer reads them: write first.
                         self._schedule_flush()
                         if self._reading:
@@ -457,7 +458,9 @@ class AsyncConnection:
         self._want_write(bool(out))
         # Send-side bound: a peer that does not read what we write must not make us
         # buffer without limit. Stop reading its requests until the backlog drains.
-        if self._out_bytes > msgr.out_high_water:
+        if self._out_bytes > msgr.out_high_water and sock.write_fileno() is not None:
+            # (Stacks without a write fd — memif, rdma — report send space through the
+            # read fd, so they must keep reading; their credit window bounds the peer.)
             if not self._write_blocked:
                 self._write_blocked = True
                 msgr.stats["write_backpressure"] += 1
