@@ -109,7 +109,9 @@ def _stress_in_thread(cfg: StressConfig) -> tuple[threading.Thread, list[StressR
 
 
 def test_lossless_across_workers_with_injected_failures(make_pool) -> None:
-    pool = make_pool(2, "processor", "--inject-socket-failures", "50")
+    """Reconnects land on any of 4 workers (least-loaded choice); the non-owners hand
+    them to the owner, so no session is ever reset."""
+    pool = make_pool(4, "processor", "--inject-socket-failures", "50")
     r = run_stress(StressConfig(target=("127.0.0.1", pool.port), conns=8, messages=6000,
                                 inject_socket_failures=50, size_max=8192, seed=1))
     assert r.ok, r
@@ -117,6 +119,8 @@ def test_lossless_across_workers_with_injected_failures(make_pool) -> None:
     assert r.injected_failures > 10 and r.reconnects > 10
     st = pool.status()
     assert sum(w["msgs_in"] for w in st["workers"]) >= 6000
+    perf = AdminClient(pool.admin).call("perf")
+    assert perf["supervisor"]["relayed"] > 0, "no reconnect needed routing to its owner"
 
 
 @pytest.mark.parametrize("accept", ["processor", "reuseport"])
