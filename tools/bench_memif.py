@@ -35,6 +35,8 @@ import tempfile
 import time
 from typing import Any
 
+from tools.bench_tcp import _proc_cpu
+
 from transport.hugepages import hugepage_info, reserved_hugepages
 from transport.memif import MemifConfig, MemifInterface, connect
 
@@ -204,50 +206,13 @@ def _serve_messenger(kind: str, addr: Any, ready_fd: int) -> None:
     center.close()
 
 
+
 def _client_messenger(kind: str, addr: Any, window: int, payload: bytes, duration: float,
                       latencies: list[int] | None) -> int:
-    from pool.api import AsyncConnection, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
+    from tools.bench_tcp import messenger_client
 
-    center = EventCenter(name=f"bench-memif-client-{kind}")
-    m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
-                  stack=_stack(kind))
-    state = {"done": 0, "outstanding": 0, "seq": 0}
-    sent_at: dict[int, int] = {}
-    deadline = time.monotonic() + duration
-
-    def send(conn: AsyncConnection) -> None:
-        seq = state["seq"]
-        state["seq"] = seq + 1
-        state["outstanding"] += 1
-        if latencies is not None:
-            sent_at[seq] = time.perf_counter_ns()
-        conn.send_message(Message(1, [seq, payload]))
-
-    class Client(Dispatcher):
-        def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
-            state["done"] += 1
-            state["outstanding"] -= 1
-            if latencies is not None:
-                latencies.append(time.perf_counter_ns() - sent_at.pop(msg.front[0]))
-            if time.monotonic() < deadline:
-                send(conn)
-
-    m.add_dispatcher(Client())
-    conn = m.connect(addr)
-    for _ in range(window):
-        send(conn)
-    while state["outstanding"] > 0 and time.monotonic() < deadline + 10:
-        center.process_events(0.1)
-    m.shutdown()
-    center.process_events(0)
-    center.close()
-    return state["done"]
-
-
-def _proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return messenger_client(addr, window, payload, duration, latencies, stack=_stack(kind),
+                            name=f"bench-memif-client-{kind}")
 
 
 def _in_child(fn: Any) -> int:

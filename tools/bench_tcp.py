@@ -35,7 +35,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["register", "run", "SERVERS"]
+__all__ = ["register", "run", "SERVERS", "messenger_client"]
 
 _LEN = struct.Struct("!I")
 
@@ -282,16 +282,33 @@ def _client_asyncmsgr_secure(port: int, window: int, payload: bytes, duration: f
 
 def _client_asyncmsgr(port: int, window: int, payload: bytes, duration: float,
                       latencies: list[int] | None, secure: bool = False) -> int:
+    return messenger_client(("127.0.0.1", port), window, payload, duration, latencies,
+                            auth=_auth(secure, "client.bench"))
+
+
+def messenger_client(addr: Any, window: int, payload: bytes, duration: float,
+                     latencies: list[int] | None, *, stack: Any = None, auth: Any = None,
+                     name: str = "bench-client") -> int:
+    """A lossless Messenger client keeping ``window`` echo requests in flight for
+    ``duration`` seconds; returns the replies counted (and fills ``latencies`` in ns)."""
     from pool.api import (
         AsyncConnection, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy,
     )
 
-    center = EventCenter(name="bench-client")
+    center = EventCenter(name=name)
     m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
-                  auth=_auth(secure, "client.bench"))
+                  stack=stack, auth=auth)
     state = {"done": 0, "outstanding": 0, "seq": 0}
     sent_at: dict[int, int] = {}
     deadline = time.monotonic() + duration
+
+    def send(conn: AsyncConnection) -> None:
+        seq = state["seq"]
+        state["seq"] = seq + 1
+        state["outstanding"] += 1
+        if latencies is not None:
+            sent_at[seq] = time.perf_counter_ns()
+        conn.send_message(Message(1, [seq, payload]))
 
     class Client(Dispatcher):
         def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
@@ -302,16 +319,8 @@ def _client_asyncmsgr(port: int, window: int, payload: bytes, duration: float,
             if time.monotonic() < deadline:
                 send(conn)
 
-    def send(conn: AsyncConnection) -> None:
-        seq = state["seq"]
-        state["seq"] = seq + 1
-        state["outstanding"] += 1
-        if latencies is not None:
-            sent_at[seq] = time.perf_counter_ns()
-        conn.send_message(Message(1, [seq, payload]))
-
     m.add_dispatcher(Client())
-    conn = m.connect(("127.0.0.1", port))
+    conn = m.connect(addr)
     for _ in range(window):
         send(conn)
     while state["outstanding"] > 0 and time.monotonic() < deadline + 10:
