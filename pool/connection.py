@@ -21,7 +21,6 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ from protocol.connection import (
 from protocol.control import EntityAddr
 from protocol.errors import ProtocolError
 from protocol.message import Message
-from protocol.policy import Backoff, Policy
+from protocol.policy import Policy
 from protocol.session import Session, SessionView
 from transport.event_center import READABLE, WRITABLE
 from transport.stack import Address, Buffer, ConnectedSocket

@@ -20,10 +20,10 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .control import ClientIdent, EntityAddr, SessionReconnect
-from .message import PRIO_HIGHEST, Message
+from .message import Message
 from .policy import Policy
 
 __all__ = [
@@ -270,14 +270,3 @@ def decide_reconnect(existing: SessionView | None, req: SessionReconnect, policy
         if addr_key(peer_addr) > addr_key(my_addr) and not existing.server_policy:
             return Decision(Verdict.WAIT, reason="reconnect race: existing wins")
     return Decision(Verdict.REUSE, reason="resume")
-
-
-@dataclass(slots=True)
-class SessionCounters:
-    """Per-session counters exposed by the pool's perf output."""
-
-    faults: int = 0
-    reconnects: int = 0
-    resets: int = 0
-    replayed: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
