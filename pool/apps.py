@@ -376,6 +376,24 @@ class MessengerApp(WorkerApp):
 
         self.ctx.handoff(target, a.fileno(), meta, done)
 
+    def _register_imported(self, session: Session, policy: Policy, state: dict[str, Any],
+                           peer_addrs: tuple[EntityAddr, ...], peer_addr: Any
+                           ) -> AsyncConnection:
+        """An AsyncConnection for a migrated session, replacing any local one for its key."""
+        msgr = self.msgr
+        assert msgr is not None
+        conn = AsyncConnection(msgr, policy, peer_addr=peer_addr, outgoing=False)
+        conn.session = session
+        conn.key = state["key"]
+        conn.peer_type = int(state["peer_type"])
+        conn.peer_addrs = peer_addrs
+        if conn.key:
+            old = msgr.conns.get(conn.key)
+            if old is not None:
+                old.mark_down()
+            msgr.conns[conn.key] = conn
+        return conn
+
     def _import_session(self, sock: ConnectedSocket, state: dict[str, Any]) -> None:
         msgr = self.msgr
         assert msgr is not None
@@ -401,31 +419,13 @@ class MessengerApp(WorkerApp):
         if state.get("standby"):
             sock.close()  # the placeholder; the client reconnects to us via the redirect
             s.requeue_sent()
-            conn = AsyncConnection(msgr, policy, peer_addr=None, outgoing=False)
-            conn.session = s
-            conn.key = state["key"]
-            conn.peer_type = int(state["peer_type"])
-            conn.peer_addrs = peer_addrs
+            conn = self._register_imported(s, policy, state, peer_addrs, None)
             conn.state = ConnState.STANDBY
             conn._was_ready = True
-            old = msgr.conns.get(conn.key) if conn.key else None
-            if old is not None:
-                old.mark_down()
-            if conn.key:
-                msgr.conns[conn.key] = conn
             return
         wire = Connection.import_ready(Role.SERVER, msgr.proto_config, s,
                                        int(state["peer_type"]), peer_addrs, state["stream"])
-        conn = AsyncConnection(msgr, policy, peer_addr=sock.peer_address, outgoing=False)
-        conn.session = s
-        conn.key = state["key"]
-        conn.peer_type = int(state["peer_type"])
-        conn.peer_addrs = peer_addrs
-        old = msgr.conns.get(conn.key) if conn.key else None
-        if old is not None:
-            old.mark_down()
-        if conn.key:
-            msgr.conns[conn.key] = conn
+        conn = self._register_imported(s, policy, state, peer_addrs, sock.peer_address)
         conn.accept(sock, wire)
         conn.state = ConnState.READY
 

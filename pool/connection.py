@@ -310,12 +310,9 @@ class AsyncConnection:
                         return  # the dispatcher marked us down or replaced the socket
                     if (self._write_blocked or (self.session is not None and
                                                 self.session.queued_count > msgr.out_queue_limit)) \
-                            and self.sock is not None and self.sock.write_fileno() is not None:
+                            and self._hold_input_for_output():
                         # Replies pile up faster than the peer reads them: write first.
                         self._schedule_flush()
-                        if self._reading:
-                            self._set_reading(False)
-                            self._write_blocked = True
                         return
                     continue
                 self._handle_event(ev)
@@ -457,18 +454,28 @@ class AsyncConnection:
         self._want_write(bool(out))
         # Send-side bound: a peer that does not read what we write must not make us
         # buffer without limit. Stop reading its requests until the backlog drains.
-        if self._out_bytes > msgr.out_high_water and sock.write_fileno() is not None:
-            # (Stacks without a write fd — memif, rdma — report send space through the
-            # read fd, so they must keep reading; their credit window bounds the peer.)
-            if not self._write_blocked:
-                self._write_blocked = True
-                msgr.stats["write_backpressure"] += 1
-                self._set_reading(False)
+        if self._out_bytes > msgr.out_high_water:
+            self._hold_input_for_output()
         elif self._write_blocked and self._out_bytes <= msgr.out_high_water // 2:
             self._write_blocked = False
             if not self._throttled:
                 self._set_reading(True)
                 self.center.call_soon(self._process)
+
+    def _hold_input_for_output(self) -> bool:
+        """Stop reading this peer until our unsent output drains (``_flush`` resumes).
+
+        Not for stacks without a write fd (memif, rdma): they report send space through
+        the read fd, so they must keep reading; their credit window bounds the peer.
+        """
+        sock = self.sock
+        if sock is None or sock.write_fileno() is None:
+            return False
+        if not self._write_blocked:
+            self._write_blocked = True
+            self.msgr.stats["write_backpressure"] += 1
+        self._set_reading(False)
+        return True
 
     def _send_last_words(self) -> None:
         """Best effort, non-blocking: put what the wire already produced (e.g. an
