@@ -22,32 +22,23 @@ import tempfile
 import time
 from typing import Any
 
-import msgpack
 
 from pool.admin import AdminClient, AdminError
-from tools.bench_tcp import _free_port, _proc_cpu
+from tools.bench_tcp import ForkedCall, _free_port, _proc_cpu
 from tools.stress import StressConfig, run_stress
 
 __all__ = ["register", "run"]
 
 
-def _client(port: int, conns: int, duration: float, seed: int) -> tuple[int, bool]:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code = 0
-        try:
-            res = run_stress(StressConfig(target=("127.0.0.1", port), conns=conns, messages=0,
-                                          duration=duration, window=256, size_min=64,
-                                          size_max=64, seed=seed))
-            with os.fdopen(w, "wb") as f:
-                f.write(msgpack.packb([res.received, res.ok]))
-        except BaseException:  # noqa: BLE001
-            code = 1
-        os._exit(code)
-    os.close(w)
-    return pid, r  # type: ignore[return-value]
+def _client(port: int, conns: int, duration: float, seed: int) -> ForkedCall:
+    """A forked stress client; its result is [replies received, verified]."""
+    def client() -> list[Any]:
+        res = run_stress(StressConfig(target=("127.0.0.1", port), conns=conns, messages=0,
+                                      duration=duration, window=256, size_min=64,
+                                      size_max=64, seed=seed))
+        return [res.received, res.ok]
+
+    return ForkedCall(client, "stress client")
 
 
 def measure(accept: str, workers: int, duration: float, conns: int) -> dict[str, Any]:
@@ -75,11 +66,11 @@ def measure(accept: str, workers: int, duration: float, conns: int) -> dict[str,
         t0 = time.monotonic()
         clients = [_client(port, conns // 2, duration, 1 + i) for i in range(2)]
         received, ok = 0, True
-        for pid, fd in clients:
-            with os.fdopen(fd, "rb") as f:
-                data = f.read()
-            os.waitpid(pid, 0)
-            n, good = msgpack.unpackb(data) if data else (0, False)
+        for client in clients:
+            try:
+                n, good = client.result()
+            except RuntimeError:
+                n, good = 0, False
             received += n
             ok = ok and good
         elapsed = time.monotonic() - t0

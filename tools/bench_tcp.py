@@ -389,33 +389,47 @@ def _fork_server(kind: str, port: int) -> int:
     return pid
 
 
+class ForkedCall:
+    """Run ``fn()`` in a forked child process; ``result()`` waits for its (msgpack-able)
+    return value. Several can run at once: start them all, then collect."""
+
+    def __init__(self, fn: Callable[[], Any], what: str) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(r)
+            code = 0
+            try:
+                data = msgpack.packb(fn())
+                with os.fdopen(w, "wb") as f:
+                    f.write(data)
+            except BaseException:  # noqa: BLE001
+                import traceback
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        os.close(w)
+        self.pid, self.fd, self.what = pid, r, what
+
+    def result(self) -> Any:
+        with os.fdopen(self.fd, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(self.pid, 0)
+        if status != 0 or not data:
+            raise RuntimeError(f"{self.what} failed")
+        return msgpack.unpackb(data)
+
+
 def _run_client(kind: str, port: int, window: int, payload: bytes, duration: float,
                 with_latency: bool) -> tuple[int, list[int], float]:
     """Run the client in a forked process; returns (requests, latencies ns, elapsed)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code = 0
-        try:
-            lat: list[int] | None = [] if with_latency else None
-            t0 = time.monotonic()
-            n = SERVERS[kind][1](port, window, payload, duration, lat)
-            data = msgpack.packb([n, lat or [], time.monotonic() - t0])
-            with os.fdopen(w, "wb") as f:
-                f.write(data)
-        except BaseException:  # noqa: BLE001
-            import traceback
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    if status != 0 or not data:
-        raise RuntimeError(f"{kind} client failed")
-    n, lat, elapsed = msgpack.unpackb(data)
+    def client() -> list[Any]:
+        lat: list[int] | None = [] if with_latency else None
+        t0 = time.monotonic()
+        n = SERVERS[kind][1](port, window, payload, duration, lat)
+        return [n, lat or [], time.monotonic() - t0]
+
+    n, lat, elapsed = ForkedCall(client, f"{kind} client").result()
     return int(n), list(lat), float(elapsed)
 
 
