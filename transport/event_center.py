@@ -211,6 +211,9 @@ class EventCenter:
     #: for work a poller would have found, none for work that also rings an fd.
     POLLER_IDLE_SPINS = 1000
     POLLER_IDLE_WAIT = 0.001  # seconds
+    #: While busy-polling, kernel fds (sockets, timerfds, wake-ups) are polled at most this
+    #: often; with no pollers every iteration polls them.
+    KERNEL_POLL_INTERVAL = 20e-6  # seconds
 
     def __init__(self, *, driver: str | None = None, nevent: int = 5000, name: str = "") -> None:
         kind = driver or _default_driver()
@@ -239,6 +242,7 @@ class EventCenter:
         self._poller_list: tuple[Callable[[], bool], ...] = ()
         self._hook_list: tuple[Callback, ...] = ()
         self._poll_idle = 0
+        self._kernel_polled = 0.0
         self._hooks: dict[int, Callback] = {}
         self._sleeping = False
         self._stopping = False
@@ -293,6 +297,22 @@ class EventCenter:
                     # epoll_wait batch size, grown so one wait can return every fd.
                     self._nevent *= 4
             self._mask[fd] = new
+
+    def fire_file_event(self, fd: int) -> bool:
+        """Run ``fd``'s READABLE callback now, from the owner thread; False when none is
+        registered. User-space readiness for busy-polled stacks: a memif ring is memory,
+        not a kernel object, so its poller reports "readable" without an eventfd write and
+        an ``epoll_wait`` round trip (Ceph's DPDK stack does the same with its
+        ``UserspaceEventManager``, src/msg/async/dpdk/UserspaceEvent.h)."""
+        cb = self._rcb.get(fd)
+        if cb is None:
+            return False
+        self._file_callbacks += 1
+        try:
+            cb(fd)
+        except Exception:  # noqa: BLE001 - logged; the loop must go on
+            self._callback_failed(cb)
+        return True
 
     def delete_file_event(self, fd: int, mask: int) -> None:
         """Stop watching ``fd`` for ``mask``; a no-op if not watched.
@@ -407,9 +427,21 @@ class EventCenter:
                 self._sleeping = True
                 if self._external:  # re-check after publishing the flag
                     wait_ms = 0
-        events = self._driver.poll(wait_ms, self._nevent)
+        if wait_ms or not self._poller_list:
+            events = self._driver.poll(wait_ms, self._nevent)
+            woke = monotonic()
+            self._kernel_polled = woke
+        else:
+            # Busy-polling: ask the kernel at most every KERNEL_POLL_INTERVAL. An
+            # epoll_wait(0) costs about as much as a whole idle poller pass, and skipping
+            # it between ring checks is what lets a poller see new frames sooner.
+            woke = monotonic()
+            if woke - self._kernel_polled >= self.KERNEL_POLL_INTERVAL:
+                events = self._driver.poll(0, self._nevent)
+                self._kernel_polled = woke
+            else:
+                events = []
         self._sleeping = False
-        woke = monotonic()
         n = 0
 
         # File events: read callback, then write callback (skipped when it is the same

@@ -416,3 +416,37 @@ def test_payload_reaches_dispatcher_without_a_copy(h: Harness) -> None:
     # Many payloads share a few receive chunks: there is no per-message buffer at all.
     owners = {id(v.obj) for v in seen}
     assert len(owners) <= 5, f"{len(owners)} buffers for {len(seen)} payloads"
+
+
+def test_replies_to_a_large_batch_leave_before_the_batch_is_done(h: Harness) -> None:
+    """A window of requests that arrives in one read is answered in slices of
+    ``_FLUSH_EVERY``: the first replies are on the wire while later requests are still
+    being dispatched, so the peer works in parallel (without this, a full window
+    crossed as one batch each way and the two sides took turns)."""
+    from pool import connection as connection_mod
+
+    sent_at_dispatch: list[int] = []
+
+    class Echo(Dispatcher):
+        def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
+            sent_at_dispatch.append(conn.msgr.bytes_out)
+            conn.send_message(Message(1, msg.front))
+
+    srv = h.messenger(EntityType.OSD, Policy.stateful_server(), Echo(), bind=True)
+    cd = Recorder()
+    cli = h.messenger(EntityType.CLIENT, Policy.lossless_client(), cd)
+    conn = cli.connect(addr_of(srv))
+    conn.send_message(Message(1, -1))
+    h.wait_for(lambda: cd.total() == 1)
+    # 128 requests queued before the loop runs: one write, one read on the server.
+    n = 128
+    assert connection_mod._FLUSH_EVERY < n
+    for i in range(n):
+        conn.send_message(Message(1, i))
+    sent_at_dispatch.clear()
+    h.wait_for(lambda: cd.total() == 1 + n)
+    assert cd.received[conn] == [-1, *range(n)]
+    start = sent_at_dispatch[0]
+    # Before the last request of the batch is dispatched, replies have been sent.
+    assert sent_at_dispatch[-1] > start
+    assert len(set(sent_at_dispatch)) >= 2

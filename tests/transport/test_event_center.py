@@ -458,6 +458,7 @@ def test_pollers_make_the_loop_non_blocking(center: EventCenter) -> None:
 def test_idle_pollers_fall_back_to_a_short_blocking_wait(
         center: EventCenter, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(center, "POLLER_IDLE_SPINS", 3)
+    monkeypatch.setattr(center, "KERNEL_POLL_INTERVAL", 0.0)  # every pass asks the kernel
     waits: list[int] = []
     real_poll = center._driver.poll
 
@@ -584,3 +585,48 @@ def test_producer_racing_into_the_wait_wakes_the_loop(center: EventCenter) -> No
     assert center.process_events(5.0) == 1
     assert ran == ["late producer"]
     assert time.monotonic() - start < 2.5
+
+
+def test_busy_polling_asks_the_kernel_less_often_but_still_delivers_fd_events(
+        center: EventCenter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(center, "KERNEL_POLL_INTERVAL", 0.05)
+    calls: list[int] = []
+    real_poll = center._driver.poll
+
+    def spy(timeout_ms: int, maxevents: int) -> list[tuple[int, int]]:
+        calls.append(timeout_ms)
+        return real_poll(timeout_ms, maxevents)
+
+    center._driver.poll = spy  # type: ignore[method-assign]
+    pid = center.add_poller(lambda: True)  # always busy
+    r, w = os.pipe()
+    seen: list[int] = []
+    center.create_file_event(r, READABLE, lambda fd: seen.append(len(os.read(fd, 10))))
+    os.write(w, b"x")
+    start = time.monotonic()
+    passes = 0
+    while not seen and time.monotonic() - start < 5.0:
+        center.process_events(1.0)
+        passes += 1
+    assert seen == [1]
+    assert calls == [0] * len(calls) and len(calls) <= 2
+    # later passes ask the kernel at most once per interval, not once per pass
+    for _ in range(200):
+        center.process_events(1.0)
+    assert len(calls) < 200
+    center.delete_file_event(r, READABLE)
+    center.remove_poller(pid)
+    os.close(r)
+    os.close(w)
+
+
+def test_fire_file_event_runs_the_read_callback_without_the_kernel(center: EventCenter) -> None:
+    r, w = os.pipe()
+    got: list[int] = []
+    center.create_file_event(r, READABLE, got.append)
+    assert center.fire_file_event(r) is True
+    assert got == [r]  # ran although the pipe is empty: readiness came from user space
+    center.delete_file_event(r, READABLE)
+    assert center.fire_file_event(r) is False  # nobody reading: the caller keeps the level
+    os.close(r)
+    os.close(w)

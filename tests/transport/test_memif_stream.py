@@ -299,3 +299,66 @@ def test_server_connection_handed_to_another_process() -> None:
         a.close()
         client.close()
         server.close()
+
+
+def test_poll_mode_moves_messages_without_eventfd_or_timerfd_syscalls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Poll mode reports readiness in user space (EventCenter.fire_file_event): a
+    request/reply exchange writes no eventfd (no kick, no private wake-up) and arms no
+    timerfd; the delayed ACK and RTO deadlines are checked by the poller instead."""
+    from transport.memif import stream as stream_mod
+
+    center = EventCenter()
+    stack = MemifStack(StackConfig(memif=MemifConfig(interrupt=False, hugepages=False)))
+    stack.bind_center(center)
+    server, client, conn = _pair(stack, f"@amsgr-pollfire-{os.getpid()}")
+    buf = memoryview(bytearray(1 << 16))
+    got: dict[str, bytearray] = {"server": bytearray(), "client": bytearray()}
+
+    def reader(sock: MemifStream, name: str, echo: bool):
+        def on_readable(_: int) -> None:
+            while True:
+                try:
+                    n = sock.read_into(buf)
+                except BlockingIOError:
+                    return
+                if n == 0:
+                    return
+                got[name] += buf[:n]
+                if echo:
+                    sock.send([bytes(buf[:n])])
+        return on_readable
+
+    center.create_file_event(conn.fileno(), READABLE, reader(conn, "server", True))
+    center.create_file_event(client.fileno(), READABLE, reader(client, "client", False))
+
+    def pump_until(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(got["client"]) < n:
+            assert time.monotonic() < deadline, f"stalled at {len(got['client'])}/{n}"
+            center.process_events(0.01)
+
+    try:
+        client.send([b"warm-up!"])  # finishes the client's lazy handshake first
+        pump_until(8)
+        writes: list[int] = []
+        arms: list[float] = []
+        real_write = os.eventfd_write
+        monkeypatch.setattr(stream_mod.os, "eventfd_write",
+                            lambda fd, v: (writes.append(fd), real_write(fd, v))[1])
+        monkeypatch.setattr(stream_mod._TimerFd, "arm", lambda self, d: arms.append(d))
+        total = 8
+        for i in range(200):
+            msg = b"request %05d" % i
+            client.send([msg])
+            total += len(msg)
+            pump_until(total)
+        assert bytes(got["client"][8:]) == b"".join(b"request %05d" % i for i in range(200))
+        assert writes == []
+        assert arms == []
+    finally:
+        for s in (conn, client):
+            center.delete_file_event(s.fileno(), READABLE)
+            s.close()
+        server.close()
+        center.close()

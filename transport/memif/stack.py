@@ -38,8 +38,7 @@ def _addr(addr: Address) -> str:
 def _attach(stream: MemifStream, center: "EventCenter | None") -> MemifStream:
     """Poll mode: register the stream's busy poller on the center (removed on close)."""
     if center is not None:
-        pid = center.add_poller(stream.poll)
-        stream.on_close.append(lambda: center.remove_poller(pid))
+        stream.bind_poller(center)
     return stream
 
 

@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ClosedResourceError
+from ..event_center import EventCenter
 from ..stack import Address, Buffer, ConnectedSocket
 from .interface import MemifConnector, MemifDisconnected, MemifInterface
 
@@ -139,6 +140,11 @@ class MemifStream(ConnectedSocket):
         self._closed = False
         self._wake_set = False  # our wake eventfd holds a count (saves syscalls)
         self.on_close: list[Callable[[], None]] = []  # run by close() (removes the poller)
+        # Poll mode (bind_poller): readiness and deadlines are handled in user space.
+        self._fire: Callable[[], bool] | None = None
+        self._fire_pending = False  # data/EOF/error waits for the owner's read callback
+        self._ring_hint = False  # the poller saw frames: read_into may skip epoll_wait
+        self._due = 0.0  # poll mode's stand-in for the timerfd (CLOCK_MONOTONIC deadline)
         # sender
         self._snd_una = 0
         self._snd_nxt = 0
@@ -189,17 +195,39 @@ class MemifStream(ConnectedSocket):
         self._ep.register(iface.fileno(0), select.EPOLLIN)
         self._ep.register(iface.ctrl_fileno(), select.EPOLLIN)
 
+    def bind_poller(self, center: EventCenter) -> None:
+        """Poll mode: register :meth:`poll` on ``center`` (removed on close) and report
+        readiness in user space. The peer does not kick (we set MASK_INT on our rx ring);
+        found frames, pending data and due deadlines run the read callback registered
+        for :meth:`fileno` directly (``EventCenter.fire_file_event``), so a busy-polled
+        connection makes no eventfd, epoll or timerfd syscall per message. The kernel
+        path stays for what is not memory: the control socket, and reads paused by the
+        owner (then the wake eventfd keeps :meth:`fileno` readable, as in interrupt mode)."""
+        fd = self._ep.fileno()
+        self._fire = lambda: center.fire_file_event(fd)
+        pid = center.add_poller(self.poll)
+        self.on_close.append(lambda: center.remove_poller(pid))
+
     def poll(self) -> bool:
-        """Busy-poll hook (EventCenter poller, poll mode): True when it found new frames
-        and made :meth:`fileno` readable. In poll mode the peer does not kick (we set
-        MASK_INT on our rx ring), so without this poller only timers would wake us."""
+        """Busy-poll hook (EventCenter poller): True when it found work for the owner."""
+        if self._wake_set:
+            return False  # the kernel path already reports readable
         iface = self.iface
-        if iface is None:
+        if not (iface is not None and iface.rx_rings[0].rx_ready()) and \
+                not self._fire_pending and not (self._due and time.monotonic() >= self._due):
             return False
-        if not self._wake_set and iface.rx_rings and iface.rx_rings[0].rx_ready():
+        self._ring_hint = True
+        fire = self._fire
+        if fire is None:
             self._signal()
             return True
-        return False
+        self._fire_pending = False
+        if not fire():
+            # The owner paused reading: keep the level in the kernel until it resumes.
+            self._fire = None
+            self._signal()
+            self._fire = fire
+        return True
 
     def export(self) -> tuple[dict[str, Any], list[int]]:
         """Hand this server-side connection, with its stream state, to another process.
@@ -253,7 +281,11 @@ class MemifStream(ConnectedSocket):
         return self
 
     def _signal(self) -> None:
-        """Make :meth:`fileno` readable (once: the eventfd counts, one write suffices)."""
+        """Make :meth:`fileno` readable (once: the eventfd counts, one write suffices);
+        in poll mode, have the poller run the read callback instead."""
+        if self._fire is not None:
+            self._fire_pending = True
+            return
         if not self._wake_set:
             self._wake_set = True
             os.eventfd_write(self._wake, 1)
@@ -313,7 +345,10 @@ class MemifStream(ConnectedSocket):
             if self._rx_bytes or self._fin_rcvd or self._error is not None:
                 self._signal()
             return n
-        self._service(signal=False)
+        if self._ring_hint:
+            self._poll_service()
+        else:
+            self._service(signal=False)
         if self.iface is None:
             if self._error is not None:
                 raise self._error
@@ -523,6 +558,10 @@ class MemifStream(ConnectedSocket):
         if ad and (not dl or ad < dl):
             dl = ad
         if dl:
+            if self._fire is not None:
+                if not self._due or dl < self._due:
+                    self._due = dl
+                return
             now = time.monotonic()
             armed = self._timer.armed_until
             if armed <= now or armed > dl + 1e-4:
@@ -530,6 +569,10 @@ class MemifStream(ConnectedSocket):
 
     def _arm(self, delay: float) -> None:
         now = time.monotonic()
+        if self._fire is not None:
+            if not self._due or now + delay < self._due:
+                self._due = now + delay
+            return
         if self._timer.armed_until <= now or self._timer.armed_until > now + delay:
             self._timer.arm(delay)
 
@@ -584,6 +627,20 @@ class MemifStream(ConnectedSocket):
         if rx_ready:
             iface.clear_interrupt(0)
         if self._take_ring(signal):
+            return
+        self._check_rto()
+        self._transmit()
+        self._rearm()
+
+    def _poll_service(self) -> None:
+        """:meth:`_service` without the syscalls, for poll mode: the poller saw frames
+        or a deadline passed, and fds (control socket, wake-ups) take the kernel path."""
+        self._ring_hint = False
+        if self.iface is None:
+            return
+        if self._due and time.monotonic() >= self._due:
+            self._due = 0.0
+        if self._take_ring(False):
             return
         self._check_rto()
         self._transmit()
