@@ -16,12 +16,13 @@ stateful server, lossless client) between two local processes over ``MemifStack`
 over ``PosixStack`` (TCP loopback and a Unix socket), in one run: requests/s at window
 1 and 128, RTT p50/p99 at window 1, and the server process's CPU µs per request. This
 is Messenger-on-a-stack in two processes, not the pool's ``msgr serve --stack dpdk``
-(not wired yet).
+(that path is verified in tests/pool/test_stacks_pool.py).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import glob
 import json
 import os
@@ -181,21 +182,38 @@ def measure_rtt(iface: MemifInterface, count: int, size: int = 64) -> dict[str, 
 
 # -- Messenger over memif vs over posix ---------------------------------------------------
 
+#: The Messenger rows. ``*-pinned`` rows put the server on CPU 1 and the client on CPU 0;
+#: ``memif-poll`` busy-polls (MASK_INT set, an EventCenter poller per connection), which
+#: needs a CPU per process, so it is always pinned and compared with ``tcp-pinned``.
+MESSENGER_KINDS = ("memif", "memif-poll", "tcp", "tcp-pinned", "unix")
+_SERVER_CPU, _CLIENT_CPU = 1, 0
+
+
 def _stack(kind: str) -> Any:
-    if kind == "memif":
-        from transport.memif import MemifStack
-        return MemifStack()
+    if kind.startswith("memif"):
+        from transport.memif import MemifStack, StackConfig
+        poll = kind == "memif-poll"
+        return MemifStack(StackConfig(memif=replace(StackConfig().memif, interrupt=not poll)))
     from transport.posix import PosixStack
     return PosixStack()
+
+
+def _pin(kind: str, cpu: int) -> None:
+    if kind in ("memif-poll", "tcp-pinned"):
+        os.sched_setaffinity(0, {cpu})
 
 
 def _serve_messenger(kind: str, addr: Any, ready_fd: int) -> None:
     from pool.api import EntityType, EventCenter, Messenger, Policy
     from pool.apps import EchoDispatcher
 
+    _pin(kind, _SERVER_CPU)
     center = EventCenter(name=f"bench-memif-server-{kind}")
+    stack = _stack(kind)
+    if hasattr(stack, "bind_center"):
+        stack.bind_center(center)
     m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
-                  stack=_stack(kind))
+                  stack=stack)
     m.add_dispatcher(EchoDispatcher())
     m.bind(addr)
     signal.signal(signal.SIGTERM, lambda *_: center.stop())
@@ -211,6 +229,7 @@ def _client_messenger(kind: str, addr: Any, window: int, payload: bytes, duratio
                       latencies: list[int] | None) -> int:
     from tools.bench_tcp import messenger_client
 
+    _pin(kind, _CLIENT_CPU)
     return messenger_client(addr, window, payload, duration, latencies, stack=_stack(kind),
                             name=f"bench-memif-client-{kind}")
 
@@ -255,7 +274,7 @@ def _client_run(kind: str, addr: Any, window: int, payload: bytes, duration: flo
 
 def measure_messenger(kind: str, workdir: str, payload_size: int, duration: float) -> dict[str, Any]:
     """One stack: server and client Messenger in two forked processes (CPUs unpinned)."""
-    if kind == "tcp":
+    if kind.startswith("tcp"):
         import socket
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -294,24 +313,67 @@ def measure_messenger(kind: str, workdir: str, payload_size: int, duration: floa
             "server_cpu_us_per_req": round((cpu1 - cpu0) * 1e6 / max(1, n128), 1)}
 
 
+_RATIOS = (("memif-poll", "tcp-pinned"), ("memif", "tcp"))
+
+
 def run_messenger(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
+    """Every kind for every payload, ``--messenger-repeat`` interleaved rounds; one
+    ratio row per round and pair (ratios are only meaningful within one round)."""
+    kinds = [k for k in args.messenger_stacks.split(",") if k]
+    bad = sorted(set(kinds) - set(MESSENGER_KINDS))
+    if bad:
+        raise SystemExit(f"msgr bench memif: unknown --messenger-stacks {bad}; "
+                         f"choose from {','.join(MESSENGER_KINDS)}")
+    if any(k in ("memif-poll", "tcp-pinned") for k in kinds) and \
+            not {_SERVER_CPU, _CLIENT_CPU} <= os.sched_getaffinity(0):
+        raise SystemExit("msgr bench memif: pinned rows need CPUs 0 and 1")
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="amsgr-bench-msgr-") as wd:
-        for size in (int(x) for x in args.payloads.split(",")):
-            for kind in ("memif", "tcp", "unix"):
-                print(f"messenger over {kind} ({size} B)...", file=sys.stderr)
-                try:
-                    rows.append(measure_messenger(kind, wd, size, args.duration))
-                except Exception as err:  # noqa: BLE001 - reported in the results
-                    rows.append({"test": "messenger_echo", "stack": kind, "payload": size,
-                                 "error": f"failed: {err}"})
-                print(f"  {rows[-1]}", file=sys.stderr)
-            base = {r["stack"]: r for r in rows if r.get("payload") == size and "rps_w128" in r}
-            if "memif" in base and "tcp" in base:
-                rows.append({"test": "ratio", "payload": size,
-                             "memif_over_tcp_rps_w128": round(base["memif"]["rps_w128"] / base["tcp"]["rps_w128"], 2),
-                             "memif_over_tcp_rps_w1": round(base["memif"]["rps_w1"] / base["tcp"]["rps_w1"], 2)})
+        for rnd in range(args.messenger_repeat):
+            for size in (int(x) for x in args.payloads.split(",")):
+                got: dict[str, dict[str, Any]] = {}
+                for kind in kinds:
+                    print(f"messenger over {kind} ({size} B, round {rnd})...", file=sys.stderr)
+                    try:
+                        row = measure_messenger(kind, wd, size, args.duration)
+                    except Exception as err:  # noqa: BLE001 - reported in the results
+                        row = {"test": "messenger_echo", "stack": kind, "payload": size,
+                               "error": f"failed: {err}"}
+                    row["round"] = rnd
+                    rows.append(row)
+                    if "rps_w128" in row:
+                        got[kind] = row
+                for a, b in _RATIOS:
+                    if a in got and b in got:
+                        rows.append({"test": "ratio", "round": rnd, "payload": size,
+                                     "pair": f"{a}/{b}",
+                                     "rps_w1": round(got[a]["rps_w1"] / got[b]["rps_w1"], 2),
+                                     "rps_w128": round(got[a]["rps_w128"] / got[b]["rps_w128"], 2)})
+    _print_messenger_table(rows)
     return rows
+
+
+def _print_messenger_table(rows: list[dict[str, Any]]) -> None:
+    def med(vals: list[float]) -> float:
+        v = sorted(vals)
+        return v[len(v) // 2] if v else 0.0
+
+    echo = [r for r in rows if r.get("test") == "messenger_echo" and "rps_w1" in r]
+    print("\nMessenger echo, medians over rounds (server CPU of a busy-polling server "
+          "counts its spinning)", file=sys.stderr)
+    print(f"  {'stack':12s} {'B':>5s} {'req/s w1':>9s} {'p50 us':>7s} {'p99 us':>7s} "
+          f"{'req/s w128':>10s} {'srv cpu us/req':>14s}", file=sys.stderr)
+    for key in sorted({(r["payload"], r["stack"]) for r in echo}):
+        rs = [r for r in echo if (r["payload"], r["stack"]) == key]
+        print(f"  {key[1]:12s} {key[0]:5d} {med([r['rps_w1'] for r in rs]):9,.0f} "
+              f"{med([r['rtt_p50_us'] for r in rs]):7.1f} {med([r['rtt_p99_us'] for r in rs]):7.1f} "
+              f"{med([r['rps_w128'] for r in rs]):10,.0f} "
+              f"{med([r['server_cpu_us_per_req'] for r in rs]):14.1f}", file=sys.stderr)
+    ratios = [r for r in rows if r.get("test") == "ratio"]
+    for key in sorted({(r["payload"], r["pair"]) for r in ratios}):
+        rs = [r for r in ratios if (r["payload"], r["pair"]) == key]
+        print(f"  ratio {key[1]} {key[0]} B: w1 {[r['rps_w1'] for r in rs]} "
+              f"w128 {[r['rps_w128'] for r in rs]} (per round)", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -391,4 +453,8 @@ def register(subparsers: Any) -> None:
                    help="also: Messenger echo over memif vs TCP vs Unix (two processes)")
     p.add_argument("--messenger-only", action="store_true", help="only the Messenger part")
     p.add_argument("--payloads", default="64,4096", help="Messenger payload sizes")
+    p.add_argument("--messenger-stacks", default=",".join(MESSENGER_KINDS),
+                   help="Messenger rows, comma-separated (memif = interrupt mode)")
+    p.add_argument("--messenger-repeat", type=int, default=1,
+                   help="interleaved rounds of every Messenger row")
     p.set_defaults(func=run)
