@@ -65,6 +65,9 @@ def register(sub: Any) -> None:
                         "--stack-path.<slot> beside TCP")
     g.add_argument("--stack-path", "--memif-socket", dest="stack_path", metavar="PATH",
                    help="base path of the per-worker memif/rdma endpoints")
+    g.add_argument("--memif-mode", choices=["interrupt", "poll"], default="interrupt",
+                   help="dpdk: poll = busy-poll every memif connection (DPDK's way: lowest "
+                        "latency, a core per worker); interrupt = sleep until kicked")
     g = p.add_argument_group("security and limits")
     g.add_argument("--auth", choices=["none", "secret"], default="none")
     g.add_argument("--keyring", metavar="FILE", help="TOML keyring, mode 0600 (--auth secret)")
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--app-config must be a JSON object")
         if args.stack != "posix" and not args.stack_path:
             raise ValueError(f"--stack {args.stack} needs --stack-path PATH")
+        if args.memif_mode != "interrupt" and args.stack != "dpdk":
+            raise ValueError("--memif-mode applies to --stack dpdk only")
         auth = {"auth": args.auth, "mode": args.mode, "name": args.name}
         if args.auth == "secret":
             if not args.keyring:
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--mode secure needs --auth secret and a --keyring")
         app_config = {
             "inject_socket_failures": args.inject_socket_failures,
-            "stack": args.stack, "stack_path": args.stack_path,
+            "stack": args.stack, "stack_path": args.stack_path, "memif_mode": args.memif_mode,
             "max_connections": args.max_connections,
             "handshake_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
             "throttle_messages": args.throttle_messages, "throttle_bytes": args.throttle_bytes,

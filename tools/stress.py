@@ -64,6 +64,7 @@ class StressConfig:
     progress: bool = False
     auth: AuthSettings | None = None
     stack: str = "posix"
+    memif_mode: str = "interrupt"
     chaos: ChaosConfig | None = None
 
 
@@ -228,7 +229,8 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
     try:
         conns = []
         for i in range(cfg.conns):
-            stack = make_stack(cfg.stack, center) if cfg.stack != "posix" else None
+            stack = make_stack(cfg.stack, center, memif_mode=cfg.memif_mode) \
+                if cfg.stack != "posix" else None
             m = Messenger(center, entity_type=EntityType.CLIENT, policy=policy, stack=stack,
                           inject_socket_failures=cfg.inject_socket_failures,
                           backoff=Backoff(0.05, cfg.max_backoff), seed=rng.getrandbits(32),
@@ -351,6 +353,8 @@ def register(sub: Any) -> None:
     p.add_argument("--stack", choices=["posix", "dpdk", "rdma"], default="posix",
                    help="dpdk (memif) and rdma: --target is the pool's --stack-path; "
                         "sessions spread over its per-worker endpoints")
+    p.add_argument("--memif-mode", choices=["interrupt", "poll"], default="interrupt",
+                   help="dpdk: busy-poll our memif connections (poll) or sleep until kicked")
     p.add_argument("--chaos-admin", metavar="PATH",
                    help="admin socket of the pool under test: enables --kill-every/--scale-every")
     p.add_argument("--kill-every", type=float, default=0.0, metavar="S",
@@ -396,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = StressConfig(
         chaos=chaos,
         stack=args.stack,
+        memif_mode=args.memif_mode,
         auth=auth,
         target=target, conns=args.conns, messages=args.messages,
         size_min=args.size_min, size_max=args.size_max, window=args.window,

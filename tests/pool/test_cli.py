@@ -59,6 +59,21 @@ def test_errors_are_explained(tmp_path: Path) -> None:
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
     r = msgr("serve", "--accept", "bogus")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = msgr("serve", "--memif-mode", "poll", "--admin", gone)
+    assert r.returncode == 2 and "--memif-mode applies to --stack dpdk only" in r.stderr
+
+
+def test_memif_mode_reaches_the_stack() -> None:
+    from pool.apps import make_stack
+    from transport.event_center import EventCenter
+
+    with EventCenter() as center:
+        assert make_stack("dpdk", center).config.memif.interrupt is True
+        poll = make_stack("dpdk", center, memif_mode="poll")
+        assert poll.config.memif.interrupt is False
+        assert poll._poll_center() is center  # each connection adds its poller here
+        with pytest.raises(ValueError, match="choose interrupt or poll"):
+            make_stack("dpdk", center, memif_mode="busy")
 
 
 def test_serve_refuses_a_busy_port_and_a_live_admin_socket(tmp_path: Path) -> None:
