@@ -414,25 +414,33 @@ class MemifStream(ConnectedSocket):
             raise BlockingIOError(errno.EAGAIN, "tx ring full")
         if credit <= 0:
             raise BlockingIOError(errno.EAGAIN, "no send credit")  # an ACK frame wakes us
+        # Cut the buffers into segments of ``mss`` bytes (small buffers coalesce), each
+        # built with one join: one copy per byte, whatever the buffer sizes.
         mss = self._mss
         payloads: list[bytes] = []
+        cur: list[memoryview] = []
+        room = mss
+        full = False
         for b in buffers:
             mv = memoryview(b).cast("B")
             pos = 0
             ln = len(mv)
-            while pos < ln and len(payloads) < credit:
-                if payloads and len(payloads[-1]) < mss:
-                    # top up the last segment so small buffers coalesce
-                    room = mss - len(payloads[-1])
-                    payloads[-1] += bytes(mv[pos:pos + room])
-                    pos += min(room, ln - pos)
-                    continue
-                payloads.append(bytes(mv[pos:pos + mss]))
-                pos += min(mss, ln - pos)
-            if pos < ln:
-                # out of credit mid-buffer: what was taken so far is in payloads
+            while pos < ln:
+                take = room if room < ln - pos else ln - pos
+                cur.append(mv[pos:pos + take])
+                pos += take
+                room -= take
+                if not room:
+                    payloads.append(b"".join(cur))
+                    cur = []
+                    room = mss
+                    if len(payloads) >= credit:
+                        full = True  # out of credit, maybe mid-buffer: the rest waits
+                        break
+            if full:
                 break
-        # Top-ups may have filled the last segment past credit accounting: fine, count bytes.
+        if cur:
+            payloads.append(b"".join(cur))
         if not payloads:
             raise BlockingIOError(errno.EAGAIN, "nothing to send")
         seq = self._snd_nxt
