@@ -346,7 +346,7 @@ def test_poll_mode_moves_messages_without_eventfd_or_timerfd_syscalls(
         real_write = os.eventfd_write
         monkeypatch.setattr(stream_mod.os, "eventfd_write",
                             lambda fd, v: (writes.append(fd), real_write(fd, v))[1])
-        monkeypatch.setattr(stream_mod._TimerFd, "arm", lambda self, d: arms.append(d))
+        monkeypatch.setattr(stream_mod.TimerFd, "arm", lambda self, d: arms.append(d))
         total = 8
         for i in range(200):
             msg = b"request %05d" % i

@@ -29,8 +29,6 @@ socket, a timerfd (retransmit, retry when the ring was full) and a private wake 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import itertools
 import os
@@ -44,6 +42,7 @@ from typing import Any
 from ..errors import ClosedResourceError
 from ..event_center import EventCenter
 from ..stack import Address, Buffer, ConnectedSocket
+from ..timerfd import TimerFd
 from .interface import MemifConnector, MemifDisconnected, MemifInterface
 
 __all__ = ["MemifStream", "HDR", "DATA", "ACK", "FIN", "RST"]
@@ -55,58 +54,6 @@ _RTO_MIN = 0.02
 _RTO_MAX = 1.0
 _ACK_DELAY = 0.0005  # delayed ACK: a reply within this carries the ACK (no extra kick)
 _RING_RETRY = 0.0005  # tx ring full: the peer frees slots without telling us; look again soon
-
-
-class _TimerFd:
-    """timerfd via libc (``os.timerfd_create`` is Python 3.13+); None-safe fallback."""
-
-    _libc: ctypes.CDLL | None = None
-
-    class _Spec(ctypes.Structure):
-        _fields_ = [("i_sec", ctypes.c_long), ("i_nsec", ctypes.c_long),
-                    ("v_sec", ctypes.c_long), ("v_nsec", ctypes.c_long)]
-
-    def __init__(self) -> None:
-        if _TimerFd._libc is None:
-            _TimerFd._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc = _TimerFd._libc
-        # CLOCK_MONOTONIC = 1, TFD_NONBLOCK | TFD_CLOEXEC = O_NONBLOCK | O_CLOEXEC
-        fd = libc.timerfd_create(1, os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-        self.fd = fd
-        self.armed_until = 0.0
-        # One spec, one bound function: arming is on the hot path (delayed ACK, RTO).
-        self._spec = self._Spec(0, 0, 0, 0)
-        self._ref = ctypes.byref(self._spec)
-        settime = libc.timerfd_settime
-        settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-        settime.restype = ctypes.c_int
-        self._settime = settime
-
-    def arm(self, delay: float) -> None:
-        if delay < 1e-6:
-            delay = 1e-6
-        sec = int(delay)
-        spec = self._spec
-        spec.v_sec = sec
-        spec.v_nsec = int((delay - sec) * 1e9) or 1
-        if self._settime(self.fd, 0, self._ref, None) < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-        self.armed_until = time.monotonic() + delay
-
-    def clear(self) -> None:
-        try:
-            os.read(self.fd, 8)
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class MemifStream(ConnectedSocket):
@@ -123,7 +70,7 @@ class MemifStream(ConnectedSocket):
                  mss: int = 2048 - 12, drop_every: int = 0) -> None:
         self._ep = select.epoll(sizehint=4, flags=select.EPOLL_CLOEXEC)
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._timer = _TimerFd()
+        self._timer = TimerFd()
         self._ep.register(self._wake, select.EPOLLIN)
         self._ep.register(self._timer.fd, select.EPOLLIN)
         self._address = address
@@ -219,14 +166,11 @@ class MemifStream(ConnectedSocket):
         self._ring_hint = True
         fire = self._fire
         if fire is None:
-            self._signal()
+            self._signal_kernel()
             return True
         self._fire_pending = False
         if not fire():
-            # The owner paused reading: keep the level in the kernel until it resumes.
-            self._fire = None
-            self._signal()
-            self._fire = fire
+            self._signal_kernel()  # the owner paused reading: keep the level until it resumes
         return True
 
     def export(self) -> tuple[dict[str, Any], list[int]]:
@@ -285,7 +229,10 @@ class MemifStream(ConnectedSocket):
         in poll mode, have the poller run the read callback instead."""
         if self._fire is not None:
             self._fire_pending = True
-            return
+        else:
+            self._signal_kernel()
+
+    def _signal_kernel(self) -> None:
         if not self._wake_set:
             self._wake_set = True
             os.eventfd_write(self._wake, 1)
@@ -634,11 +581,7 @@ class MemifStream(ConnectedSocket):
                 self._peer_gone = True
         if rx_ready:
             iface.clear_interrupt(0)
-        if self._take_ring(signal):
-            return
-        self._check_rto()
-        self._transmit()
-        self._rearm()
+        self._progress(signal)
 
     def _poll_service(self) -> None:
         """:meth:`_service` without the syscalls, for poll mode: the poller saw frames
@@ -648,7 +591,11 @@ class MemifStream(ConnectedSocket):
             return
         if self._due and time.monotonic() >= self._due:
             self._due = 0.0
-        if self._take_ring(False):
+        self._progress(False)
+
+    def _progress(self, signal: bool) -> None:
+        """The memory-only part of servicing: frames in, then retransmission and ACKs."""
+        if self._take_ring(signal):
             return
         self._check_rto()
         self._transmit()

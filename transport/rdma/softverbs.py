@@ -44,7 +44,6 @@ program order and x86-64 (TSO) keeps store order, which is all SPSC rings need.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import mmap
@@ -58,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..hugepages import Region, alloc_region
+from ..timerfd import TimerFd
 from .verbs import (
     RNR_RETRY_INFINITE,
     RNR_TIMER_MS,
@@ -152,51 +152,6 @@ class _Ring:
         return self._q[self._ti] - self._q[self._hi]
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class _Itimerspec(ctypes.Structure):
-    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
-
-
-_libc: ctypes.CDLL | None = None
-
-
-class _TimerFd:
-    """A one-shot CLOCK_MONOTONIC timerfd (os.timerfd_* arrives only in Python 3.13):
-    the emulated NIC's retry timer, so a waiting send wakes ``CQ.fileno()`` on time."""
-
-    def __init__(self) -> None:
-        global _libc
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        self._libc = _libc
-        fd = _libc.timerfd_create(1, os.O_NONBLOCK | os.O_CLOEXEC)  # CLOCK_MONOTONIC
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"timerfd_create: {os.strerror(err)}")
-        self.fd = fd
-
-    def arm(self, delay: float) -> None:
-        ns = max(1000, int(delay * 1e9))  # 0 would disarm
-        its = _Itimerspec(_Timespec(0, 0), _Timespec(ns // 1_000_000_000, ns % 1_000_000_000))
-        if self._libc.timerfd_settime(self.fd, 0, ctypes.byref(its), None) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
-
-    def drain(self) -> None:
-        try:
-            os.read(self.fd, 8)
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -249,7 +204,7 @@ class SoftCQ(CompletionQueue):
         self._retry: set[SoftQP] = set()  # QPs with sends waiting for a retry timer
         self._flush_wait: set[SoftQP] = set()  # QPs in ERR waiting for a quiescent peer
         self._pidfds: dict[int, SoftQP] = {}
-        self._timer: _TimerFd | None = None
+        self._timer: TimerFd | None = None
         self._closed = False
 
     def fileno(self) -> int:
@@ -290,7 +245,7 @@ class SoftCQ(CompletionQueue):
             elif fd in self._pidfds:
                 self._pidfds[fd]._peer_gone()
             elif self._timer is not None and fd == self._timer.fd:
-                self._timer.drain()
+                self._timer.clear()
         if self._retry:
             for qp in list(self._retry):
                 qp._progress_sends()
@@ -312,7 +267,7 @@ class SoftCQ(CompletionQueue):
         if delay is None:
             return
         if self._timer is None:
-            self._timer = _TimerFd()
+            self._timer = TimerFd()
             self._ep.register(self._timer.fd, select.EPOLLIN)
         self._timer.arm(delay)
 
