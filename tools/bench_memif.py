@@ -22,7 +22,6 @@ is Messenger-on-a-stack in two processes, not the pool's ``msgr serve --stack dp
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import glob
 import json
 import os
@@ -34,9 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from tools.bench_tcp import _proc_cpu
+from tools.bench_tcp import _pct, _proc_cpu, fork_server
 
 from transport.hugepages import hugepage_info, reserved_hugepages
 from transport.memif import MemifConfig, MemifInterface, connect
@@ -203,72 +204,27 @@ def _pin(kind: str, cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-def _serve_messenger(kind: str, addr: Any, ready_fd: int) -> None:
-    from pool.api import EntityType, EventCenter, Messenger, Policy
-    from pool.apps import EchoDispatcher
+def _serve_messenger(kind: str, addr: Any, ready: Callable[[], None]) -> None:
+    from tools.bench_tcp import serve_messenger
 
     _pin(kind, _SERVER_CPU)
-    center = EventCenter(name=f"bench-memif-server-{kind}")
-    stack = _stack(kind)
-    if hasattr(stack, "bind_center"):
-        stack.bind_center(center)
-    m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
-                  stack=stack)
-    m.add_dispatcher(EchoDispatcher())
-    m.bind(addr)
-    signal.signal(signal.SIGTERM, lambda *_: center.stop())
-    os.write(ready_fd, b"1")
-    os.close(ready_fd)
-    center.run()
-    m.shutdown()
-    center.close()
-
-
-
-def _client_messenger(kind: str, addr: Any, window: int, payload: bytes, duration: float,
-                      latencies: list[int] | None) -> int:
-    from tools.bench_tcp import messenger_client
-
-    _pin(kind, _CLIENT_CPU)
-    return messenger_client(addr, window, payload, duration, latencies, stack=_stack(kind),
-                            name=f"bench-memif-client-{kind}")
-
-
-def _in_child(fn: Any) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:  # noqa: BLE001
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
+    serve_messenger(addr, ready, stack=_stack(kind), name=f"bench-memif-server-{kind}")
 
 
 def _client_run(kind: str, addr: Any, window: int, payload: bytes, duration: float,
                 with_latency: bool) -> tuple[int, list[int], float]:
-    r, w = os.pipe()
+    """The Messenger client in a forked process: (requests, latencies ns, elapsed s)."""
+    from tools.bench_tcp import ForkedCall, messenger_client
 
-    def body() -> None:
-        os.close(r)
+    def client() -> list[Any]:
+        _pin(kind, _CLIENT_CPU)
         lat: list[int] | None = [] if with_latency else None
         t0 = time.monotonic()
-        n = _client_messenger(kind, addr, window, payload, duration, lat)
-        with os.fdopen(w, "w") as f:
-            json.dump([n, lat or [], time.monotonic() - t0], f)
+        n = messenger_client(addr, window, payload, duration, lat, stack=_stack(kind),
+                             name=f"bench-memif-client-{kind}")
+        return [n, lat or [], time.monotonic() - t0]
 
-    pid = _in_child(body)
-    os.close(w)
-    with os.fdopen(r) as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    if status != 0 or not data:
-        raise RuntimeError(f"messenger client over {kind} failed")
-    n, lat, elapsed = json.loads(data)
+    n, lat, elapsed = ForkedCall(client, f"messenger client over {kind}").result()
     return int(n), list(lat), float(elapsed)
 
 
@@ -281,19 +237,8 @@ def measure_messenger(kind: str, workdir: str, payload_size: int, duration: floa
             addr: Any = ("127.0.0.1", probe.getsockname()[1])
     else:
         addr = os.path.join(workdir, f"msgr-{kind}.sock")
-    r, w = os.pipe()
-
-    def serve() -> None:
-        os.close(r)
-        _serve_messenger(kind, addr, w)
-
-    pid = _in_child(serve)
-    os.close(w)
-    ok = os.read(r, 1)
-    os.close(r)
-    if ok != b"1":
-        os.waitpid(pid, 0)
-        raise RuntimeError(f"messenger server over {kind} failed to start")
+    pid = fork_server(lambda ready: _serve_messenger(kind, addr, ready),
+                      f"messenger server over {kind}")
     payload = os.urandom(payload_size)
     try:
         _client_run(kind, addr, 16, payload, 0.3, False)  # warm-up
@@ -304,11 +249,9 @@ def measure_messenger(kind: str, workdir: str, payload_size: int, duration: floa
     finally:
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
-    lat.sort()
-    def pick(q: float) -> float:
-        return round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000.0, 1) if lat else 0.0
     return {"test": "messenger_echo", "stack": kind, "payload": payload_size,
-            "rps_w1": round(n1 / t1), "rtt_p50_us": pick(0.5), "rtt_p99_us": pick(0.99),
+            "rps_w1": round(n1 / t1), "rtt_p50_us": round(_pct(lat, 0.5), 1),
+            "rtt_p99_us": round(_pct(lat, 0.99), 1),
             "rps_w128": round(n128 / t128),
             "server_cpu_us_per_req": round((cpu1 - cpu0) * 1e6 / max(1, n128), 1)}
 

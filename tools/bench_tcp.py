@@ -175,20 +175,28 @@ def _auth(secure: bool, name: str) -> Any:
     return AuthSettings("secret", "secure", name, _BENCH_KEYRING)
 
 
-def serve_asyncmsgr(port: int, ready: Callable[[], None], secure: bool = False) -> None:
+def serve_messenger(addr: Any, ready: Callable[[], None], *, stack: Any = None,
+                    auth: Any = None, name: str = "bench-server") -> None:
+    """An echo Messenger (stateful server) at ``addr`` until SIGTERM; ``ready()`` once bound."""
     from pool.api import EntityType, EventCenter, Messenger, Policy
     from pool.apps import EchoDispatcher
 
-    center = EventCenter(name="bench-server")
+    center = EventCenter(name=name)
+    if hasattr(stack, "bind_center"):
+        stack.bind_center(center)  # memif poll mode: its pollers run on this center
     m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
-                  auth=_auth(secure, "osd.0"))
+                  stack=stack, auth=auth)
     m.add_dispatcher(EchoDispatcher())
-    m.bind(("127.0.0.1", port))
+    m.bind(addr)
     signal.signal(signal.SIGTERM, lambda *_: center.stop())
     ready()
     center.run()
     m.shutdown()
     center.close()
+
+
+def serve_asyncmsgr(port: int, ready: Callable[[], None], secure: bool = False) -> None:
+    serve_messenger(("127.0.0.1", port), ready, auth=_auth(secure, "osd.0"))
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -366,7 +374,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _fork_server(kind: str, port: int) -> int:
+def fork_server(serve: Callable[[Callable[[], None]], None], what: str) -> int:
+    """Run ``serve(ready)`` in a forked child; return its pid once it called ``ready()``
+    (stop it with SIGTERM and reap it)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -376,7 +386,7 @@ def _fork_server(kind: str, port: int) -> int:
             def ready() -> None:
                 os.write(w, b"1")
                 os.close(w)
-            SERVERS[kind][0](port, ready)
+            serve(ready)
         except BaseException:  # noqa: BLE001
             import traceback
             traceback.print_exc()
@@ -387,8 +397,12 @@ def _fork_server(kind: str, port: int) -> int:
     os.close(r)
     if ok != b"1":
         os.waitpid(pid, 0)
-        raise RuntimeError(f"{kind} server failed to start")
+        raise RuntimeError(f"{what} failed to start")
     return pid
+
+
+def _fork_server(kind: str, port: int) -> int:
+    return fork_server(lambda ready: SERVERS[kind][0](port, ready), f"{kind} server")
 
 
 class ForkedCall:
