@@ -270,7 +270,29 @@ def _broken(ring: Ring, expected: int) -> BrokenResourceError:
     )
 
 
-class RingProducer:
+class _RingEnd:
+    """What both ends of a ring cache: its views and geometry (local attributes, not
+    lookups through the Ring, on every record), the epoch they joined, the doorbells."""
+
+    __slots__ = ("_bell", "_cap", "_data8", "_dq", "_epoch", "_hq", "_mask", "_max", "_ring",
+                 "_space_bell")
+
+    def __init__(self, ring: Ring, doorbell: Doorbell | None,
+                 space_doorbell: Doorbell | None) -> None:
+        _register_membarrier()
+        self._ring = ring
+        self._hq = ring._hq
+        self._data8 = ring._data8
+        self._dq = ring._dq
+        self._cap = ring.capacity
+        self._mask = ring.capacity - 1
+        self._max = ring.max_record
+        self._epoch = int(self._hq[_W_EPOCH])
+        self._bell = doorbell
+        self._space_bell = space_doorbell
+
+
+class RingProducer(_RingEnd):
     """The single writer of a ring.
 
     Backpressure: a refusal (``try_reserve``/``send`` returning None/False, ``send_many``
@@ -284,44 +306,16 @@ class RingProducer:
                                  lambda fd: prod.handle_space_event())
     """
 
-    __slots__ = (
-        "_bell",
-        "_cap",
-        "_data8",
-        "_dq",
-        "_epoch",
-        "_hq",
-        "_limit",
-        "_mask",
-        "_max",
-        "_on_space",
-        "_pub",
-        "_res",
-        "_res_n",
-        "_ring",
-        "_space_bell",
-        "_tail",
-        "_waiting",
-    )
+    __slots__ = ("_limit", "_on_space", "_pub", "_res", "_res_n", "_tail", "_waiting")
 
     def __init__(self, ring: Ring, doorbell: Doorbell | None = None,
                  space_doorbell: Doorbell | None = None) -> None:
-        _register_membarrier()
-        self._ring = ring
-        self._hq = ring._hq
-        self._data8 = ring._data8
-        self._dq = ring._dq
-        self._cap = ring.capacity
-        self._mask = ring.capacity - 1
-        self._max = ring.max_record
-        self._epoch = int(self._hq[_W_EPOCH])
+        super().__init__(ring, doorbell, space_doorbell)
         self._tail = int(self._hq[_W_TAIL])  # written locally, published by publish()
         self._pub = self._tail
         self._limit = int(self._hq[_W_HEAD]) + self._cap  # cached: tail may reach this
         self._res = -1
         self._res_n = 0
-        self._bell = doorbell
-        self._space_bell = space_doorbell
         self._on_space: Callable[[], None] | None = None
         self._waiting = False
 
@@ -506,7 +500,7 @@ class RingProducer:
         self._on_space = None
 
 
-class RingConsumer:
+class RingConsumer(_RingEnd):
     """The single reader of a ring.
 
     ``drain`` returns zero-copy memoryviews into shared memory; they stay valid until
@@ -516,36 +510,13 @@ class RingConsumer:
     fd in the EventCenter; on wake-up call :meth:`wake`.
     """
 
-    __slots__ = (
-        "_bell",
-        "_cap",
-        "_data8",
-        "_dq",
-        "_drained",
-        "_epoch",
-        "_hq",
-        "_mask",
-        "_max",
-        "_released",
-        "_ring",
-        "_space_bell",
-    )
+    __slots__ = ("_drained", "_released")
 
     def __init__(self, ring: Ring, doorbell: Doorbell | None = None,
                  space_doorbell: Doorbell | None = None) -> None:
-        _register_membarrier()
-        self._ring = ring
-        self._hq = ring._hq
-        self._data8 = ring._data8
-        self._dq = ring._dq
-        self._cap = ring.capacity
-        self._mask = ring.capacity - 1
-        self._max = ring.max_record
-        self._epoch = int(self._hq[_W_EPOCH])
+        super().__init__(ring, doorbell, space_doorbell)
         self._released = int(self._hq[_W_HEAD])
         self._drained = self._released
-        self._bell = doorbell
-        self._space_bell = space_doorbell
 
     def fileno(self) -> int | None:
         """The doorbell fd to register READABLE in the EventCenter (None without one)."""
