@@ -84,30 +84,6 @@ class _Testpmd:
         return rc
 
 
-def _rx(iface: MemifInterface, timeout: float) -> list[Any]:
-    """Frames, waiting up to ``timeout`` (select on the eventfd in interrupt mode)."""
-    end = time.perf_counter() + timeout
-    while True:
-        got = iface.rx_burst(256)
-        if got or time.perf_counter() > end:
-            return got
-        if iface.interrupt:
-            select.select([iface.fileno()], [], [], 0.01)
-            iface.clear_interrupt()
-
-
-def _warm_up(iface: MemifInterface) -> None:
-    marker = b"\xff" * 64
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        iface.tx_burst([marker])
-        if any(bytes(f) == marker for f in _rx(iface, 0.05)):
-            while _rx(iface, 0.05):
-                pass
-            return
-    raise RuntimeError("testpmd never returned the warm-up frame")
-
-
 def measure_pipelined(iface: MemifInterface, duration: float, window: int,
                       size: int = 64, batch: int = 32) -> dict[str, Any]:
     """Frames/s with ``window`` in flight; checks sequence order of every frame."""
@@ -141,10 +117,11 @@ def measure_pipelined(iface: MemifInterface, duration: float, window: int,
         elif time.perf_counter() > stop_at + 1.0:
             break  # frames stopped coming back (lost): report what we have
     dt = time.perf_counter() - t0
-    # drain the tail so the next measurement starts clean
-    while sent > recv and _rx(iface, 0.05):
-        recv += len(iface.rx_burst(256))
-    return {"frames": recv, "seconds": round(dt, 3), "frames_per_s": round(recv / dt),
+    measured = recv
+    # drain the tail so the next measurement starts clean (not counted: it came after dt)
+    while sent > recv and (got := iface.rx_wait(0.05)):
+        recv += len(got)
+    return {"frames": measured, "seconds": round(dt, 3), "frames_per_s": round(measured / dt),
             "out_of_sequence": bad, "window": window, "frame_bytes": size}
 
 
@@ -347,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
                 t = time.perf_counter()
                 with connect(pmd.sock, cfg, timeout=30.0) as iface:
                     hs = time.perf_counter() - t
-                    _warm_up(iface)
+                    iface.warm_up()
                     window = min(args.window, iface.ring_size() - 32)
                     for rep in range(args.repeat):
                         r = measure_pipelined(iface, args.duration, window)

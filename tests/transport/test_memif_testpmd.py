@@ -138,32 +138,6 @@ def hugepages() -> Iterator[None]:
         yield
 
 
-def _wait_rx(iface: MemifInterface, timeout: float) -> list:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = iface.rx_burst(256)
-        if got or time.monotonic() > deadline:
-            return got
-        if iface.interrupt:
-            select.select([iface.fileno()], [], [], min(0.01, max(0.0, deadline - time.monotonic())))
-            iface.clear_interrupt()
-
-
-def warm_up(iface: MemifInterface, timeout: float = 10.0) -> None:
-    """Trap 2: testpmd flushes its rx queues when forwarding starts; send a marker frame
-    until one comes back, then drain any late echoes of earlier markers."""
-    marker = b"\xff" * 60
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        iface.tx_burst([marker])
-        got = _wait_rx(iface, 0.05)
-        if any(bytes(f) == marker for f in got):
-            while _wait_rx(iface, 0.05):
-                pass
-            return
-    raise AssertionError("no warm-up frame came back from testpmd")
-
-
 def pipeline(iface: MemifInterface, frames: list[bytes], window: int, timeout: float = 30.0) -> list[bytes]:
     """Keep at most ``window`` frames in flight (trap 3); return what came back."""
     got: list[bytes] = []
@@ -192,7 +166,7 @@ def _client_run(tmp_path: Path, cfg: MemifConfig, frames: list[bytes], window: i
     try:
         iface = connect(pmd.sock, cfg, timeout=30.0)  # retries "ID not found" (trap 1)
         try:
-            warm_up(iface)
+            iface.warm_up()
             got = pipeline(iface, frames, window)
             assert len(got) == len(frames), f"{len(got)}/{len(frames)} frames came back"
             for i, (a, b) in enumerate(zip(got, frames)):

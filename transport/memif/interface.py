@@ -120,6 +120,34 @@ class MemifInterface:
         """Up to ``max_frames`` received frames (views valid until the next call)."""
         return self._rxf[qid](max_frames)
 
+    def rx_wait(self, timeout: float, qid: int = 0) -> list[memoryview | bytes]:
+        """:meth:`rx_burst`, waiting up to ``timeout`` seconds for frames: in ``select``
+        on the rx eventfd in interrupt mode, spinning in poll mode."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.rx_burst(256, qid)
+            left = deadline - time.monotonic()
+            if got or left <= 0:
+                return got
+            if self.interrupt:
+                select.select([self.fileno(qid)], [], [], min(0.01, left))
+                self.clear_interrupt(qid)
+
+    def warm_up(self, timeout: float = 10.0) -> None:
+        """Before measuring or checking order against DPDK (memif.md §5 trap 2): testpmd
+        flushes its rx queues when forwarding starts, so early frames can vanish. Send a
+        marker frame until one comes back, then drain late echoes of earlier markers."""
+        marker = b"\xff" * 64
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.tx_burst([marker])
+            if any(bytes(f) == marker for f in self.rx_wait(0.05)):
+                while self.rx_wait(0.05):
+                    pass
+                return
+        raise TimeoutError(f"no warm-up frame came back within {timeout} s: "
+                           "is the peer up and forwarding?")
+
     def rx_release(self, qid: int = 0) -> None:
         """Return the slots of the last ``rx_burst`` to the peer now."""
         self.rx_rings[qid].release()
