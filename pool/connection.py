@@ -424,10 +424,16 @@ class AsyncConnection:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.center.call_soon(self._flush)
+            self.center.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        """Encode what the session has queued and send as much as the socket takes.
+        Also called directly (mid-batch, on send space); a flush already scheduled
+        still runs once, for what is queued by then."""
         sock, wire = self.sock, self.wire
         if sock is None or wire is None or self.migrating:
             return
