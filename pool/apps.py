@@ -149,8 +149,7 @@ class MessengerApp(WorkerApp):
             path = cfg.get("stack_path")
             if not path:
                 raise ValueError(f"--stack {stack_name} needs a socket path (--stack-path)")
-            stack = make_stack(stack_name, ctx.center,
-                               memif_mode=str(cfg.get("memif_mode", "interrupt")))
+            stack = make_stack(stack_name, memif_mode=str(cfg.get("memif_mode", "interrupt")))
             local = Messenger(ctx.center, entity_type=EntityType.OSD,
                               policy=Policy.stateful_server(), stack=stack,
                               auth=_auth_settings(cfg),
@@ -440,8 +439,10 @@ def _auth_settings(cfg: Mapping[str, Any]) -> AuthSettings | None:
 
 def make_stack(name: str, center: Any = None, *, memif_mode: str = "interrupt") -> Any:
     """The NetworkStack called ``name`` (posix, dpdk = memif, rdma). ``memif_mode``
-    ``poll`` busy-polls each memif connection on ``center`` (no kicks, no syscalls per
-    message; a core per polling process), ``interrupt`` sleeps on eventfd kicks."""
+    ``poll`` busy-polls each memif connection on the center the stack is bound to (no
+    kicks, no syscalls per message; a core per polling process), ``interrupt`` sleeps
+    on eventfd kicks. A Messenger binds its stack to its center; ``center`` is for a
+    stack used without one."""
     if memif_mode not in ("interrupt", "poll"):
         raise ValueError(f"unknown memif mode {memif_mode!r}: choose interrupt or poll")
     if name == "posix":

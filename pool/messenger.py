@@ -71,6 +71,7 @@ class Messenger:
         self.entity_type = entity_type
         self.name = name
         self.stack = stack or PosixStack()
+        self.stack.bind_center(center)
         self.socket_options = SocketOptions()
         self.default_policy = policy or Policy.lossless_client()
         self.policies: dict[int, Policy] = {}

@@ -182,8 +182,6 @@ def serve_messenger(addr: Any, ready: Callable[[], None], *, stack: Any = None,
     from pool.apps import EchoDispatcher
 
     center = EventCenter(name=name)
-    if hasattr(stack, "bind_center"):
-        stack.bind_center(center)  # memif poll mode: its pollers run on this center
     m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
                   stack=stack, auth=auth)
     m.add_dispatcher(EchoDispatcher())
@@ -304,8 +302,6 @@ def messenger_client(addr: Any, window: int, payload: bytes, duration: float,
     )
 
     center = EventCenter(name=name)
-    if hasattr(stack, "bind_center"):
-        stack.bind_center(center)  # memif poll mode: its pollers run on this center
     m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
                   stack=stack, auth=auth)
     state = {"done": 0, "outstanding": 0, "seq": 0}

@@ -229,7 +229,7 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
     try:
         conns = []
         for i in range(cfg.conns):
-            stack = make_stack(cfg.stack, center, memif_mode=cfg.memif_mode) \
+            stack = make_stack(cfg.stack, memif_mode=cfg.memif_mode) \
                 if cfg.stack != "posix" else None
             m = Messenger(center, entity_type=EntityType.CLIENT, policy=policy, stack=stack,
                           inject_socket_failures=cfg.inject_socket_failures,

@@ -26,7 +26,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from .event_center import EventCenter
 
 __all__ = ["Address", "Buffer", "ConnectedSocket", "ServerSocket", "NetworkStack", "SocketOptions"]
 
@@ -120,6 +123,10 @@ class NetworkStack(abc.ABC):
     """Factory for sockets of one backend."""
 
     name: str = "abstract"
+
+    def bind_center(self, center: EventCenter) -> None:
+        """Tell the stack which EventCenter runs its sockets (the Messenger does). Only
+        busy-polled stacks need it (memif poll mode adds a poller per connection)."""
 
     @abc.abstractmethod
     def listen(self, addr: Address, opts: SocketOptions = SocketOptions()) -> ServerSocket:

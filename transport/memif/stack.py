@@ -92,7 +92,8 @@ class MemifStack(NetworkStack):
 
     def bind_center(self, center: EventCenter) -> None:
         """Poll mode (``config.memif.interrupt`` False) needs the center that runs the
-        sockets: each connection adds a busy poller to it. Interrupt mode needs nothing."""
+        sockets: each connection adds a busy poller to it. Interrupt mode needs nothing.
+        The Messenger calls this with its center."""
         self._center = center
 
     def _poll_center(self) -> "EventCenter | None":
