@@ -543,10 +543,9 @@ class MemifStream(ConnectedSocket):
         """
         ctrl_ready = rx_ready = False
         timer_fd = self._timer.fd
-        ctrl_fd = rx_fd = -2
+        rx_fd = -2
         iface = self.iface
         if iface is not None:
-            ctrl_fd = iface.ctrl_fileno()
             rx_fd = iface.fileno(0)
         for fd, _ in self._ep.poll(0):
             if fd == self._wake:
