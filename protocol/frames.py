@@ -239,11 +239,11 @@ def encode_message_frame(header: bytes, front: bytes, data: Buffer) -> list[Buff
         body = _PRE_BODY.pack(_TAG_MESSAGE, 3, l0, 8, l1, 8, l2, _ALIGN_DATA, 0, 0, 0, 0)
         epi = _EPILOGUE.pack(LATE_STATUS_COMPLETE, crc(front, 0) ^ _MASK32,
                              crc(data, 0) ^ _MASK32, 0)
-        head = b"".join((body, _U32.pack(crc(body, _MASK32) ^ _MASK32), header,
-                         _U32.pack(crc(header, 0) ^ _MASK32), front))
+        pre_crc = _U32.pack(crc(body, _MASK32) ^ _MASK32)
+        head_crc = _U32.pack(crc(header, 0) ^ _MASK32)
         if l2 <= 4096:
-            return [b"".join((head, data, epi))]
-        return [head, data, epi]
+            return [b"".join((body, pre_crc, header, head_crc, front, data, epi))]
+        return [b"".join((body, pre_crc, header, head_crc, front)), data, epi]
     if l1:
         body = _PRE_BODY.pack(_TAG_MESSAGE, 2, l0, 8, l1, 8, 0, 0, 0, 0, 0, 0)
         return [b"".join((body, _U32.pack(crc(body, _MASK32) ^ _MASK32), header,
