@@ -31,7 +31,7 @@ from protocol.connection import (
 )
 from protocol.control import EntityAddr
 from protocol.errors import ProtocolError
-from protocol.message import Message
+from protocol.message import Message, check_outgoing
 from protocol.policy import Policy
 from protocol.session import Session, SessionView
 from transport.event_center import READABLE, WRITABLE
@@ -128,7 +128,11 @@ class AsyncConnection:
 
     # -- public API --------------------------------------------------------------------------
     def send_message(self, msg: Message) -> None:
-        """Queue ``msg``; it goes out in priority order once the session is READY."""
+        """Queue ``msg``; it goes out in priority order once the session is READY.
+
+        Raises ``LocalProtocolError`` (before queueing anything) when the message cannot
+        be encoded: a header field out of range or a front msgpack cannot encode."""
+        check_outgoing(msg)
         if self.state is ConnState.CLOSED:
             log.debug("send on closed %r dropped", self)
             self.msgr.stats["dropped_closed"] += 1

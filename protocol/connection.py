@@ -328,6 +328,12 @@ class Connection:
         while True:
             state = self.state
             if state is State.READY:
+                segments = dec.next_message()
+                if segments is not None:
+                    ev = self._on_message_frame(segments)
+                    if ev is not None:
+                        return ev
+                    continue
                 frame = dec.next_frame()
                 if frame is None:
                     return NEED_DATA
@@ -635,7 +641,8 @@ class Connection:
         msg = decode_message(segments)
         s = self.session
         assert s is not None
-        if s.sent:
+        sent = s.sent
+        if sent and sent[0].seq <= msg.ack_seq:
             s.on_ack(msg.ack_seq)
         if not s.on_receive(msg.seq):
             return None
@@ -664,12 +671,10 @@ class Connection:
         s = self.session
         assert s is not None
         out = self._out
-        n = 0
-        pop = s.pop_outgoing
         pack = HEADER.pack
         sec = self._secure
-        while n < max_messages and s.has_outgoing():
-            msg = pop()
+        batch = s.take_outgoing(max_messages)
+        for msg in batch:
             try:
                 header = pack(msg.type, msg.priority, 0, msg.seq, msg.ack_seq, msg.tid,
                               msg.flags)
@@ -681,7 +686,7 @@ class Connection:
                 out += frame
             else:
                 out.append(sec.seal(frame))
-            n += 1
+        n = len(batch)
         if n == 0 and s.ack_pending:
             s.ack_pending = 0
             self._send_control(Ack(s.in_seq))

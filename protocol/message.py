@@ -25,6 +25,7 @@ __all__ = [
     "PRIO_HIGHEST",
     "PRIO_LOW",
     "Message",
+    "check_outgoing",
     "decode_message",
     "message_segments",
 ]
@@ -82,6 +83,20 @@ class Message:
                         "bad_front") from exc
             self._front = cached
         return cached
+
+
+def check_outgoing(msg: Message) -> None:
+    """Raise ``LocalProtocolError`` now if ``msg`` cannot be encoded: its header fields
+    out of range or its front not msgpack-able. Call it when the message is queued, so
+    the sender hears of its mistake instead of the session failing later, after the
+    message took a sequence number. The front encoding is cached for the send."""
+    try:
+        HEADER.pack(msg.type, msg.priority, 0, 0, 0, msg.tid, msg.flags)
+    except struct.error as exc:
+        raise LocalProtocolError(
+            f"message header out of range (type u16, priority u8, tid u64, flags u32): {exc}",
+            "bad_header") from exc
+    msg.encoded_front()
 
 
 def message_segments(msg: Message, seq: int, ack_seq: int) -> list[Data]:

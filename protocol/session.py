@@ -109,6 +109,37 @@ class Session:
             self.sent.append(msg)
         return msg
 
+    def take_outgoing(self, limit: int) -> list[Message]:
+        """Up to ``limit`` messages to write, in ``pop_outgoing`` order and with its
+        bookkeeping. One call per batch: the common case (nothing requeued, one
+        priority) numbers the batch in a single loop instead of a call per message."""
+        if self.requeued or len(self._prios) != 1:
+            out: list[Message] = []
+            while len(out) < limit and self.has_outgoing():
+                out.append(self.pop_outgoing())
+            return out
+        prio = self._prios[0]
+        q = self._queues[prio]
+        if len(q) <= limit:
+            out = list(q)
+            q.clear()
+            self._prios.clear()
+        else:
+            popleft = q.popleft
+            out = [popleft() for _ in range(limit)]
+        self.queued_count -= len(out)
+        seq = self.out_seq
+        ack = self.in_seq
+        for msg in out:
+            seq += 1
+            msg.seq = seq
+            msg.ack_seq = ack
+        self.out_seq = seq
+        self.ack_pending = 0
+        if not self.policy.lossy:
+            self.sent.extend(out)
+        return out
+
     def queued_messages(self) -> Iterator[Message]:
         """Requeued then queued messages in sending order (for state export)."""
         yield from self.requeued

@@ -17,6 +17,7 @@ from pool.connection import AsyncConnection, ConnState
 from pool.dispatcher import Dispatcher
 from pool.messenger import Messenger
 from protocol.features import EntityType
+from protocol.errors import LocalProtocolError
 from protocol.message import Message
 from protocol.policy import Backoff, Policy
 from transport.event_center import EventCenter
@@ -297,6 +298,26 @@ def test_dispatcher_exception_does_not_kill_connection(h: Harness) -> None:
     conn.send_message(Message(1, "ok"))
     h.wait_for(lambda: cd.total() == 2)
     assert srv.stats["dispatch_errors"] == 1
+
+
+def test_unencodable_message_is_refused_at_send(h: Harness) -> None:
+    """The sender hears of a message that cannot be encoded; the session goes on intact
+    (no sequence number was taken, so the peer sees no gap)."""
+    sd, cd = Recorder(echo=True), Recorder()
+    srv = h.messenger(EntityType.OSD, Policy.stateful_server(), sd, bind=True)
+    cli = h.messenger(EntityType.CLIENT, Policy.lossless_client(), cd)
+    conn = cli.connect(addr_of(srv))
+    conn.send_message(Message(1, "first"))
+    with pytest.raises(LocalProtocolError) as info:
+        conn.send_message(Message(1, object()))
+    assert info.value.code == "bad_front"
+    with pytest.raises(LocalProtocolError) as info:
+        conn.send_message(Message(70_000, "type is a u16"))
+    assert info.value.code == "bad_header"
+    conn.send_message(Message(1, "second"))
+    h.wait_for(lambda: cd.total() == 2)
+    assert cd.received[conn] == ["first", "second"]
+    assert conn.session is not None and conn.session.out_seq == 2
 
 
 def test_garbage_faults_only_that_connection(h: Harness) -> None:

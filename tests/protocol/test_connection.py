@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.connection import (
     NEED_DATA, TRANSITIONS, Config, Connection, IdentRequest, MessageReceived, Ready,
@@ -188,6 +190,45 @@ def test_requeue_keeps_sequence_numbers() -> None:
     s.discard_requeued_up_to(2)
     again = [s.pop_outgoing() for _ in range(2)]
     assert [(m.front, m.seq) for m in again] == [(2, 3), ("new", 4)]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["queue", "take", "ack", "requeue"]),
+                          st.integers(0, 5), st.sampled_from([64, 127, 196])), max_size=40),
+       st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_take_outgoing_matches_pop_outgoing(ops: list[tuple[str, int, int]],
+                                            lossy: bool) -> None:
+    """The batch path numbers, orders and keeps messages exactly as one pop at a time."""
+    policy = Policy.lossy_client() if lossy else Policy.lossless_client()
+    batch, single = Session(policy), Session(policy)
+    made = 0
+    for op, n, prio in ops:
+        if op == "queue":
+            for s in (batch, single):
+                for i in range(n):
+                    s.queue(Message(1, made + i, priority=prio))
+            made += n
+        elif op == "take":
+            got = batch.take_outgoing(n)
+            want = [single.pop_outgoing() for _ in range(min(n, _outgoing(single)))]
+            assert [(m.front, m.seq, m.ack_seq) for m in got] == \
+                [(m.front, m.seq, m.ack_seq) for m in want]
+        elif op == "ack":
+            for s in (batch, single):
+                s.on_receive(s.in_seq + 1)
+                s.on_ack(s.out_seq - n)
+        else:
+            for s in (batch, single):
+                s.requeue_sent()
+        a, b = batch, single
+        assert (a.out_seq, a.queued_count, a.ack_pending, a.has_outgoing()) == \
+            (b.out_seq, b.queued_count, b.ack_pending, b.has_outgoing())
+        assert [m.front for m in a.sent] == [m.front for m in b.sent]
+        assert [m.front for m in a.queued_messages()] == [m.front for m in b.queued_messages()]
+
+
+def _outgoing(s: Session) -> int:
+    return len(list(s.queued_messages()))
 
 
 def test_wrong_frame_for_state_is_remote_error() -> None:
