@@ -27,6 +27,7 @@ import os
 import select
 import signal
 import socket
+import statistics
 import struct
 import sys
 import time
@@ -519,7 +520,54 @@ def register(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     p.add_argument("--payloads", default="64,4096", help="comma-separated payload sizes")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds, each measuring every server in turn; figures are the "
+                        "median over rounds (the per-round figures go to --json)")
     p.set_defaults(func=run)
+
+
+_FIGURES = ("rps_w1", "rtt_p50_us", "rtt_p99_us", "rps_w128", "cpu_us_per_req", "peak_rss_kb")
+# (what, figure, asyncmsgr's server, peer, target ratio, True when asyncmsgr must be >= it)
+_TARGETS = (
+    ("req/s w128 vs uvloop", "rps_w128", "uvloop", 1.0, True),
+    ("req/s w128 vs pyzmq", "rps_w128", "pyzmq", 2.0, True),
+    ("server CPU/req vs epoll", "cpu_us_per_req", "epoll", 1.2, False),
+    ("w1 RTT p50 vs asyncio", "rtt_p50_us", "asyncio", 1.1, False),
+)
+
+
+def median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (server, payload): the median of each figure over the rounds that
+    measured it (an error row stands only if no round measured that pair)."""
+    out: list[dict[str, Any]] = []
+    for i, row in enumerate(rounds[0]):
+        same = [r[i] for r in rounds if "rps_w128" in r[i]]
+        if not same:
+            out.append(row)
+            continue
+        merged: dict[str, Any] = {"server": row["server"], "payload": row["payload"],
+                                  "rounds": len(same)}
+        for fig in _FIGURES:
+            merged[fig] = statistics.median(r[fig] for r in same)
+        out.append(merged)
+    return out
+
+
+def target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 5's targets at 64 B, read from ``rows``: ratio, target, met or not."""
+    by = {r["server"]: r for r in rows if r.get("payload") == 64 and "rps_w128" in r}
+    base = by.get("asyncmsgr")
+    lines = []
+    for what, fig, peer, target, higher in _TARGETS:
+        other = by.get(peer)
+        if base is None or other is None or not other[fig]:
+            continue
+        ratio = base[fig] / other[fig]
+        met = ratio >= target if higher else ratio <= target
+        sign = ">=" if higher else "<="
+        lines.append(f"  {what:<26} {ratio:5.2f}x  (target {sign} {target}x: "
+                     f"{'met' if met else 'NOT met'})")
+    return ["\ntargets at 64 B (asyncmsgr / peer):", *lines] if lines else []
 
 
 def run(args: argparse.Namespace) -> int:
@@ -530,23 +578,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"msgr bench tcp: unknown servers {unknown}; choose from {list(SERVERS)}",
               file=sys.stderr)
         return 2
-    for size in (int(x) for x in args.payloads.split(",")):
-        for kind in servers:
-            why = available(kind)
-            if why:
-                rows.append({"server": kind, "payload": size, "error": why})
-                continue
-            print(f"measuring {kind} ({size} B)...", file=sys.stderr)
-            try:
-                rows.append(measure(kind, size, args.duration))
-            except Exception as err:  # noqa: BLE001
-                rows.append({"server": kind, "payload": size, "error": f"failed: {err}"})
+    if args.repeat < 1:
+        print("msgr bench tcp: --repeat must be >= 1", file=sys.stderr)
+        return 2
+    rounds: list[list[dict[str, Any]]] = []
+    for rnd in range(args.repeat):
+        rows = []
+        for size in (int(x) for x in args.payloads.split(",")):
+            for kind in servers:
+                why = available(kind)
+                if why:
+                    rows.append({"server": kind, "payload": size, "error": why})
+                    continue
+                print(f"round {rnd + 1}/{args.repeat}: measuring {kind} ({size} B)...",
+                      file=sys.stderr)
+                try:
+                    rows.append(measure(kind, size, args.duration))
+                except Exception as err:  # noqa: BLE001
+                    rows.append({"server": kind, "payload": size, "error": f"failed: {err}"})
+        rounds.append(rows)
+    rows = median_rows(rounds)
     print(format_table(rows))
+    print("\n".join(target_lines(rows)))
     meta = {"machine": os.uname().release, "cpus": os.cpu_count(), "duration_s": args.duration,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "repeat": args.repeat, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
+            json.dump({"meta": meta, "results": rows, "rounds": rounds}, f, indent=2)
     if args.plot:
         _plot(rows, args.plot)
     return 0

@@ -1,0 +1,59 @@
+"""`msgr bench tcp` runs end to end (a short run, not a timed test) and reads its figures
+right: medians over rounds, and issue 5's target ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools import bench_tcp
+
+
+def _row(server: str, **figs: float) -> dict[str, Any]:
+    base = dict.fromkeys(bench_tcp._FIGURES, 1.0)
+    base.update(figs)
+    return {"server": server, "payload": 64, **base}
+
+
+def test_median_over_rounds_and_errors() -> None:
+    rounds = [
+        [_row("asyncmsgr", rps_w128=100.0), {"server": "pyzmq", "payload": 64, "error": "x"}],
+        [_row("asyncmsgr", rps_w128=300.0), _row("pyzmq", rps_w128=7.0)],
+        [_row("asyncmsgr", rps_w128=200.0), {"server": "pyzmq", "payload": 64, "error": "y"}],
+    ]
+    rows = bench_tcp.median_rows(rounds)
+    assert rows[0]["rps_w128"] == 200.0 and rows[0]["rounds"] == 3
+    assert rows[1]["rps_w128"] == 7.0 and rows[1]["rounds"] == 1  # the one good round
+
+
+def test_target_lines_say_met_or_not() -> None:
+    rows = [_row("asyncmsgr", rps_w128=100.0, cpu_us_per_req=3.0, rtt_p50_us=50.0),
+            _row("uvloop", rps_w128=100.0), _row("pyzmq", rps_w128=60.0),
+            _row("epoll", cpu_us_per_req=2.0), _row("asyncio", rtt_p50_us=50.0)]
+    lines = {line.split("  ")[1]: line for line in bench_tcp.target_lines(rows)[1:]}
+    assert lines["req/s w128 vs uvloop"].endswith("1.00x  (target >= 1.0x: met)")
+    assert lines["req/s w128 vs pyzmq"].endswith("1.67x  (target >= 2.0x: NOT met)")
+    assert lines["server CPU/req vs epoll"].endswith("1.50x  (target <= 1.2x: NOT met)")
+    assert lines["w1 RTT p50 vs asyncio"].endswith("1.00x  (target <= 1.1x: met)")
+
+
+@pytest.mark.timeout(90)
+def test_bench_tcp_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(servers="asyncmsgr,epoll", payloads="64", duration=0.3,
+                              repeat=2, json=str(out), plot=None)
+    assert bench_tcp.run(args) == 0
+    data = json.loads(out.read_text())
+    assert len(data["rounds"]) == 2 and data["meta"]["repeat"] == 2
+    for row in data["results"]:
+        assert "error" not in row, row
+        assert row["rounds"] == 2
+        assert row["rps_w1"] > 0 and row["rps_w128"] > 0 and row["cpu_us_per_req"] > 0
+        assert 0 < row["rtt_p50_us"] <= row["rtt_p99_us"]
+    printed = capsys.readouterr().out
+    assert "asyncmsgr" in printed and "epoll" in printed
+    assert "server CPU/req vs epoll" in printed  # the target check printed
