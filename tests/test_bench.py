@@ -57,3 +57,11 @@ def test_bench_tcp_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     printed = capsys.readouterr().out
     assert "asyncmsgr" in printed and "epoll" in printed
     assert "server CPU/req vs epoll" in printed  # the target check printed
+    assert "requests/s, window 128, 64 B" in printed  # and the text chart
+
+
+def test_text_chart_scales_bars_to_the_fastest() -> None:
+    rows = [_row("asyncmsgr", rps_w128=50.0), _row("uvloop", rps_w128=200.0)]
+    lines = bench_tcp.text_chart(rows, width=20).splitlines()
+    assert lines[0] == "requests/s, window 128, 64 B"
+    assert lines[1].count("#") == 5 and lines[2].count("#") == 20

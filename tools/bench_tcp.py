@@ -600,6 +600,8 @@ def run(args: argparse.Namespace) -> int:
     rows = median_rows(rounds)
     print(format_table(rows))
     print("\n".join(target_lines(rows)))
+    print()
+    print(text_chart(rows))
     meta = {"machine": os.uname().release, "cpus": os.cpu_count(), "duration_s": args.duration,
             "repeat": args.repeat, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.json:
@@ -608,6 +610,20 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(rows, args.plot)
     return 0
+
+
+def text_chart(rows: list[dict[str, Any]], width: int = 40) -> str:
+    """Bars of requests/s at window 128 per payload, as text (BENCHMARKS.md holds it)."""
+    ok = [r for r in rows if "rps_w128" in r]
+    lines = []
+    for size in sorted({r["payload"] for r in ok}):
+        rs = [r for r in ok if r["payload"] == size]
+        top = max(r["rps_w128"] for r in rs)
+        lines.append(f"requests/s, window 128, {size} B")
+        for r in rs:
+            bar = "#" * max(1, round(width * r["rps_w128"] / top))
+            lines.append(f"  {r['server']:<17} {bar:<{width}} {r['rps_w128']:>9,.0f}")
+    return "\n".join(lines)
 
 
 def _plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -620,10 +636,13 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
         return
     ok = [r for r in rows if "rps_w128" in r]
     sizes = sorted({r["payload"] for r in ok})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        rs = [r for r in ok if r["payload"] == size]
-        ax.bar([r["server"] for r in rs], [r["rps_w128"] for r in rs])
-        ax.set_title(f"requests/s, window 128, {size} B")
+    fig, axes = plt.subplots(2, len(sizes), figsize=(6 * len(sizes), 7), squeeze=False)
+    panels = (("rps_w128", "requests/s, window 128"), ("cpu_us_per_req", "server CPU µs/request"))
+    for row, (fig_key, title) in zip(axes, panels):
+        for ax, size in zip(row, sizes):
+            rs = [r for r in ok if r["payload"] == size]
+            ax.bar([r["server"] for r in rs], [r[fig_key] for r in rs])
+            ax.set_title(f"{title}, {size} B")
+            ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
     fig.savefig(path)
