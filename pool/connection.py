@@ -130,6 +130,7 @@ class AsyncConnection:
     def send_message(self, msg: Message) -> None:
         """Queue ``msg``; it goes out in priority order once the session is READY.
 
+        The front is encoded here, so later changes to ``msg.front`` are not sent.
         Raises ``LocalProtocolError`` (before queueing anything) when the message cannot
         be encoded: a header field out of range or a front msgpack cannot encode."""
         check_outgoing(msg)
