@@ -294,6 +294,7 @@ class MemifStream(ConnectedSocket):
         if self._rx_bytes:
             # Fast path: bytes already taken from the ring (fileno stays readable).
             n = self._copy_out(buf)
+            self._window_update()
             if self._rx_bytes or self._fin_rcvd or self._error is not None:
                 self._signal()
             return n
@@ -307,11 +308,10 @@ class MemifStream(ConnectedSocket):
         finally:
             self._direct = None
         n = self._direct_n
-        if n:
-            self._window_update()
         if self._rx_bytes and n < len(buf):
             n += self._copy_out(buf[n:])
         if n:
+            self._window_update()
             if self._rx_bytes or self._fin_rcvd or self._error is not None:
                 self._signal()  # level-triggered contract: still readable
             return n
@@ -341,7 +341,6 @@ class MemifStream(ConnectedSocket):
             else:
                 self._rx_off = off + take
         self._rx_bytes -= n
-        self._window_update()
         return n
 
     def _window_update(self) -> None:
@@ -530,23 +529,23 @@ class MemifStream(ConnectedSocket):
         if ad and (not dl or ad < dl):
             dl = ad
         if dl:
-            if self._fire is not None:
-                if not self._due or dl < self._due:
-                    self._due = dl
-                return
-            now = time.monotonic()
-            armed = self._timer.armed_until
-            if armed <= now or armed > dl + 1e-4:
-                self._timer.arm(max(dl - now, 1e-5))
+            self._wake_at(dl, slack=1e-4)
 
     def _arm(self, delay: float) -> None:
-        now = time.monotonic()
+        self._wake_at(time.monotonic() + delay)
+
+    def _wake_at(self, deadline: float, slack: float = 0.0) -> None:
+        """Be serviced again no later than ``deadline`` (CLOCK_MONOTONIC). Poll mode keeps
+        the earliest deadline for its poller; interrupt mode re-arms the timerfd unless
+        it already fires in time (within ``slack``)."""
         if self._fire is not None:
-            if not self._due or now + delay < self._due:
-                self._due = now + delay
+            if not self._due or deadline < self._due:
+                self._due = deadline
             return
-        if self._timer.armed_until <= now or self._timer.armed_until > now + delay:
-            self._timer.arm(delay)
+        now = time.monotonic()
+        armed = self._timer.armed_until
+        if armed <= now or armed > deadline + slack:
+            self._timer.arm(max(deadline - now, 1e-5))
 
     def _arm_retry(self) -> None:
         self._arm(_RING_RETRY)
