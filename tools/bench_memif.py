@@ -28,13 +28,13 @@ import os
 import select
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from tools.bench_tcp import _pct, _proc_cpu, fork_server
@@ -168,12 +168,11 @@ _SERVER_CPU, _CLIENT_CPU = 1, 0
 
 
 def _stack(kind: str) -> Any:
+    from pool.apps import make_stack
+
     if kind.startswith("memif"):
-        from transport.memif import MemifStack, StackConfig
-        poll = kind == "memif-poll"
-        return MemifStack(StackConfig(memif=replace(StackConfig().memif, interrupt=not poll)))
-    from transport.posix import PosixStack
-    return PosixStack()
+        return make_stack("dpdk", memif_mode="poll" if kind == "memif-poll" else "interrupt")
+    return make_stack("posix")
 
 
 def _pin(kind: str, cpu: int) -> None:
@@ -206,7 +205,8 @@ def _client_run(kind: str, addr: Any, window: int, payload: bytes, duration: flo
 
 
 def measure_messenger(kind: str, workdir: str, payload_size: int, duration: float) -> dict[str, Any]:
-    """One stack: server and client Messenger in two forked processes (CPUs unpinned)."""
+    """One stack: server and client Messenger in two forked processes (pinned for the
+    ``memif-poll`` and ``tcp-pinned`` rows, see ``_pin``)."""
     if kind.startswith("tcp"):
         import socket
         with socket.socket() as probe:
@@ -274,10 +274,7 @@ def run_messenger(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _print_messenger_table(rows: list[dict[str, Any]]) -> None:
-    def med(vals: list[float]) -> float:
-        v = sorted(vals)
-        return v[len(v) // 2] if v else 0.0
-
+    med = statistics.median_high
     echo = [r for r in rows if r.get("test") == "messenger_echo" and "rps_w1" in r]
     print("\nMessenger echo, medians over rounds (server CPU of a busy-polling server "
           "counts its spinning)", file=sys.stderr)
