@@ -437,12 +437,11 @@ def _auth_settings(cfg: Mapping[str, Any]) -> AuthSettings | None:
                         str(cfg.get("name", "osd.0")), load_keyring(str(cfg["keyring"])))
 
 
-def make_stack(name: str, center: Any = None, *, memif_mode: str = "interrupt") -> Any:
+def make_stack(name: str, *, memif_mode: str = "interrupt") -> Any:
     """The NetworkStack called ``name`` (posix, dpdk = memif, rdma). ``memif_mode``
     ``poll`` busy-polls each memif connection on the center the stack is bound to (no
     kicks, no syscalls per message; a core per polling process), ``interrupt`` sleeps
-    on eventfd kicks. A Messenger binds its stack to its center; ``center`` is for a
-    stack used without one."""
+    on eventfd kicks. A Messenger binds its stack to its center (``bind_center``)."""
     if memif_mode not in ("interrupt", "poll"):
         raise ValueError(f"unknown memif mode {memif_mode!r}: choose interrupt or poll")
     if name == "posix":
@@ -453,11 +452,8 @@ def make_stack(name: str, center: Any = None, *, memif_mode: str = "interrupt") 
 
         from transport.memif import MemifStack, StackConfig
         cfg = StackConfig()
-        stack = MemifStack(replace(cfg, memif=replace(cfg.memif,
-                                                      interrupt=memif_mode != "poll")))
-        if center is not None:
-            stack.bind_center(center)
-        return stack
+        return MemifStack(replace(cfg, memif=replace(cfg.memif,
+                                                     interrupt=memif_mode != "poll")))
     if name == "rdma":
         from transport.rdma import RdmaStack
         return RdmaStack()

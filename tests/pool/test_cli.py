@@ -68,12 +68,13 @@ def test_memif_mode_reaches_the_stack() -> None:
     from transport.event_center import EventCenter
 
     with EventCenter() as center:
-        assert make_stack("dpdk", center).config.memif.interrupt is True
-        poll = make_stack("dpdk", center, memif_mode="poll")
+        assert make_stack("dpdk").config.memif.interrupt is True
+        poll = make_stack("dpdk", memif_mode="poll")
+        poll.bind_center(center)  # as the Messenger does
         assert poll.config.memif.interrupt is False
         assert poll._poll_center() is center  # each connection adds its poller here
         with pytest.raises(ValueError, match="choose interrupt or poll"):
-            make_stack("dpdk", center, memif_mode="busy")
+            make_stack("dpdk", memif_mode="busy")
 
 
 def test_serve_refuses_a_busy_port_and_a_live_admin_socket(tmp_path: Path) -> None:
