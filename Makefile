@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean bench typecheck
+.PHONY: run test fuzz venv clean bench typecheck
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "asyncmsgr needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -23,7 +23,13 @@ run: $(STAMP)
 	$(BIN)/msgr demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest
+
+# Random exploration: new seeds every run, 20x the examples, only the property tests.
+# A failure it finds is replayed first next time (.hypothesis/fuzz); keep it as an @example.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest --timeout 1200 \
+	  tests/protocol tests/test_fuzz.py tests/transport/test_memif_wire.py
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'

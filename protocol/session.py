@@ -113,6 +113,10 @@ class Session:
         """Up to ``limit`` messages to write, in ``pop_outgoing`` order and with its
         bookkeeping. One call per batch: the common case (nothing requeued, one
         priority) numbers the batch in a single loop instead of a call per message."""
+        if limit <= 0 or not self.has_outgoing():
+            # Nothing taken means nothing carried the ack: ack_pending must survive for
+            # the standalone ACK the writer still owes (a limit of 0 used to clear it).
+            return []
         if self.requeued or len(self._prios) != 1:
             out: list[Message] = []
             while len(out) < limit and self.has_outgoing():

@@ -15,6 +15,7 @@ import pytest
 # the same machine never see each other's segments as leaks.
 os.environ.setdefault("ASYNCMSGR_SHM_PREFIX", f"amsgrt{os.getpid()}")
 
+from tests import fuzzing  # noqa: E402,F401  (loads the hypothesis profile)
 from transport import shmname  # noqa: E402
 
 

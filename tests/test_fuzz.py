@@ -19,6 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
+
 from protocol.connection import NEED_DATA, Config, Connection, Role
 from protocol.control import EntityAddr
 from protocol.errors import RemoteProtocolError
@@ -38,7 +40,7 @@ def _drain(conn: Connection) -> None:
             return
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.lists(st.binary(max_size=200), min_size=1, max_size=3))
 def test_message_decoder_only_raises_protocol_errors(segments: list[bytes]) -> None:
     try:
@@ -47,7 +49,7 @@ def test_message_decoder_only_raises_protocol_errors(segments: list[bytes]) -> N
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=2000))
 def test_secure_records_only_raise_protocol_errors(data: bytes) -> None:
     ch = SecureChannel(b"k" * 32, client=False, max_record=70_000)
@@ -58,7 +60,7 @@ def test_secure_records_only_raise_protocol_errors(data: bytes) -> None:
     assert ch.buffered <= len(data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(role=st.sampled_from([Role.CLIENT, Role.SERVER]), tag=st.sampled_from(list(Tag)),
        payload=st.binary(max_size=300), garbage=st.binary(max_size=300),
        prefix_frames=st.integers(0, 3))

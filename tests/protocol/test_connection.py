@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
+
+from tests.fuzzing import examples
 
 from protocol.connection import (
     NEED_DATA, TRANSITIONS, Config, Connection, IdentRequest, MessageReceived, Ready,
@@ -195,7 +197,8 @@ def test_requeue_keeps_sequence_numbers() -> None:
 @given(st.lists(st.tuples(st.sampled_from(["queue", "take", "ack", "requeue"]),
                           st.integers(0, 5), st.sampled_from([64, 127, 196])), max_size=40),
        st.booleans())
-@settings(max_examples=200, deadline=None)
+@example(ops=[("queue", 1, 64), ("ack", 0, 64), ("take", 0, 64)], lossy=False)  # take(0) kept no ack
+@settings(max_examples=examples(200), deadline=None)
 def test_take_outgoing_matches_pop_outgoing(ops: list[tuple[str, int, int]],
                                             lossy: bool) -> None:
     """The batch path numbers, orders and keeps messages exactly as one pop at a time."""

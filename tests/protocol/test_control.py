@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
+
 from protocol import control as c
 from protocol.control import (
     CONTROL_TYPES,
@@ -21,7 +23,7 @@ from protocol.control import (
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.frames import FrameDecoder, Tag
 
-FUZZ = settings(max_examples=60, deadline=None, database=None)
+FUZZ = settings(max_examples=examples(60), deadline=None)
 
 A1 = EntityAddr(7, "10.0.0.1", 6800)
 A2 = EntityAddr(0, "", 0)
@@ -178,7 +180,7 @@ def test_hypothesis_round_trip(obj: ControlFrame) -> None:
     assert decode_control(obj.TAG, payload) == obj
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.sampled_from(CONTROL_TYPES), st.binary(max_size=120))
 def test_random_bytes_only_remote_errors(cls: type[ControlFrame], data: bytes) -> None:
     try:

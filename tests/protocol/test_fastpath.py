@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
+
 from protocol.errors import FrameError
 from protocol.frames import (
     FrameDecoder,
@@ -22,7 +24,7 @@ from protocol.message import HEADER
 from tests.protocol.test_frames import FUZZ, SAMPLES, frame_st, ref_frame, trimmed
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(front=st.binary(max_size=300), data=st.binary(max_size=9000),
        seq=st.integers(0, 2**64 - 1), as_view=st.booleans())
 def test_fused_encoder_matches_general(front: bytes, data: bytes, seq: int, as_view: bool) -> None:

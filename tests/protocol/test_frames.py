@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
+
 from protocol.crc import crc32c
 from protocol.errors import FrameError, LocalProtocolError, RemoteProtocolError
 from protocol.frames import (
@@ -30,7 +32,7 @@ from protocol.frames import (
     frame_bytes,
 )
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
+FUZZ = settings(max_examples=examples(150), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 

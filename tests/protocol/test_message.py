@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
+
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.frames import FrameDecoder, Tag, encode_frame
 from protocol.message import (
@@ -69,7 +71,7 @@ def test_data_only_message() -> None:
     assert got.front is None and bytes(got.data) == b"x" * 5000
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.integers(0, 65535),
        st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.text()
                     | st.binary() | st.floats(allow_nan=False),
@@ -152,7 +154,7 @@ def test_bad_msgpack(front: bytes) -> None:
     assert info.value.code == "bad_msgpack"
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(min_size=1, max_size=60))
 def test_random_front_only_remote_errors(front: bytes) -> None:
     h = HEADER.pack(1, 1, 0, 1, 0, 0, 0)
