@@ -9,10 +9,11 @@ from protocol.policy import Backoff, Policy
 from transport.event_center import EventCenter
 
 from .connection import AsyncConnection, ConnState
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, HandshakeFailure
 from .messenger import Messenger
 
 __all__ = [
     "AsyncConnection", "Backoff", "ConnState", "Dispatcher", "EntityType", "EventCenter",
+    "HandshakeFailure",
     "Message", "Messenger", "Policy", "PRIO_DEFAULT", "PRIO_HIGH", "PRIO_HIGHEST", "PRIO_LOW",
 ]

@@ -133,7 +133,9 @@ class MessengerApp(WorkerApp):
             standby_timeout=float(cfg.get("standby_timeout", 900.0)),
             auth=_auth_settings(cfg),
             cookie_tag=cookie_tag(ctx.slot, ctx.generation), seed=cfg.get("seed"))
-        bind = cfg.get("bind")
+        # --advertise: the address SERVER_IDENT names when clients dial a forwarder
+        # (docker -p, a Service, HAProxy, a tunnel) instead of our listener
+        bind = cfg.get("advertise") or cfg.get("bind")
         if bind:
             msgr.set_address((str(bind[0]), int(bind[1])) if isinstance(bind, (list, tuple))
                              else str(bind))

@@ -15,11 +15,11 @@ ACCEPT_MODES = ("processor", "reuseport")
 START_METHODS = ("fork", "spawn")
 
 
-def parse_bind(text: str) -> tuple[str, int]:
+def parse_bind(text: str, option: str = "--bind") -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--bind {text!r} must be HOST:PORT, e.g. 127.0.0.1:6800")
+        raise ValueError(f"{option} {text!r} must be HOST:PORT, e.g. 127.0.0.1:6800")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 

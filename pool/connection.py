@@ -37,6 +37,8 @@ from protocol.session import Session, SessionView
 from transport.event_center import READABLE, WRITABLE
 from transport.stack import Address, Buffer, ConnectedSocket
 
+from .dispatcher import UNRETRYABLE, HandshakeFailure
+
 if TYPE_CHECKING:
     from .messenger import Messenger
 
@@ -119,6 +121,9 @@ class AsyncConnection:
         self.last_active = self.connect_started
         self.last_keepalive_ack: tuple[int, int] | None = None
         self.faults = 0
+        #: the reason of the latest fault (connect refused, protocol error, EOF), in words
+        self.last_error: str | None = None
+        self._logged_failure: str | None = None
         #: a handoff of this session to another worker is in flight: no I/O meanwhile
         self.migrating = False
         self.priv: Any = None                 # for the application (Ceph's Connection priv)
@@ -340,7 +345,9 @@ class AsyncConnection:
             msgr.stats["protocol_errors"] += 1
             msgr.stats[f"protocol_error_{err.code}"] += 1
             self._send_last_words()
-            self._fault(f"protocol error: {err.reason}")
+            self._fault(f"protocol error: {err.reason}",
+                        unretryable=err.code if self.outgoing and err.code in UNRETRYABLE
+                        else None)
             return
         if wire.has_data_to_send() or (self.session is not None and self.session.ack_pending):
             self._schedule_flush()
@@ -405,8 +412,15 @@ class AsyncConnection:
         self.peer_type = ev.peer_type
         if ev.peer_addrs:
             self.peer_addrs = ev.peer_addrs
+        if ev.unnamed_target is not None:
+            # identity check "record": the server is reached through a forwarder
+            self.msgr.stats["ident_recorded"] += 1
+            if not self._was_ready:
+                log.info("%s identifies as %s (recorded; dialled through a forwarder?)",
+                         self.peer_addr, ", ".join(f"{a.host}:{a.port}" for a in ev.peer_addrs))
         self.backoff = 0.0
         self._wait_received = False
+        self._logged_failure = None
         first = not self._was_ready
         self._was_ready = True
         if self.outgoing:
@@ -540,16 +554,21 @@ class AsyncConnection:
             self.center.delete_file_event(fd, WRITABLE)
 
     # -- faults ------------------------------------------------------------------------------
-    def _fault(self, reason: str, *, refused: bool = False) -> None:
-        """Socket-level failure: apply the policy (notes §2.2)."""
+    def _fault(self, reason: str, *, refused: bool = False,
+               unretryable: str | None = None) -> None:
+        """Socket-level failure: apply the policy (notes §2.2). ``unretryable`` is the
+        protocol error code of a handshake failure retrying cannot cure."""
         if self.state is ConnState.CLOSED:
             return
         msgr = self.msgr
         self.faults += 1
         msgr.stats["faults"] += 1
         log.debug("%r fault: %s", self, reason)
+        self.last_error = reason
         was_ready = self.state is ConnState.READY
         self._drop_socket()
+        if unretryable is not None:
+            self._report_unretryable(unretryable, reason)
         if self.policy.lossy:
             self._stop(notify=True)
             return
@@ -574,13 +593,24 @@ class AsyncConnection:
             return
         if self.session.server_cookie:
             self.session.connect_seq += 1
-        if self._wait_received:
+        if self._wait_received or unretryable is not None:
             self.backoff = msgr.backoff.maximum
         else:
             self.backoff = msgr.backoff.next(self.backoff)
         self.state = ConnState.BACKOFF
         delay = self.backoff * (0.5 + msgr.rng.random())  # jitter
         self._timer = self.center.create_time_event(delay, self._on_backoff)
+
+    def _report_unretryable(self, code: str, reason: str) -> None:
+        """Tell the application, count it, and log it once per distinct reason (the
+        connection keeps retrying at the backoff maximum, so every retry would repeat it)."""
+        msgr = self.msgr
+        msgr.stats[f"handshake_failures_{code}"] += 1
+        if reason != self._logged_failure:
+            self._logged_failure = reason
+            log.warning("%s: %s", self.peer_addr, reason)
+        retry_in = 0.0 if self.policy.lossy else msgr.backoff.maximum
+        msgr.dispatch_error(self, HandshakeFailure(code, reason, retry_in))
 
     def _on_backoff(self) -> None:
         self._timer = None

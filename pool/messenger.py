@@ -29,6 +29,7 @@ from protocol.auth import RefuseServerAuth
 from protocol.connection import Config, Connection, IdentRequest, ReconnectRequest, Role
 from protocol.control import EntityAddr
 from protocol.frames import FrameLimits
+from protocol.identity import IdentityCheck, default_identity_check
 from protocol.message import Message
 from protocol.policy import Backoff, Policy
 from protocol.session import Decision, Session, Verdict, decide_ident, decide_reconnect
@@ -39,7 +40,7 @@ from transport.stack import Address, ConnectedSocket, NetworkStack, ServerSocket
 
 from .auth import AuthSettings
 from .connection import AsyncConnection, ConnState
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, HandshakeFailure
 from .throttle import Throttle
 
 __all__ = ["Messenger"]
@@ -66,7 +67,8 @@ class Messenger:
                  backoff: Backoff | None = None, nonce: int | None = None,
                  cookie_tag: int = 0, seed: int | None = None,
                  ready_timeout: float = 10.0, idle_timeout: float = 900.0,
-                 standby_timeout: float = 900.0, auth: AuthSettings | None = None) -> None:
+                 standby_timeout: float = 900.0, auth: AuthSettings | None = None,
+                 identity_check: IdentityCheck | str | None = None) -> None:
         self.center = center
         self.entity_type = entity_type
         self.name = name
@@ -94,7 +96,9 @@ class Messenger:
             entity_type=entity_type, my_addr=self.my_addr,
             features_supported=features.SUPPORTED, features_required=features.REQUIRED,
             limits=limits or FrameLimits(), next_global_seq=self._next_global_seq,
-            new_cookie=self._new_cookie)
+            new_cookie=self._new_cookie,
+            identity_check=IdentityCheck(identity_check) if identity_check is not None
+            else default_identity_check(entity_type))
         self.auth = auth or AuthSettings()
         self.auth.apply(self.proto_config)
         self.conns: dict[str, AsyncConnection] = {}
@@ -167,7 +171,9 @@ class Messenger:
         self.add_accept(sock)
 
     def set_address(self, addr: Address) -> None:
-        """Advertise ``addr`` (a pool worker serves the supervisor's listening address)."""
+        """Advertise ``addr``: the address SERVER_IDENT names. A pool worker serves the
+        supervisor's listening address, or ``--advertise`` (a server behind port
+        forwarding names the address its clients dial)."""
         self.my_addr = _addr_entity(addr, self.nonce)
         self.proto_config.my_addr = self.my_addr
 
@@ -436,6 +442,14 @@ class Messenger:
 
     def dispatch_refused(self, conn: AsyncConnection) -> None:
         self._each("ms_handle_refused", conn)
+
+    def dispatch_error(self, conn: AsyncConnection, failure: HandshakeFailure) -> None:
+        for d in self.dispatchers:
+            try:
+                d.ms_handle_error(conn, failure)
+            except Exception:  # noqa: BLE001
+                log.exception("dispatcher ms_handle_error raised")
+                self.stats["dispatch_errors"] += 1
 
     # -- timers ---------------------------------------------------------------------------------
     def _tick(self) -> None:

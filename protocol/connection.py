@@ -42,6 +42,7 @@ from .control import (
     SessionReset, SessionRetry, SessionRetryGlobal, Wait, decode_control, encode_control,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
+from .identity import IdentityCheck, mismatch_reason, names_dialled
 from .frames import (
     Banner, FrameDecoder, FrameLimits, Tag, encode_banner, encode_message_frame,
 )
@@ -94,6 +95,9 @@ class Ready:
     resumed: bool
     peer_type: int
     peer_addrs: tuple[EntityAddr, ...]
+    #: the address we dialled, when the server named others and the identity check
+    #: recorded them instead of refusing (port forwarding); None when they matched
+    unnamed_target: EntityAddr | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +184,8 @@ class Config:
     next_global_seq: Callable[[int], int] = lambda old: old + 1
     #: random non-zero 64-bit cookie
     new_cookie: Callable[[], int] = lambda: 1
+    #: a client's judgement of SERVER_IDENT addresses (:mod:`protocol.identity`)
+    identity_check: IdentityCheck = IdentityCheck.STRICT
 
 
 # (role, state, tag) -> (handler name, state after the handler unless it sets another)
@@ -367,7 +373,12 @@ class Connection:
             if self.auth is None and state is not State.READY:
                 self._record_rx(frame.tag, frame.segments)
             self.state = nxt
-            getattr(self, handler)(decode_control(tag, payload) if tag != Tag.MESSAGE else payload)
+            try:
+                getattr(self, handler)(decode_control(tag, payload) if tag != Tag.MESSAGE
+                                       else payload)
+            except RemoteProtocolError:
+                self.state = State.CLOSED  # a refused frame never leaves us READY
+                raise
             if self._events:
                 return self._events.pop(0)
 
@@ -515,11 +526,12 @@ class Connection:
     def _on_server_ident(self, ident: ServerIdent) -> None:
         s = self.session
         assert s is not None
-        if self.target_addr.port and not any(
-                a.port == self.target_addr.port for a in ident.addrs):
-            raise RemoteProtocolError(
-                f"server identifies as {[str(a) for a in ident.addrs]}, not the "
-                f"{self.target_addr} we dialled", "bad_ident")
+        unnamed: EntityAddr | None = None
+        if not names_dialled(self.target_addr, ident.addrs):
+            if self.config.identity_check is IdentityCheck.STRICT:
+                raise RemoteProtocolError(mismatch_reason(self.target_addr, ident.addrs),
+                                          "bad_ident")
+            unnamed = self.target_addr
         s.server_cookie = ident.server_cookie
         s.peer_global_seq = ident.global_seq
         s.connect_seq = 0
@@ -527,7 +539,7 @@ class Connection:
         s.in_seq = 0
         s.discard_requeued_up_to(0)
         self.peer_addrs = tuple(ident.addrs)
-        self._events.append(Ready(False, self.peer_type, self.peer_addrs))
+        self._events.append(Ready(False, self.peer_type, self.peer_addrs, unnamed))
 
     def _on_missing_features(self, m: IdentMissingFeatures) -> None:
         raise RemoteProtocolError(f"server requires features {m.features:#x} we lack",

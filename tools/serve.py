@@ -40,6 +40,10 @@ def load_factory(spec: str, config: dict[str, Any]) -> AppFactory:
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser("serve", help="run a worker pool in the foreground")
     p.add_argument("--bind", default="127.0.0.1:6800", help="HOST:PORT (default 127.0.0.1:6800)")
+    p.add_argument("--advertise", metavar="HOST:PORT", default=None,
+                   help="the address this pool tells clients it has (SERVER_IDENT), when "
+                        "they reach it through port forwarding (docker -p, a load balancer, "
+                        "an SSH tunnel); default: the --bind address")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: CPUs)")
     p.add_argument("--accept", choices=ACCEPT_MODES, default="processor",
                    help="processor: the supervisor accepts and hands fds out (default); "
@@ -102,8 +106,13 @@ def run(args: argparse.Namespace) -> int:
             auth["keyring"] = os.path.abspath(args.keyring)
         elif args.mode == "secure":
             raise ValueError("--mode secure needs --auth secret and a --keyring")
+        advertise = list(parse_bind(args.advertise, "--advertise")) if args.advertise else None
+        if advertise is not None and advertise[0] in ("0.0.0.0", "::"):
+            raise ValueError(f"--advertise {args.advertise}: name the host clients dial, "
+                             "not a wildcard address")
         app_config = {
             "inject_socket_failures": args.inject_socket_failures,
+            **({"advertise": advertise} if advertise else {}),
             "stack": args.stack, "stack_path": args.stack_path, "memif_mode": args.memif_mode,
             "max_connections": args.max_connections,
             "handshake_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,

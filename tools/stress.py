@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pool.api import (
-    AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy,
+    AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, HandshakeFailure, Message,
+    Messenger, Policy,
 )
 from pool.apps import make_stack
 from pool.auth import AuthSettings, KeyringError, load_keyring
@@ -66,6 +67,10 @@ class StressConfig:
     stack: str = "posix"
     memif_mode: str = "interrupt"
     chaos: ChaosConfig | None = None
+    #: give up when no connection completed a handshake within this many seconds
+    connect_timeout: float = 10.0
+    #: "strict" / "record" (None: the client default, record; see protocol.identity)
+    identity_check: str | None = None
 
 
 @dataclass
@@ -149,12 +154,17 @@ class StressResult:
     p50_us: float = 0.0
     p99_us: float = 0.0
     conns: int = 0
+    connected: int = 0             # connections that completed a handshake at least once
+    #: unretryable handshake failures, reason -> how often (identity, auth, features)
+    handshake_failures: dict[str, int] = field(default_factory=dict)
+    last_error: str = ""           # the latest connection fault, in words
+    gave_up: str = ""              # why the run stopped before its end, in words
     errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.reordered or self.corrupted) \
-            and self.pool_back_to_n is not False
+        return not (self.lost or self.duplicated or self.reordered or self.corrupted
+                    or self.gave_up) and self.pool_back_to_n is not False
 
 
 class _Checker(Dispatcher):
@@ -165,6 +175,17 @@ class _Checker(Dispatcher):
             collections.defaultdict(collections.deque)
         self.outstanding = 0
         self.latencies: list[int] = []
+        self.connected: set[AsyncConnection] = set()
+        self.failed: set[AsyncConnection] = set()
+
+    def ms_handle_connect(self, conn: AsyncConnection) -> None:
+        self.connected.add(conn)
+        self.failed.discard(conn)
+
+    def ms_handle_error(self, conn: AsyncConnection, failure: HandshakeFailure) -> None:
+        self.failed.add(conn)
+        counts = self.r.handshake_failures
+        counts[failure.reason] = counts.get(failure.reason, 0) + 1
 
     def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
         r = self.r
@@ -234,7 +255,7 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
             m = Messenger(center, entity_type=EntityType.CLIENT, policy=policy, stack=stack,
                           inject_socket_failures=cfg.inject_socket_failures,
                           backoff=Backoff(0.05, cfg.max_backoff), seed=rng.getrandbits(32),
-                          auth=cfg.auth)
+                          auth=cfg.auth, identity_check=cfg.identity_check)
             m.add_dispatcher(checker)
             msgrs.append(m)
             conns.append(m.connect(targets[i % len(targets)]))
@@ -247,6 +268,10 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
         lossless = cfg.policy == "lossless"
         while True:
             now = time.monotonic()
+            why = _hopeless(checker, conns, now - start, cfg)
+            if why:
+                result.gave_up = why
+                break
             sending = seq < cap and now < end_send and not should_stop()
             if sending:
                 while checker.outstanding < cfg.window and seq < cap:
@@ -282,6 +307,8 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
         if cfg.progress:
             sys.stderr.write("\n")
         result.sent = seq
+        result.connected = len(checker.connected)
+        result.last_error = next((c.last_error for c in reversed(conns) if c.last_error), "")
         result.lost = sum(len(q) for q in checker.pending.values())
         result.msgs_per_s = result.received / result.elapsed_s if result.elapsed_s else 0.0
         lat = sorted(checker.latencies)
@@ -304,6 +331,22 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
         center.close()
 
 
+def _hopeless(checker: _Checker, conns: list[AsyncConnection], elapsed: float,
+              cfg: StressConfig) -> str:
+    """Why waiting longer cannot help (in words), or "" while it still can."""
+    if checker.connected:
+        return ""
+    if conns and all(c in checker.failed for c in conns):
+        reasons = list(checker.r.handshake_failures)
+        return f"every connection failed its handshake: {reasons[-1]}"
+    if elapsed >= cfg.connect_timeout:
+        refused = sum(c.msgr.stats["econnrefused"] for c in conns)
+        last = next((c.last_error for c in reversed(conns) if c.last_error), "none")
+        return (f"nothing could connect to {cfg.target} within {cfg.connect_timeout:g}s: "
+                f"{refused} attempts refused (ECONNREFUSED); last error: {last}")
+    return ""
+
+
 def format_summary(r: StressResult) -> str:
     rows = [
         ("sent", r.sent), ("received", r.received), ("lost", r.lost),
@@ -315,14 +358,19 @@ def format_summary(r: StressResult) -> str:
         ("chaos: workers killed / rescales", f"{r.chaos_kills} / {r.chaos_scales}"),
         ("pool back to N", "-" if r.pool_back_to_n is None else str(r.pool_back_to_n)),
         ("msgs/s", f"{r.msgs_per_s:,.0f}"), ("RTT p50 / p99 (µs)", f"{r.p50_us:,.0f} / {r.p99_us:,.0f}"),
+        ("connected / conns", f"{r.connected} / {r.conns}"),
         ("elapsed (s)", f"{r.elapsed_s:.1f}"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v}" for k, v in rows]
     verdict = "PASS: every tracked message came back exactly once, in order, intact" if r.ok \
-        else "FAIL: " + ", ".join(f"{k}={getattr(r, k)}" for k in
-                                  ("lost", "duplicated", "reordered", "corrupted") if getattr(r, k))
-    return "\n".join(lines + [verdict] + [f"  note: {e}" for e in r.errors[:5]])
+        else "FAIL: " + ", ".join([r.gave_up] * bool(r.gave_up) + [
+            f"{k}={getattr(r, k)}" for k in ("lost", "duplicated", "reordered", "corrupted")
+            if getattr(r, k)])
+    notes = [f"  handshake failed {n}x: {why}" for why, n in r.handshake_failures.items()]
+    if r.last_error and not r.ok:
+        notes.append(f"  last connection error: {r.last_error}")
+    return "\n".join(lines + [verdict] + notes[:5] + [f"  note: {e}" for e in r.errors[:5]])
 
 
 def register(sub: Any) -> None:
@@ -331,8 +379,9 @@ def register(sub: Any) -> None:
     p.add_argument("--target", type=parse_target, default=("127.0.0.1", 6800),
                    help="HOST:PORT of the pool (default 127.0.0.1:6800)")
     p.add_argument("--conns", type=int, default=8)
-    p.add_argument("--messages", type=int, default=10_000,
-                   help="messages to send (with --duration: a cap, 0 = none)")
+    p.add_argument("--messages", type=int, default=None,
+                   help="messages to send (default 10000; with --duration: no cap unless "
+                        "given)")
     p.add_argument("--size-min", type=int, default=32)
     p.add_argument("--size-max", type=int, default=4096)
     p.add_argument("--window", type=int, default=64, help="messages in flight at most")
@@ -342,6 +391,12 @@ def register(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=0.0, help="seconds to keep sending")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for the last replies")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="give up, saying why, if no connection completes a handshake in S")
+    p.add_argument("--identity", choices=["strict", "record"], default=None,
+                   help="strict: refuse a server whose SERVER_IDENT does not name the "
+                        "--target (Ceph); record (default for clients): accept and record "
+                        "it, as a client behind port forwarding needs")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-resets", action="store_true",
                    help="also fail if any session was reset (scale tests)")
@@ -367,6 +422,13 @@ def register(sub: Any) -> None:
                    help="kv: write then read back keys of a `serve --app kv` pool "
                         "(tools.stress_kv; --messages = operations, half writes, half reads)")
     p.set_defaults(func=run)
+
+
+def _message_cap(args: argparse.Namespace) -> int:
+    """--messages as given; unset: no cap with --duration, else 10,000."""
+    if args.messages is not None:
+        return int(args.messages)
+    return 0 if args.duration > 0 else 10_000
 
 
 def run(args: argparse.Namespace) -> int:
@@ -402,7 +464,8 @@ def run(args: argparse.Namespace) -> int:
         stack=args.stack,
         memif_mode=args.memif_mode,
         auth=auth,
-        target=target, conns=args.conns, messages=args.messages,
+        target=target, conns=args.conns, messages=_message_cap(args),
+        connect_timeout=args.connect_timeout, identity_check=args.identity,
         size_min=args.size_min, size_max=args.size_max, window=args.window,
         policy=args.policy, inject_socket_failures=args.inject_socket_failures,
         duration=args.duration, timeout=args.timeout, seed=args.seed,

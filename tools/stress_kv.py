@@ -274,7 +274,7 @@ def run_cli(args: Any) -> int:
             return 2
         chaos = _Chaos(ChaosConfig(args.chaos_admin, args.kill_every, args.scale_every,
                                    int(lo), int(hi)), random.Random(args.seed), chaos_result)
-    cfg = KvStressConfig(target=args.target, conns=args.conns, keys=max(1, args.messages // 2),
+    cfg = KvStressConfig(target=args.target, conns=args.conns, keys=max(1, (10_000 if args.messages is None else args.messages) // 2),
                          rounds=1, size_min=max(1, args.size_min),
                          size_max=min(max(args.size_min, args.size_max), 60 * 1024),
                          window=args.window, timeout=args.timeout, seed=args.seed, chaos=chaos)

@@ -471,3 +471,47 @@ def test_replies_to_a_large_batch_leave_before_the_batch_is_done(h: Harness) -> 
     # Before the last request of the batch is dispatched, replies have been sent.
     assert sent_at_dispatch[-1] > start
     assert len(set(sent_at_dispatch)) >= 2
+
+
+class FailureRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: list[Any] = []
+
+    def ms_handle_error(self, conn: AsyncConnection, failure: Any) -> None:
+        self.failures.append(failure)
+
+
+def test_unretryable_handshake_failure_reaches_the_app_and_loses_nothing(h: Harness) -> None:
+    """A server naming another address (strict check): the app is told why, the session
+    retries only at the backoff maximum, and its message arrives once the server is fixed."""
+    sd, cd = Recorder(echo=True), FailureRecorder()
+    srv = h.messenger(EntityType.OSD, Policy.stateful_server(), sd, bind=True)
+    host, port = addr_of(srv)
+    srv.set_address((host, port + 1))  # advertises an address the client did not dial
+    cli = h.messenger(EntityType.CLIENT, Policy.lossless_client(), cd, identity_check="strict")
+    conn = cli.connect((host, port))
+    conn.send_message(Message(1, "kept"))
+    h.wait_for(lambda: bool(cd.failures))
+    f = cd.failures[0]
+    assert f.code == "bad_ident" and f.retry_in == FAST.maximum
+    assert f"not {host}:{port} that we dialled" in f.reason and "--advertise" in f.reason
+    assert conn.last_error is not None and "identifies as" in conn.last_error
+    assert conn.state is ConnState.BACKOFF and conn.backoff == FAST.maximum
+    assert cli.stats["handshake_failures_bad_ident"] >= 1
+    srv.set_address((host, port))  # the operator fixes --advertise
+    h.wait_for(lambda: cd.received[conn] == ["kept"])
+    assert cd.connects == 1 and cd.remote_resets == 0
+
+
+def test_record_identity_accepts_a_server_naming_another_address(h: Harness) -> None:
+    sd, cd = Recorder(echo=True), FailureRecorder()
+    srv = h.messenger(EntityType.OSD, Policy.stateful_server(), sd, bind=True)
+    host, port = addr_of(srv)
+    srv.set_address((host, port + 1))
+    cli = h.messenger(EntityType.CLIENT, Policy.lossless_client(), cd)  # clients: record
+    conn = cli.connect((host, port))
+    conn.send_message(Message(1, "hi"))
+    h.wait_for(lambda: cd.received[conn] == ["hi"])
+    assert not cd.failures and cli.stats["ident_recorded"] == 1
+    assert [(a.host, a.port) for a in conn.peer_addrs] == [(host, port + 1)]
