@@ -13,7 +13,7 @@ from pool.api import EntityType, EventCenter, Message, Messenger, Policy
 from pool.apps import EchoDispatcher
 from pool.auth import AuthSettings, KeyringError, load_keyring, write_keyring
 from tools.stress import StressConfig, run_stress
-from tests.pool.test_messenger import Harness, Recorder
+from tests.pool.test_messenger import FailureRecorder, Harness, Recorder
 
 KEYS = {"client.admin": os.urandom(32), "osd.0": os.urandom(32)}
 
@@ -84,13 +84,19 @@ def test_wrong_key_gets_no_session_and_is_counted(center: EventCenter, keyring: 
         srv = h.messenger(EntityType.OSD, Policy.stateful_server(), sd, bind=True,
                           auth=AuthSettings("secret", "crc", "osd.0", ring))
         forged = {"client.admin": os.urandom(32)}
-        cli = h.messenger(EntityType.CLIENT, Policy.lossless_client(), Recorder(),
+        cd = FailureRecorder()
+        cli = h.messenger(EntityType.CLIENT, Policy.lossless_client(), cd,
                           auth=AuthSettings("secret", "crc", "client.admin", forged))
         conn = cli.connect(srv.listeners[0].address)
         conn.send_message(Message(1, "let me in"))
         h.wait_for(lambda: cli.stats["protocol_error_auth"] >= 1)
         assert sd.total() == 0 and sd.accepts == 0
         assert not conn.is_connected()
+        # Retrying cannot fix a wrong key: the app is told why, and retries slow down.
+        h.wait_for(lambda: bool(cd.failures))
+        assert cd.failures[0].code == "auth"
+        assert "wrong keyring" in cd.failures[0].reason or "rejected" in cd.failures[0].reason
+        assert conn.backoff == cli.backoff.maximum
         # An unauthenticated client (auth none) is refused too, and counted by reason.
         anon = h.messenger(EntityType.CLIENT, Policy.lossless_client(), Recorder())
         anon.connect(srv.listeners[0].address).send_message(Message(1, "hi"))
