@@ -82,8 +82,9 @@ def _pack_message(m: Message) -> list[Any]:
 
 
 def _unpack_message(v: list[Any]) -> Message:
-    m = Message(int(v[0]), msgpack.unpackb(v[6], raw=False, strict_map_key=False),
-                data=v[7], priority=int(v[1]), tid=int(v[2]), flags=int(v[3]))
+    # An empty encoded front is front=None (the empty segment), not a msgpack value.
+    front = msgpack.unpackb(v[6], raw=False, strict_map_key=False) if v[6] else None
+    m = Message(int(v[0]), front, data=v[7], priority=int(v[1]), tid=int(v[2]), flags=int(v[3]))
     m.seq, m.ack_seq = int(v[4]), int(v[5])
     return m
 

@@ -77,6 +77,11 @@ class RetentionLedger(Generic[K]):
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
+    @property
+    def heap_entries(self) -> int:
+        """Entries in the order heap, stale ones included (what the ledger itself costs)."""
+        return len(self._heap)
+
     def retain(self, key: K, nbytes: int, idle_since: float) -> list[K]:
         """Record ``key`` as retained (again: its size is replaced) and return the keys
         to evict now, oldest idle first; ``key`` itself is among them when it alone is
