@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol import features
@@ -22,7 +23,7 @@ from protocol.message import Message
 from protocol.policy import Policy
 from protocol.session import Session
 
-__all__ = ["RawClient", "SessionRecord", "abandon_session"]
+__all__ = ["Abandoned", "RawClient", "SessionRecord", "abandon_session"]
 
 #: the type of the messages these clients send (any value the echo app reflects)
 MSG_TYPE = 0x4242
@@ -38,11 +39,20 @@ class SessionRecord:
     writes: list[bytes] = field(default_factory=list)
 
 
+class Abandoned(Exception):
+    """The ``on_send`` hook ended the session: the client vanished after that write."""
+
+
+#: on_send(bytes the protocol wants written) -> (bytes to write instead, vanish after it)
+SendHook = Callable[[bytes], tuple[bytes, bool]]
+
+
 class RawClient:
     """One client session over one socket. Blocking, with a timeout on every read."""
 
     def __init__(self, port: int, *, nonce: int | None = None, session: Session | None = None,
-                 record: bool = False, timeout: float = 10.0) -> None:
+                 record: bool = False, timeout: float = 10.0,
+                 on_send: SendHook | None = None) -> None:
         self.nonce = nonce if nonce is not None else secrets.randbits(32) or 1
         self.session = session or Session(Policy.lossless_client())
         cfg = Config(entity_type=features.EntityType.CLIENT,
@@ -53,6 +63,7 @@ class RawClient:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.record = record
+        self.on_send = on_send
         self.writes: list[bytes] = []
         self.events: list[object] = []
 
@@ -61,10 +72,17 @@ class RawClient:
 
     def _send(self) -> None:
         data = b"".join(bytes(b) for b in self.wire.data_to_send())
+        if not data:
+            return
+        vanish = False
+        if self.on_send is not None:
+            data, vanish = self.on_send(data)
+        if self.record:
+            self.writes.append(data)
         if data:
-            if self.record:
-                self.writes.append(data)
             self.sock.sendall(data)
+        if vanish:
+            raise Abandoned("the send hook ended this session")
 
     def _pump(self) -> object:
         """The next protocol event, reading from the socket as needed."""
