@@ -25,7 +25,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["RetentionCaps", "RetentionLedger", "DEFAULT_CAPS"]
+__all__ = ["DEFAULT_CAPS", "RetentionCaps", "RetentionLedger"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -35,7 +35,7 @@ class RetentionCaps:
     """Limits on sessions without a connection; 0 disables a limit."""
 
     max_sessions: int = 1024
-    max_session_bytes: int = 1 << 20
+    max_session_bytes: int = 16 << 20
     max_total_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
@@ -47,11 +47,16 @@ class RetentionCaps:
 
 #: Defaults for a worker. 1024 sessions: a worker serves a few thousand live clients at
 #: most, and a real client that failed comes back within seconds, so a thousand absent
-#: ones is already a crowd. 1 MiB per session: 4 times the biggest burst of replies a
-#: well-behaved client leaves unacknowledged when its socket fails (a 256-message window
-#: of 4 KiB); a session holding more is cheaper to reset than to keep. 64 MiB in total:
-#: the worst case of the count cap times a typical few tens of KiB, and small beside a
-#: worker's own footprint.
+#: ones is already a crowd. 16 MiB per session: what a *live* session may legitimately
+#: have unacknowledged when its socket fails — up to the messenger's output high-water
+#: mark (4 MiB unsent) plus what was in flight in both socket buffers (several MiB on
+#: loopback) — with room to spare; a smaller cap turns an ordinary socket fault of a
+#: busy lossless client into a session reset (measured: 1 MiB reset 9 sessions of the
+#: 256 KiB-payload synthetic workload in tests/pool/test_messenger.py). A session that
+#: holds more is cheaper to reset than to keep. 64 MiB in total: four such sessions, or
+#: the count cap times 64 KiB, small beside what the abandoned sessions cost before
+#: (each pinned a 256 KiB receive buffer); the idle longest go first, so a session that
+#: faulted a moment ago is the last to be evicted.
 DEFAULT_CAPS = RetentionCaps()
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 from pool.admin import AdminError, default_admin_path
 from pool.app import AppFactory, import_factory
+from pool.apps import DEFAULT_RETENTION as DEFAULT_CAPS
 from pool.auth import load_keyring
 from pool.config import ACCEPT_MODES, START_METHODS, PoolConfig, parse_bind
 from pool.lifecycle import Backoff
 from pool.supervisor import Supervisor
-from pool.apps import DEFAULT_RETENTION as DEFAULT_CAPS
 
 __all__ = ["load_factory", "register", "run"]
 
@@ -91,15 +91,16 @@ def register(sub: Any) -> None:
         "ms_handle_remote_reset) when it reconnects. 0 = no limit.")
     g.add_argument("--max-standby-sessions", type=int, default=DEFAULT_CAPS.max_sessions,
                    metavar="N", help="per worker (default %(default)s: far more clients "
-                   "than ever fail at once, each keeping well under 64 KiB)")
+                   "than fail at once; a real client is back within seconds)")
     g.add_argument("--max-standby-session-bytes", type=int,
                    default=DEFAULT_CAPS.max_session_bytes, metavar="B",
                    help="unacknowledged and queued bytes one such session may keep; one "
-                        "over it is forgotten at once (default %(default)s = 1 MiB: four "
-                        "times a 256-message window of 4 KiB replies)")
+                        "over it is forgotten at once (default %(default)s = 16 MiB: above "
+                        "what a busy live session has in flight when its socket fails, so "
+                        "an ordinary fault never resets it)")
     g.add_argument("--max-standby-bytes", type=int, default=DEFAULT_CAPS.max_total_bytes,
                    metavar="B", help="all such sessions of a worker together (default "
-                   "%(default)s = 64 MiB)")
+                   "%(default)s = 64 MiB; the idle longest are forgotten first)")
     g.add_argument("--standby-timeout", type=float, default=900.0, metavar="S",
                    help="forget such a session after this long in any case (default 900)")
     p.set_defaults(func=run)

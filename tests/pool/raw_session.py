@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 
 from protocol import features
 from protocol.connection import (
-    NEED_DATA, Config, Connection, MessageReceived, Ready, ResetReceived, Role,
+    NEED_DATA,
+    Config,
+    Connection,
+    MessageReceived,
+    Ready,
+    ResetReceived,
+    Role,
 )
 from protocol.control import EntityAddr
 from protocol.message import Message
@@ -127,8 +133,7 @@ def abandon_session(port: int, payloads: list[bytes], *, record: bool = False) -
     c = RawClient(port, record=record)
     try:
         ev = c.handshake()
-        if not isinstance(ev, Ready):
-            raise AssertionError(f"a new session was answered with {ev!r}")
+        assert isinstance(ev, Ready), f"a new session was answered with {ev!r}"
         c.exchange(payloads)
     finally:
         c.close()

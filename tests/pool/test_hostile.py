@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 
 from pool.admin import AdminClient
-from protocol.errors import ProtocolError
-from protocol.frames import FrameDecoder, FrameLimits
-from tests.pool.raw_session import Abandoned, RawClient
 from protocol.control import EntityAddr, Hello, encode_control
 from protocol.crc import crc32c as raw_crc
-from protocol.frames import Tag, encode_banner, frame_bytes
+from protocol.errors import ProtocolError
+from protocol.frames import FrameDecoder, FrameLimits, Tag, encode_banner, frame_bytes
+from tests.pool.raw_session import Abandoned, RawClient
 from tests.pool.test_pool_sessions import Pool
 from tools.stress import StressConfig, StressResult, run_stress
 
