@@ -750,9 +750,8 @@ class Supervisor:
                                  "naks": self.processor.naks, "dropped": self.processor.dropped,
                                  "backlog": len(self.processor.backlog), "accept_backoffs": st.backoffs,
                                  "inflight": dict(self.processor.inflight)}
-        perf["workers"] = [{k: w[k] for k in ("slot", "state", "connections", "msgs_in", "msgs_out",
-                                               "bytes_in", "bytes_out", "loop_count",
-                                               *RETENTION_FIELDS)} for w in status["workers"]]
+        cols = ("slot", "state", "connections", "loop_count", *keys)
+        perf["workers"] = [{k: w[k] for k in cols} for w in status["workers"]]
         return perf
 
     def cmd_scale(self, args: dict[str, Any]) -> dict[str, Any]:
