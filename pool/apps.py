@@ -158,7 +158,7 @@ class MessengerApp(WorkerApp):
             stack = make_stack(stack_name, memif_mode=str(cfg.get("memif_mode", "interrupt")))
             local = Messenger(ctx.center, entity_type=EntityType.OSD,
                               policy=Policy.stateful_server(), stack=stack,
-                              auth=_auth_settings(cfg), retention=msgr.retained.caps,
+                              auth=_auth_settings(cfg), retention=msgr.retained,
                               inject_socket_failures=msgr.inject_socket_failures,
                               cookie_tag=cookie_tag(ctx.slot, ctx.generation),
                               seed=cfg.get("seed"))
@@ -205,13 +205,11 @@ class MessengerApp(WorkerApp):
         return (out[0], out[1], out[2], out[3])
 
     def retention_counters(self) -> tuple[int, int, int]:
-        out = [0, 0, 0]
-        for m in (self.msgr, self.local):
-            if m is not None:
-                out[0] += len(m.retained)
-                out[1] += m.retained.total_bytes
-                out[2] += m.retained.evicted
-        return (out[0], out[1], out[2])
+        # One ledger for the worker: ``local`` (memif, rdma) shares the TCP messenger's.
+        if self.msgr is None:
+            return (0, 0, 0)
+        led = self.msgr.retained
+        return (len(led), led.total_bytes, led.evicted)
 
     def begin_drain(self) -> None:
         self.draining = True

@@ -70,7 +70,8 @@ class Messenger:
                  cookie_tag: int = 0, seed: int | None = None,
                  ready_timeout: float = 10.0, idle_timeout: float = 900.0,
                  standby_timeout: float = 900.0, auth: AuthSettings | None = None,
-                 retention: RetentionCaps = DEFAULT_CAPS) -> None:
+                 retention: RetentionCaps | RetentionLedger[AsyncConnection] = DEFAULT_CAPS
+                 ) -> None:
         self.center = center
         self.entity_type = entity_type
         self.name = name
@@ -90,9 +91,11 @@ class Messenger:
         #: a server forgets a session whose client stayed away this long (the client
         #: then gets SESSION_RESET and ms_handle_remote_reset: never silent loss)
         self.standby_timeout = standby_timeout
-        #: server sessions kept without a connection (STANDBY), bounded by ``retention``:
-        #: the client of an evicted one is told as if the standby timeout had passed
-        self.retained: RetentionLedger[AsyncConnection] = RetentionLedger(retention)
+        #: server sessions kept without a connection (STANDBY), bounded by ``retention``
+        #: (a ledger passed in is shared: messengers of one worker, one set of caps); the
+        #: client of an evicted one is told as if the standby timeout had passed
+        self.retained: RetentionLedger[AsyncConnection] = (
+            retention if isinstance(retention, RetentionLedger) else RetentionLedger(retention))
         #: top 24 bits of server cookies (0 = fully random): a pool puts slot+1 and the
         #: slot's generation here so any worker can tell who owns a session.
         self.cookie_tag = cookie_tag

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 STREAMS = 10_000
 #: What a worker may grow by over the 10,000 garbage streams. The 4 verified stress
 #: sessions beside them hold their windows, which is most of it (measured: ~0.7 MiB);
-#: a leak of even 4 KiB per hostile stream would exceed it.
+#: a leak of 8 KiB per hostile stream (5,000 per worker) would exceed it.
 HOSTILE_RSS_BOUND = 32 << 20
 
 

@@ -22,6 +22,7 @@ from protocol.connection import Ready, ResetReceived
 from protocol.features import EntityType
 from protocol.message import Message
 from protocol.policy import Backoff, Policy
+from protocol.retention import RetentionCaps
 from tests.pool.raw_session import RawClient, SessionRecord, abandon_session
 from tests.pool.support import msgr, running_pool, wait_for
 from transport.event_center import EventCenter
@@ -199,3 +200,69 @@ def test_migrated_standby_sessions_count_on_their_new_worker(tmp_path: Path) -> 
         assert ws[0]["retained_bytes"] > 12 * 3 * 16 and ws[0]["sessions_evicted"] == 0
         for rec in recs[:3]:  # the migrated sessions resume on their new owner
             assert isinstance(_resume(pool.port, rec), Ready)
+
+
+class _Server(Dispatcher):
+    """Echo, and remember the connection (to send to it while its client is away)."""
+
+    def __init__(self) -> None:
+        self.conns: list[AsyncConnection] = []
+        self.resets = 0
+
+    def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
+        self.conns.append(conn)
+        conn.send_message(Message(msg.type, msg.front, data=msg.data))
+
+    def ms_handle_reset(self, conn: AsyncConnection) -> None:
+        self.resets += 1
+
+
+def test_replies_queued_for_an_absent_client_count_against_its_cap() -> None:
+    """In one process, two loops: the client's stands still while it is away. What the
+    server queues for the absent client is counted; past the per-session cap the
+    session is forgotten (server: ms_handle_reset) and the client, back, is told."""
+    server_center, client_center = EventCenter(), EventCenter()
+    server_d, client_d = _Server(), _Client()
+    server = Messenger(server_center, entity_type=EntityType.OSD,
+                       policy=Policy.stateful_server(),
+                       retention=RetentionCaps(max_sessions=8, max_session_bytes=64 * 1024,
+                                               max_total_bytes=0))
+    server.add_dispatcher(server_d)
+    port = server.bind(("127.0.0.1", 0))
+    client = Messenger(client_center, entity_type=EntityType.CLIENT,
+                       policy=Policy.lossless_client(), backoff=Backoff(0.02, 0.5))
+    client.add_dispatcher(client_d)
+
+    def pump(cond: Any, what: str, centers: tuple[EventCenter, ...]) -> None:
+        deadline = server_center.now() + 10
+        while not cond():
+            assert server_center.now() < deadline, f"timed out waiting for {what}"
+            for c in centers:
+                c.process_events(0.01)
+
+    both = (server_center, client_center)
+    try:
+        conn = client.connect(port)
+        conn.send_message(Message(7, {"n": 1}, data=b"a" * 1000))
+        pump(lambda: len(client_d.replies) == 1, "the first echo", both)
+        conn.fault_for_test()
+        pump(lambda: len(server.retained) == 1, "the server retaining the session",
+             (server_center,))
+        sconn = server_d.conns[0]
+        retained = server.counters()["retained_bytes"]
+        for _ in range(10):  # 10 x 4 KiB queued for the absent client: still under 64 KiB
+            sconn.send_message(Message(8, None, data=b"b" * 4096))
+        assert server.counters()["retained_bytes"] >= retained + 10 * 4096
+        assert server.counters()["sessions_evicted"] == 0
+        for _ in range(14):  # ... and past it: forgotten at once, the server's app is told
+            sconn.send_message(Message(8, None, data=b"b" * 4096))
+        assert server.counters()["sessions_evicted"] == 1 and len(server.retained) == 0
+        assert server.counters()["retained_bytes"] == 0 and server_d.resets == 1
+        pump(lambda: client_d.remote_resets == 1 and conn.is_connected(), "the remote reset",
+             both)
+    finally:
+        client.shutdown()
+        server.shutdown()
+        for c in both:
+            c.process_events(0)
+            c.close()
