@@ -106,6 +106,9 @@ def export_session(conn: AsyncConnection, stream: dict[str, Any],
         "requeued": len(s.requeued),
         "stream": stream,
         "standby": standby,
+        # how long the client has been away: eviction order (idle longest first) must
+        # not restart on the new worker
+        "idle": max(0.0, conn.center.now() - conn.last_active),
     }, use_bin_type=True)
     return packed
 
@@ -435,6 +438,7 @@ class MessengerApp(WorkerApp):
             conn = self._register_imported(s, policy, state, peer_addrs, None)
             conn.state = ConnState.STANDBY
             conn._was_ready = True
+            conn.last_active = msgr.center.now() - float(state.get("idle", 0.0))
             msgr.retain(conn)  # counts here now, under this worker's caps
             return
         wire = Connection.import_ready(Role.SERVER, msgr.proto_config, s,
