@@ -142,6 +142,12 @@ class WorkerApp(abc.ABC):
     def stop(self) -> None:
         """Hard stop: close everything now."""
 
+    def retention_counters(self) -> tuple[int, int, int]:
+        """``(sessions_retained, retained_bytes, sessions_evicted)``: sessions kept for
+        clients without a connection, what they hold, and how many the caps evicted.
+        Apps without sessions keep none."""
+        return (0, 0, 0)
+
     def handle_submit(self, src_slot: int, payload: bytes, reply: ReplyCallback) -> None:
         """A request another worker sent with ``submit_to``: call ``reply`` once, now or
         later, with the answer bytes or an exception (sent back as an error)."""

@@ -33,6 +33,7 @@ from protocol.control import EntityAddr
 from protocol.features import EntityType
 from protocol.message import Message
 from protocol.policy import Backoff, Policy
+from protocol.retention import DEFAULT_CAPS, RetentionCaps
 from protocol.session import Session
 from transport.posix import PosixConnectedSocket
 from transport.stack import ConnectedSocket
@@ -43,7 +44,11 @@ from .connection import AsyncConnection, ConnState
 from .dispatcher import Dispatcher
 from .messenger import Messenger
 
-__all__ = ["EchoDispatcher", "MessengerApp", "load_app", "APPS"]
+__all__ = ["APPS", "DEFAULT_RETENTION", "EchoDispatcher", "MessengerApp", "load_app",
+           "retention_caps"]
+
+#: the retention caps a worker applies unless configured (see protocol.retention)
+DEFAULT_RETENTION = DEFAULT_CAPS
 
 log = logging.getLogger("pool.apps")
 
@@ -77,8 +82,9 @@ def _pack_message(m: Message) -> list[Any]:
 
 
 def _unpack_message(v: list[Any]) -> Message:
-    m = Message(int(v[0]), msgpack.unpackb(v[6], raw=False, strict_map_key=False),
-                data=v[7], priority=int(v[1]), tid=int(v[2]), flags=int(v[3]))
+    # An empty encoded front is front=None (the empty segment), not a msgpack value.
+    front = msgpack.unpackb(v[6], raw=False, strict_map_key=False) if v[6] else None
+    m = Message(int(v[0]), front, data=v[7], priority=int(v[1]), tid=int(v[2]), flags=int(v[3]))
     m.seq, m.ack_seq = int(v[4]), int(v[5])
     return m
 
@@ -100,6 +106,9 @@ def export_session(conn: AsyncConnection, stream: dict[str, Any],
         "requeued": len(s.requeued),
         "stream": stream,
         "standby": standby,
+        # how long the client has been away: eviction order (idle longest first) must
+        # not restart on the new worker
+        "idle": max(0.0, conn.center.now() - conn.last_active),
     }, use_bin_type=True)
     return packed
 
@@ -131,7 +140,7 @@ class MessengerApp(WorkerApp):
             throttle_bytes=int(cfg.get("throttle_bytes", 0)),
             backoff=Backoff(0.2, float(cfg.get("max_backoff", 15.0))),
             standby_timeout=float(cfg.get("standby_timeout", 900.0)),
-            auth=_auth_settings(cfg),
+            retention=retention_caps(cfg), auth=_auth_settings(cfg),
             cookie_tag=cookie_tag(ctx.slot, ctx.generation), seed=cfg.get("seed"))
         # --advertise: the address SERVER_IDENT names when clients dial a forwarder
         # (docker -p, a Service, HAProxy, a tunnel) instead of our listener
@@ -154,7 +163,7 @@ class MessengerApp(WorkerApp):
             stack = make_stack(stack_name, memif_mode=str(cfg.get("memif_mode", "interrupt")))
             local = Messenger(ctx.center, entity_type=EntityType.OSD,
                               policy=Policy.stateful_server(), stack=stack,
-                              auth=_auth_settings(cfg),
+                              auth=_auth_settings(cfg), retention=msgr.retained,
                               inject_socket_failures=msgr.inject_socket_failures,
                               cookie_tag=cookie_tag(ctx.slot, ctx.generation),
                               seed=cfg.get("seed"))
@@ -199,6 +208,13 @@ class MessengerApp(WorkerApp):
                 out[2] += m.bytes_in
                 out[3] += m.bytes_out
         return (out[0], out[1], out[2], out[3])
+
+    def retention_counters(self) -> tuple[int, int, int]:
+        # One ledger for the worker: ``local`` (memif, rdma) shares the TCP messenger's.
+        if self.msgr is None:
+            return (0, 0, 0)
+        led = self.msgr.retained
+        return (len(led), led.total_bytes, led.evicted)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -424,12 +440,23 @@ class MessengerApp(WorkerApp):
             conn = self._register_imported(s, policy, state, peer_addrs, None)
             conn.state = ConnState.STANDBY
             conn._was_ready = True
+            conn.last_active = msgr.center.now() - float(state.get("idle", 0.0))
+            msgr.retain(conn)  # counts here now, under this worker's caps
             return
         wire = Connection.import_ready(Role.SERVER, msgr.proto_config, s,
                                        int(state["peer_type"]), peer_addrs, state["stream"])
         conn = self._register_imported(s, policy, state, peer_addrs, sock.peer_address)
         conn.accept(sock, wire)
         conn.state = ConnState.READY
+
+
+def retention_caps(cfg: Mapping[str, Any]) -> RetentionCaps:
+    """The retention caps an app config asks for (``msgr serve --max-standby-*``)."""
+    return RetentionCaps(
+        max_sessions=int(cfg.get("max_standby_sessions", DEFAULT_CAPS.max_sessions)),
+        max_session_bytes=int(cfg.get("max_standby_session_bytes",
+                                      DEFAULT_CAPS.max_session_bytes)),
+        max_total_bytes=int(cfg.get("max_standby_bytes", DEFAULT_CAPS.max_total_bytes)))
 
 
 def _auth_settings(cfg: Mapping[str, Any]) -> AuthSettings | None:

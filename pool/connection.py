@@ -38,6 +38,7 @@ from transport.event_center import READABLE, WRITABLE
 from transport.stack import Address, Buffer, ConnectedSocket
 
 from .dispatcher import UNRETRYABLE, HandshakeFailure
+from .iovec import coalesce
 
 if TYPE_CHECKING:
     from .messenger import Messenger
@@ -53,26 +54,6 @@ _READS_PER_WAKEUP = 16
 #: Measured at window 128, 64 B echo, two processes: TCP 42k -> 90k req/s, memif
 #: poll mode 36k -> 97k (BENCHMARKS.md has the runs).
 _FLUSH_EVERY = 32
-#: buffers below this size are joined before sendmsg: copying a few hundred bytes is
-#: cheaper than one iovec each (measured: 630 small iovecs cost 2x one joined buffer);
-#: larger payloads stay separate iovecs and are never copied.
-_COALESCE_BELOW = 16 * 1024
-
-
-def _coalesce(bufs: list[Buffer]) -> list[Buffer]:
-    out: list[Buffer] = []
-    run: list[Buffer] = []
-    for b in bufs:
-        if len(b) < _COALESCE_BELOW:
-            run.append(b)
-            continue
-        if run:
-            out.append(run[0] if len(run) == 1 else b"".join(run))
-            run = []
-        out.append(b)
-    if run:
-        out.append(run[0] if len(run) == 1 else b"".join(run))
-    return out
 
 
 class ConnState(enum.Enum):
@@ -149,6 +130,8 @@ class AsyncConnection:
             self._schedule_flush()
         elif self.state is ConnState.STANDBY and not self.policy.server:
             self._start_connect()
+        elif self.state is ConnState.STANDBY and not self.outgoing:
+            self.msgr.retain_more(self, msg)  # waits for an absent client: it counts
 
     def send_keepalive(self) -> None:
         if self.wire is not None and self.state is ConnState.READY:
@@ -162,6 +145,11 @@ class AsyncConnection:
     def mark_down(self) -> None:
         """Close the connection and forget the session; no callbacks for the caller."""
         self._stop(notify=False)
+
+    def expire(self) -> None:
+        """Forget a session the server will not keep (standby timeout, retention caps):
+        the dispatcher hears ms_handle_reset, the client SESSION_RESET if it returns."""
+        self._stop(notify=True)
 
     @property
     def peer_entity(self) -> str:
@@ -466,7 +454,7 @@ class AsyncConnection:
             for b in new:
                 self._out_bytes += len(b)
             if len(new) > 1:
-                new = _coalesce(new)
+                new = coalesce(new)
             out.extend(new)
         if not out:
             return
@@ -581,6 +569,7 @@ class AsyncConnection:
             msgr.dispatch_refused(self)
         if not self.outgoing or self.policy.server:
             self.state = ConnState.STANDBY
+            self.msgr.retain(self)  # accounted, maybe evicted (retention caps)
             return
         if self.policy.standby and not self.session.has_outgoing() and not self._wait_received:
             self.state = ConnState.STANDBY

@@ -31,7 +31,7 @@ import posix_ipc
 
 from transport import shmname
 
-__all__ = ["FIELDS", "MAX_SLOTS", "ControlPage", "SlotView"]
+__all__ = ["FIELDS", "MAX_SLOTS", "RETENTION_FIELDS", "ControlPage", "SlotView"]
 
 MAGIC = 0x616D7367_63746C31  # "amsgctl1"
 VERSION = 1
@@ -54,7 +54,12 @@ FIELDS = {
     "generation": 10,
     "handoffs_in": 11,
     "handoffs_out": 12,
+    "sessions_retained": 13,  # server sessions kept without a connection (STANDBY)
+    "retained_bytes": 14,     # what those sessions hold (unacknowledged and queued)
+    "sessions_evicted": 15,   # sessions the retention caps made the worker forget
 }
+#: the fields that count sessions kept for clients without a connection (msgr perf)
+RETENTION_FIELDS = ("sessions_retained", "retained_bytes", "sessions_evicted")
 # header words
 _H_MAGIC, _H_VERSION, _H_NSLOTS, _H_OWNER = 0, 1, 2, 3
 

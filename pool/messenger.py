@@ -32,7 +32,10 @@ from protocol.frames import FrameLimits
 from protocol.identity import IdentityCheck, default_identity_check
 from protocol.message import Message
 from protocol.policy import Backoff, Policy
-from protocol.session import Decision, Session, Verdict, decide_ident, decide_reconnect
+from protocol.retention import DEFAULT_CAPS, RetentionCaps, RetentionLedger
+from protocol.session import (
+    Decision, Session, Verdict, decide_ident, decide_reconnect, retained_cost,
+)
 from transport.event_center import EventCenter
 from transport.listener import AcceptLoop
 from transport.posix import PosixStack
@@ -68,7 +71,9 @@ class Messenger:
                  cookie_tag: int = 0, seed: int | None = None,
                  ready_timeout: float = 10.0, idle_timeout: float = 900.0,
                  standby_timeout: float = 900.0, auth: AuthSettings | None = None,
-                 identity_check: IdentityCheck | str | None = None) -> None:
+                 identity_check: IdentityCheck | str | None = None,
+                 retention: RetentionCaps | RetentionLedger[AsyncConnection] = DEFAULT_CAPS
+                 ) -> None:
         self.center = center
         self.entity_type = entity_type
         self.name = name
@@ -88,6 +93,11 @@ class Messenger:
         #: a server forgets a session whose client stayed away this long (the client
         #: then gets SESSION_RESET and ms_handle_remote_reset: never silent loss)
         self.standby_timeout = standby_timeout
+        #: server sessions kept without a connection (STANDBY), bounded by ``retention``
+        #: (a ledger passed in is shared: messengers of one worker, one set of caps); the
+        #: client of an evicted one is told as if the standby timeout had passed
+        self.retained: RetentionLedger[AsyncConnection] = (
+            retention if isinstance(retention, RetentionLedger) else RetentionLedger(retention))
         #: top 24 bits of server cookies (0 = fully random): a pool puts slot+1 and the
         #: slot's generation here so any worker can tell who owns a session.
         self.cookie_tag = cookie_tag
@@ -292,6 +302,7 @@ class Messenger:
         assert sock is not None and wire is not None and existing.session is not None
         self.accepting.discard(conn)
         conn.state = ConnState.CLOSED
+        self.retained.release(existing)  # its client is back
         existing.replace_socket(sock, wire)
         answer(wire, existing.session)
         existing.server_ready(new_session=False)
@@ -346,6 +357,28 @@ class Messenger:
             del self.conns[conn.key]
         self.anon.discard(conn)
         self.accepting.discard(conn)
+        self.retained.release(conn)
+
+    # -- sessions kept for absent clients ---------------------------------------------------
+    def retain(self, conn: AsyncConnection) -> None:
+        """A server connection lost its socket and keeps its session for the client's
+        return (STANDBY; also a session migrated here in standby). Its messages are made
+        to own their payloads (so no receive buffer stays pinned) and counted; sessions
+        over the retention caps are evicted, oldest idle first."""
+        s = conn.session
+        if conn.outgoing or s is None or conn.state is not ConnState.STANDBY:
+            return
+        self._evict(self.retained.retain(conn, s.compact(), conn.last_active))
+
+    def retain_more(self, conn: AsyncConnection, msg: Message) -> None:
+        """``msg`` was queued on a retained session (its client is away)."""
+        if conn in self.retained:
+            self._evict(self.retained.grow(conn, retained_cost(msg)))
+
+    def _evict(self, victims: list[AsyncConnection]) -> None:
+        for conn in victims:
+            log.debug("%r evicted: retention caps %s", conn, self.retained.caps)
+            conn.expire()
 
     def connections(self) -> list[AsyncConnection]:
         return [c for c in list(self.conns.values()) + list(self.anon)
@@ -469,7 +502,7 @@ class Messenger:
             elif conn.state is ConnState.STANDBY and not conn.outgoing \
                     and now - conn.last_active > self.standby_timeout:
                 self.stats["standby_reaped"] += 1
-                conn._stop(notify=True)
+                conn.expire()
         period = min(1.0, self.idle_timeout / 2, self.standby_timeout / 2)
         self._tick_id = self.center.create_time_event(period, self._tick)
 
@@ -507,4 +540,7 @@ class Messenger:
     def counters(self) -> dict[str, Any]:
         return {**{f"auth_rejected_{k}": v for k, v in self.auth.stats.counts.items()},"msgs_in": self.msgs_in, "msgs_out": self.msgs_out, "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "connections": len(self.connections()),
+                "sessions_retained": len(self.retained),
+                "retained_bytes": self.retained.total_bytes,
+                "sessions_evicted": self.retained.evicted,
                 **dict(self.stats)}

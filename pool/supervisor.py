@@ -62,7 +62,7 @@ from transport.stack import ConnectedSocket, SocketOptions
 from .admin import AdminServer
 from .app import AppFactory
 from .config import PoolConfig
-from .control_page import ControlPage
+from .control_page import RETENTION_FIELDS, ControlPage
 from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
 from .processor import Channel, Kind, ListenerSlots, Message, Processor
 from .rings import DEFAULT_CAPACITY, RingMesh
@@ -726,6 +726,7 @@ class Supervisor:
                 "connections": v["connections"] if ws.pid else 0,
                 "msgs_in": v["msgs_in"], "msgs_out": v["msgs_out"],
                 "bytes_in": v["bytes_in"], "bytes_out": v["bytes_out"],
+                **{k: v[k] if ws.pid else 0 for k in RETENTION_FIELDS},
                 "restarts": ws.restarts, "generation": ws.generation,
                 "heartbeat_age": round((now_ns - hb) / 1e9, 3) if hb and ws.pid else None,
                 "loop_count": v["loop_count"], "last_exit": ws.last_exit,
@@ -740,7 +741,8 @@ class Supervisor:
 
     def cmd_perf(self, args: dict[str, Any]) -> dict[str, Any]:
         status = self.cmd_status({})
-        totals = {k: sum(w[k] for w in status["workers"]) for k in ("msgs_in", "msgs_out", "bytes_in", "bytes_out")}
+        keys = ("msgs_in", "msgs_out", "bytes_in", "bytes_out", *RETENTION_FIELDS)
+        totals = {k: sum(w[k] for w in status["workers"]) for k in keys}
         perf: dict[str, Any] = {"totals": totals, "supervisor": dict(self.stats)}
         if self.processor is not None and self.accept_loop is not None:
             st = self.accept_loop.statistics()
@@ -748,8 +750,8 @@ class Supervisor:
                                  "naks": self.processor.naks, "dropped": self.processor.dropped,
                                  "backlog": len(self.processor.backlog), "accept_backoffs": st.backoffs,
                                  "inflight": dict(self.processor.inflight)}
-        perf["workers"] = [{k: w[k] for k in ("slot", "state", "connections", "msgs_in", "msgs_out",
-                                               "bytes_in", "bytes_out", "loop_count")} for w in status["workers"]]
+        cols = ("slot", "state", "connections", "loop_count", *keys)
+        perf["workers"] = [{k: w[k] for k in cols} for w in status["workers"]]
         return perf
 
     def cmd_scale(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -282,6 +282,7 @@ class Worker(WorkerContext):
             q[b + 4] = app.connection_count()
             mi, mo, bi, bo = app.counters()
             q[b + 5], q[b + 6], q[b + 7], q[b + 8] = mi, mo, bi, bo
+            q[b + 13], q[b + 14], q[b + 15] = app.retention_counters()  # sessions_*
 
     def on_accept(self, conn: ConnectedSocket) -> None:
         if self.app is None or self.draining or not self._adopt(conn, b""):

@@ -34,7 +34,23 @@ __all__ = [
     "decide_ident",
     "decide_reconnect",
     "addr_key",
+    "MESSAGE_OVERHEAD",
+    "retained_cost",
 ]
+
+
+#: What one retained message costs beyond its payload and encoded front: the Message
+#: object (sys.getsizeof: 104 B), its deque slot, and room for a small decoded front.
+MESSAGE_OVERHEAD = 192
+
+
+def retained_cost(msg: Message) -> int:
+    """Make ``msg`` own its payload (see :meth:`Session.compact`); return what keeping it
+    costs: payload, encoded front and :data:`MESSAGE_OVERHEAD`."""
+    data = msg.data
+    if type(data) is not bytes:
+        data = msg.data = bytes(data)
+    return len(data) + len(msg.encoded_front()) + MESSAGE_OVERHEAD
 
 
 def addr_key(addr: EntityAddr) -> tuple[str, int, int]:
@@ -217,6 +233,19 @@ class Session:
 
     def unacked_count(self) -> int:
         return len(self.sent) + len(self.requeued) + self.queued_count
+
+    def compact(self) -> int:
+        """Make every retained message own its payload; return the bytes retained.
+
+        For a session kept without a connection. A received payload is a view into the
+        receive buffer it arrived in (zero copy), and a reply that reuses it (echo) pins
+        that whole buffer — 256 KiB — for as long as the reply waits for its ack: that,
+        not the payload, was what an abandoned session cost. Copying the payload out lets
+        the buffer go. The size counted is payload, encoded front and
+        :data:`MESSAGE_OVERHEAD` per message.
+        """
+        return sum(retained_cost(msg) for q in (self.sent, self.requeued, *self._queues.values())
+                   for msg in q)
 
 
 # -- server-side decisions (ProtocolV2::handle_client_ident / handle_reconnect) -------

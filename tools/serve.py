@@ -12,6 +12,7 @@ from typing import Any
 
 from pool.admin import AdminError, default_admin_path
 from pool.app import AppFactory, import_factory
+from pool.apps import DEFAULT_RETENTION as DEFAULT_CAPS
 from pool.auth import load_keyring
 from pool.config import ACCEPT_MODES, START_METHODS, PoolConfig, parse_bind
 from pool.lifecycle import Backoff
@@ -86,6 +87,26 @@ def register(sub: Any) -> None:
     g.add_argument("--throttle-messages", type=int, default=0, metavar="N",
                    help="per worker: messages dispatched but not released (0 = no limit)")
     g.add_argument("--throttle-bytes", type=int, default=0, metavar="B")
+    g = p.add_argument_group(
+        "sessions kept for absent clients",
+        "A lossless client's session outlives its socket so that it can resume; these "
+        "caps bound what a worker keeps for clients that never come back. Over a cap "
+        "the session idle longest is forgotten, and its client is told (SESSION_RESET, "
+        "ms_handle_remote_reset) when it reconnects. 0 = no limit.")
+    g.add_argument("--max-standby-sessions", type=int, default=DEFAULT_CAPS.max_sessions,
+                   metavar="N", help="per worker (default %(default)s: far more clients "
+                   "than fail at once; a real client is back within seconds)")
+    g.add_argument("--max-standby-session-bytes", type=int,
+                   default=DEFAULT_CAPS.max_session_bytes, metavar="B",
+                   help="unacknowledged and queued bytes one such session may keep; one "
+                        "over it is forgotten at once (default %(default)s = 16 MiB: above "
+                        "what a busy live session has in flight when its socket fails, so "
+                        "an ordinary fault never resets it)")
+    g.add_argument("--max-standby-bytes", type=int, default=DEFAULT_CAPS.max_total_bytes,
+                   metavar="B", help="all such sessions of a worker together (default "
+                   "%(default)s = 64 MiB; the idle longest are forgotten first)")
+    g.add_argument("--standby-timeout", type=float, default=900.0, metavar="S",
+                   help="forget such a session after this long in any case (default 900)")
     p.set_defaults(func=run)
 
 
@@ -117,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
             "max_connections": args.max_connections,
             "handshake_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
             "throttle_messages": args.throttle_messages, "throttle_bytes": args.throttle_bytes,
+            "max_standby_sessions": args.max_standby_sessions,
+            "max_standby_session_bytes": args.max_standby_session_bytes,
+            "max_standby_bytes": args.max_standby_bytes, "standby_timeout": args.standby_timeout,
             **auth, **extra}
         cfg = PoolConfig(
             bind=parse_bind(args.bind), workers=args.workers, accept=args.accept, app=args.app,
@@ -126,6 +150,13 @@ def run(args: argparse.Namespace) -> int:
             graceful_timeout=args.graceful_timeout, flap_window=args.flap_window,
             flap_max=args.flap_max, backoff=Backoff(cap=args.backoff_cap),
             set_migrate_req=args.set_migrate_req)
+        # Checked here, with the option names, rather than in every worker.
+        for opt in ("max_standby_sessions", "max_standby_session_bytes", "max_standby_bytes"):
+            if getattr(args, opt) < 0:
+                raise ValueError(f"--{opt.replace('_', '-')} must be >= 0 (0 = no limit), "
+                                 f"got {getattr(args, opt)}")
+        if args.standby_timeout <= 0:
+            raise ValueError(f"--standby-timeout must be > 0 seconds, got {args.standby_timeout}")
         factory = load_factory(args.app, app_config)
     except ValueError as exc:
         print(f"msgr serve: {exc}", file=sys.stderr)
