@@ -426,6 +426,15 @@ class Load:
                 "refused": self.refused, "errors": self.errors[:5]}
 
 
+def rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (VmRSS in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def proc_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

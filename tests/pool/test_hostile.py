@@ -22,6 +22,7 @@ from protocol.crc import crc32c as raw_crc
 from protocol.errors import ProtocolError
 from protocol.frames import FrameDecoder, FrameLimits, Tag, encode_banner, frame_bytes
 from tests.pool.raw_session import Abandoned, RawClient
+from tests.pool.support import rss
 from tests.pool.test_pool_sessions import Pool
 from tools.stress import StressConfig, StressResult, run_stress
 
@@ -66,7 +67,7 @@ def test_ten_thousand_hostile_streams_fault_only_themselves(tmp_path: Path) -> N
         before = pool.status()["workers"]
         pids = [w["pid"] for w in before if w["state"] == "ACCEPTING"]
         fds_before = {pid: _fd_count(pid) for pid in pids}
-        rss_before = {pid: _rss(pid) for pid in pids}
+        rss_before = {pid: rss(pid) for pid in pids}
         cfg = StressConfig(target=("127.0.0.1", pool.port), conns=4, messages=0,
                            duration=1e9, seed=9)
         stop = threading.Event()
@@ -104,7 +105,7 @@ def test_ten_thousand_hostile_streams_fault_only_themselves(tmp_path: Path) -> N
                 break
             assert time.monotonic() < deadline, (fds_before, fds)
             time.sleep(0.1)  # polling /proc for the kernel to finish closing, bounded
-        grown = {pid: _rss(pid) - rss_before[pid] for pid in pids}
+        grown = {pid: rss(pid) - rss_before[pid] for pid in pids}
         assert all(g <= HOSTILE_RSS_BOUND for g in grown.values()), \
             f"worker RSS grew by {grown} bytes, over the bound of {HOSTILE_RSS_BOUND}"
     finally:
@@ -123,14 +124,6 @@ REPLAY_CAP = 128
 #: lets the allocator reach its working set). Every one of them that completes the
 #: handshake leaves a session behind; the caps keep at most REPLAY_CAP of them.
 REPLAY_RSS_BOUND = 16 << 20
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 class _FrameEditor:
@@ -241,7 +234,7 @@ def test_tampered_session_replays_keep_memory_and_fds_flat(tmp_path: Path) -> No
         rng = random.Random(77)
         for i in range(700):  # warm-up: the allocator reaches its working set
             _tampered_session(pool.port, i, rng, rec.writes)
-        rss_before = {pid: _rss(pid) for pid in pids}
+        rss_before = {pid: rss(pid) for pid in pids}
         for i in range(REPLAYS):
             _tampered_session(pool.port, i, rng, rec.writes)
         client = AdminClient(pool.admin)
@@ -253,7 +246,7 @@ def test_tampered_session_replays_keep_memory_and_fds_flat(tmp_path: Path) -> No
             assert time.monotonic() < deadline, (fds_before, fds)
             time.sleep(0.05)  # polling /proc for the workers to close, bounded
         perf = client.call("perf")
-        grown = {pid: _rss(pid) - rss_before[pid] for pid in pids}
+        grown = {pid: rss(pid) - rss_before[pid] for pid in pids}
         assert all(g <= REPLAY_RSS_BOUND for g in grown.values()), \
             f"worker RSS grew by {grown} bytes, over the bound of {REPLAY_RSS_BOUND}"
         assert all(w["sessions_retained"] <= REPLAY_CAP for w in perf["workers"]), perf

@@ -24,7 +24,7 @@ from protocol.message import Message
 from protocol.policy import Backoff, Policy
 from protocol.retention import RetentionCaps
 from tests.pool.raw_session import RawClient, SessionRecord, abandon_session
-from tests.pool.support import msgr, running_pool, wait_for
+from tests.pool.support import msgr, rss, running_pool, wait_for
 from transport.event_center import EventCenter
 
 ABANDONED = 2000
@@ -37,14 +37,6 @@ CAP = 256
 #: echo reply pinned a 256 KiB receive buffer); the caps alone would still allow
 #: 256 sessions x 256 KiB = 64 MiB. Measured with both: ~4 MiB.
 RSS_GROWTH_BOUND = 24 << 20
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def _fds(pid: int) -> int:
@@ -77,7 +69,7 @@ def test_two_thousand_abandoned_sessions_keep_worker_memory_bounded(tmp_path: Pa
     with running_pool(tmp_path, 2, app="echo",
                       extra=("--max-standby-sessions", str(CAP))) as pool:
         pids = pool.worker_pids()
-        rss_before = {p: _rss(p) for p in pids}
+        rss_before = {p: rss(p) for p in pids}
         fds_before = {p: _fds(p) for p in pids}
         rng = random.Random(13)
         records = [abandon_session(pool.port, _payloads(rng)) for _ in range(ABANDONED)]
@@ -95,7 +87,7 @@ def test_two_thousand_abandoned_sessions_keep_worker_memory_bounded(tmp_path: Pa
             assert w["sessions_retained"] <= CAP, w
             assert w["retained_bytes"] <= w["sessions_retained"] * PER_SESSION * (3072 + 256), w
         assert perf["totals"]["sessions_evicted"] >= ABANDONED - 2 * CAP, perf["totals"]
-        grown = {p: _rss(p) - rss_before[p] for p in pids}
+        grown = {p: rss(p) - rss_before[p] for p in pids}
         assert all(g <= RSS_GROWTH_BOUND for g in grown.values()), \
             f"worker RSS grew by {grown} bytes, over the bound of {RSS_GROWTH_BOUND}"
         # A retained session has no socket: fds stay where they were.
