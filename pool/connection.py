@@ -31,6 +31,7 @@ from protocol.connection import (
 )
 from protocol.control import EntityAddr
 from protocol.errors import ProtocolError
+from protocol.features import ASYNCMSGR
 from protocol.message import Message, check_outgoing
 from protocol.policy import Policy
 from protocol.session import Session, SessionView
@@ -119,6 +120,8 @@ class AsyncConnection:
         self.last_active = self.connect_started
         self.last_keepalive_ack: tuple[int, int] | None = None
         self.faults = 0
+        #: why the last fault happened, in words (a protocol error names what and why)
+        self.fault_reason = ""
         #: a handoff of this session to another worker is in flight: no I/O meanwhile
         self.migrating = False
         self.priv: Any = None                 # for the application (Ceph's Connection priv)
@@ -132,8 +135,11 @@ class AsyncConnection:
 
         The front is encoded here, so later changes to ``msg.front`` are not sent.
         Raises ``LocalProtocolError`` (before queueing anything) when the message cannot
-        be encoded: a header field out of range or a front msgpack cannot encode."""
-        check_outgoing(msg)
+        be encoded (a header field out of range, a front msgpack cannot encode) or when it
+        is an asyncmsgr message and the peer is a Ceph daemon."""
+        wire = self.wire
+        check_outgoing(msg, ceph_peer=wire is not None and wire.peer_features != 0
+                       and not wire.peer_features & ASYNCMSGR)
         if self.state is ConnState.CLOSED:
             log.debug("send on closed %r dropped", self)
             self.msgr.stats["dropped_closed"] += 1
@@ -546,6 +552,7 @@ class AsyncConnection:
             return
         msgr = self.msgr
         self.faults += 1
+        self.fault_reason = reason
         msgr.stats["faults"] += 1
         log.debug("%r fault: %s", self, reason)
         was_ready = self.state is ConnState.READY

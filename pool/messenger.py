@@ -18,9 +18,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import ipaddress
 import logging
 import random
 import secrets
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -51,8 +53,16 @@ RouteHook = Callable[[AsyncConnection, "IdentRequest | ReconnectRequest"], bool]
 
 
 def _addr_entity(addr: Address | None, nonce: int) -> EntityAddr:
+    """An entity_addr_t for a stack address: IP literals as they are, host names
+    resolved (entity_addr_t carries a sockaddr, not a name), paths as paths."""
     if isinstance(addr, tuple):
-        return EntityAddr(nonce, str(addr[0]), int(addr[1]))
+        host = str(addr[0])
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host:
+                host = str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+        return EntityAddr(nonce, host, int(addr[1]))
     return EntityAddr(nonce, str(addr or ""), 0)
 
 

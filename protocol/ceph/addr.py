@@ -96,10 +96,11 @@ class EntityAddr:
         return addr
 
 
-def _family(host: str) -> tuple[int, bytes]:
-    """(family, packed address) for ``host``; AF_UNIX carries the path bytes."""
+def _family(host: str, port: int) -> tuple[int, bytes]:
+    """(family, packed address) for ``host``; AF_UNIX carries the path bytes. A blank
+    host with a port is "every interface" (INADDR_ANY), so the port is not lost."""
     if host == "":
-        return 0, b""
+        return (0, b"") if port == 0 else (AF_INET, bytes(4))
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -120,7 +121,7 @@ def encode_addr(enc: Encoder, addr: EntityAddr) -> None:
         enc.fail("host", f"must be a str, got {addr.host!r}")
     if type(addr.port) is not int or not 0 <= addr.port <= 0xFFFF:
         enc.fail("port", f"must be a u16, got {addr.port!r}")
-    family, packed = _family(addr.host)
+    family, packed = _family(addr.host, addr.port)
     enc.u8(ADDR_MARKER)
     mark = enc.struct_start(1, 1)
     enc.u32(addr.type, "type").u32(addr.nonce, "nonce")

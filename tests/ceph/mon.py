@@ -1,7 +1,7 @@
 """A real ceph-mon for tests: bootstrapped in a tmp directory, stopped by its pid.
 
 ``CephMon.start(dir)`` writes a ``ceph.conf`` (auth none, msgr2 only, every path under
-``dir``), makes the monmap and keyring, runs ``ceph-mon --mkfs`` and starts
+``dir``; ``auth="cephx"`` for a mon that refuses auth none), makes the monmap and keyring, runs ``ceph-mon --mkfs`` and starts
 ``ceph-mon -f`` as a child process on a free loopback port. It is ready when its port
 answers with a msgr2 banner (polled with a deadline). ``stop()`` sends SIGTERM to that
 pid (SIGKILL after a bounded wait) and reaps it. ``restart()`` does both on the same
@@ -42,8 +42,9 @@ def free_port() -> int:
 class CephMon:
     """One mon named ``a`` listening on ``v2:127.0.0.1:port``."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, auth: str = "none") -> None:
         self.root = root
+        self.auth = auth
         self.port = port or free_port()
         self.fsid = uuid.uuid4()
         self.conf = root / "ceph.conf"
@@ -58,9 +59,9 @@ class CephMon:
         self.conf.write_text(f"""[global]
 fsid = {self.fsid}
 mon_host = {self.addr}
-auth_cluster_required = none
-auth_service_required = none
-auth_client_required = none
+auth_cluster_required = {self.auth}
+auth_service_required = {self.auth}
+auth_client_required = {self.auth}
 ms_bind_msgr1 = false
 ms_bind_msgr2 = true
 mon_data = {r}/mon.$id
