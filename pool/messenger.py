@@ -29,6 +29,7 @@ from typing import Any
 from protocol import features
 from protocol.auth import RefuseServerAuth
 from protocol.connection import Config, Connection, IdentRequest, ReconnectRequest, Role
+from protocol.ceph.messages import message_name
 from protocol.control import EntityAddr
 from protocol.frames import FrameLimits
 from protocol.message import Message
@@ -395,6 +396,10 @@ class Messenger:
     def deliver(self, conn: AsyncConnection, msg: Message, size: int) -> None:
         self.msgs_in += 1
         self._holding = None
+        if msg.raw:  # a Ceph message: name it (MMonGetMap, MMonSubscribe, ...)
+            self.stats[f"ceph_msgs_{message_name(msg.type)}"] += 1
+            log.debug("%r: Ceph message %s v%d seq %d", conn, message_name(msg.type),
+                      msg.version, msg.seq)
         try:
             for d in self.dispatchers:
                 d.ms_dispatch(conn, msg)

@@ -118,8 +118,8 @@ class FrameLimits:
     """Hard caps enforced from the preamble, before the body is allocated.
 
     ``control_max`` bounds the (single) segment of any non-MESSAGE frame; for MESSAGE
-    frames segment index 3 (data) is bounded by ``data_max`` and every other segment
-    (header, front, middle) by ``segment_max``. Values may be lowered, never raised above the defaults.
+    frames segment 3 (data) is bounded by ``data_max`` and header, front and middle by
+    ``segment_max``. Values may be lowered, never raised above the defaults.
     """
 
     control_max: int = _CONTROL_MAX_CEILING
@@ -229,19 +229,16 @@ def encode_message_frame(header: bytes, front: bytes, data: Buffer,
                          middle: Buffer = b"") -> list[Buffer]:
     """``encode_frame(Tag.MESSAGE, [header, front, middle, data])`` for the hot path.
 
-    Same bytes as the general encoder; specialised because it runs once per message:
-    ``header`` is never empty, and trailing empty segments are trimmed as the general
-    encoder trims them. Small frames come back as ONE buffer (joining ~100 bytes is
-    cheaper than handing the kernel five tiny iovecs); a large data segment stays a
-    separate buffer and is never copied.
-    """
+    Same bytes as the general encoder (trailing empty segments trimmed), specialised as
+    it runs once per message. Small frames come back as ONE buffer (joining ~100 bytes is
+    cheaper than five tiny iovecs); a large data segment stays apart, never copied."""
     l0 = len(header)
     l1 = len(front)
     l3 = data.nbytes if type(data) is memoryview else len(data)
     crc = _crc
-    if len(middle):
+    if len(middle):  # rare (Ceph messages only): the general encoder
         return encode_frame(_TAG_MESSAGE, [header, front, middle, data])
-    if l3:  # the middle is present but empty (align 8, crc of nothing), as Ceph sends it
+    if l3:  # the middle present but empty (align 8, crc of nothing), as Ceph sends it
         body = _PRE_BODY.pack(_TAG_MESSAGE, 4, l0, 8, l1, 8, 0, 8, l3, _ALIGN_DATA, 0, 0)
         epi = _EPILOGUE.pack(LATE_STATUS_COMPLETE, crc(front, 0) ^ _MASK32, _MASK32,
                              crc(data, 0) ^ _MASK32)
