@@ -56,9 +56,12 @@ class EchoDispatcher(Dispatcher):
     """Reply to every message on the same connection with the same type, front and data."""
 
     def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
-        conn.send_message(Message(msg.type, msg.front, data=msg.data, priority=msg.priority,
-                                  tid=msg.tid, raw=msg.raw, middle=msg.middle,
-                                  version=msg.version, compat_version=msg.compat_version))
+        if msg.raw:  # a Ceph message: same bodies and header versions back
+            conn.send_message(Message(msg.type, msg.front, msg.data, msg.priority, msg.tid,
+                                      raw=True, middle=msg.middle, version=msg.version,
+                                      compat_version=msg.compat_version))
+        else:
+            conn.send_message(Message(msg.type, msg.front, msg.data, msg.priority, msg.tid))
 
 
 def cookie_tag(slot: int, generation: int) -> int:

@@ -65,17 +65,15 @@ class _Inbox(Dispatcher):
 
 
 def _advice(reason: str) -> str:
+    """What to do, unless the reason (AUTH_BAD_METHOD, IDENT_MISSING_FEATURES, msgr1
+    banner: protocol.replies and protocol.frames word those) already says it."""
     low = reason.lower()
     if "refused" in low or "econnrefused" in low:
-        return ("nothing listens there: is ceph-mon running, and is the address its v2 "
+        return ("; nothing listens there: is ceph-mon running, and is the address its v2 "
                 "(msgr2) address, e.g. v2:IP:3300?")
-    if "cephx" in low or "auth" in low:
-        return "the mon's auth settings do not allow auth none"
-    if "feature" in low:
-        return "the mon needs Ceph features this client does not advertise"
-    if "msgr1" in low:
-        return "the mon speaks only msgr1 there; use its v2 address"
-    return "check the mon's log (debug_ms = 20 shows the handshake)"
+    if "rejected auth method" in low or "feature bits" in low or "msgr1" in low:
+        return ""
+    return "; check the mon's log (debug_ms = 20 shows the handshake)"
 
 
 class MonClient:
@@ -132,7 +130,7 @@ class MonClient:
         assert self.conn is not None
         if self.conn.state is ConnState.CLOSED:
             reason = self.conn.fault_reason or "connection closed during the handshake"
-            raise MonError(f"could not talk to the mon at {self.mon}: {reason}; "
+            raise MonError(f"could not talk to the mon at {self.mon}: {reason}"
                            f"{_advice(reason)}")
         return self.conn
 
@@ -168,7 +166,7 @@ class MonClient:
             if conn.state is ConnState.CLOSED:
                 reason = conn.fault_reason or "the mon closed the connection"
                 raise MonError(f"the mon at {self.mon} dropped the connection while we waited "
-                               f"for {message_name(reply_type)}: {reason}; {_advice(reason)}")
+                               f"for {message_name(reply_type)}: {reason}{_advice(reason)}")
             return False
 
         self._wait(got, f"waiting for {message_name(reply_type)}")

@@ -44,9 +44,9 @@ from .control import (
 )
 from .errors import LocalProtocolError, RemoteProtocolError
 from .frames import (
-    Banner, FrameDecoder, FrameLimits, Tag, encode_banner, encode_message_frame,
+    Banner, FrameDecoder, FrameLimits, Tag, encode_banner,
 )
-from .message import Message, decode_message, encode_header, refuse_ceph_peer
+from .message import Message, decode_message, encode_messages
 from .replies import auth_bad_method_text, missing_features_text, server_bad_method
 from .session import Session
 from .transcript import Transcript
@@ -465,7 +465,7 @@ class Connection:
     def _finish_auth(self, result: AuthResult) -> None:
         self.auth = result
         # Cut the transcript before secure mode takes the (ciphertext) rest of the buffer.
-        rx = self.transcript.received_until(self.decoder.buffered)
+        rx = self.transcript.finish_received(self.decoder.buffered)
         if result.con_mode == MODE_SECURE:
             self._enable_secure(result.session_key)
         self._send_control(AuthSignature(signature(result.session_key, rx)))
@@ -672,19 +672,10 @@ class Connection:
             return 0
         s = self.session
         assert s is not None
-        out = self._out
         sec = self._secure
-        ours = bool(self.peer_features & feat.ASYNCMSGR)
         batch = s.take_outgoing(max_messages)
-        for msg in batch:
-            if not ours and not msg.raw:
-                refuse_ceph_peer(msg)
-            frame = encode_message_frame(encode_header(msg), msg.encoded_front(), msg.data,
-                                         msg.middle)
-            if sec is None:
-                out += frame
-            else:
-                out.append(sec.seal(frame))
+        encode_messages(batch, bool(self.peer_features & feat.ASYNCMSGR), self._out,
+                        None if sec is None else sec.seal)
         n = len(batch)
         if n == 0 and s.ack_pending:
             s.ack_pending = 0

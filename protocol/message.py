@@ -23,7 +23,7 @@ memoryview itself, so a large payload is never copied by this layer.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ import msgpack
 
 from .ceph.header import HEADER2
 from .errors import LocalProtocolError, RemoteProtocolError
+from .frames import encode_message_frame
 
 __all__ = [
     "ASYNCMSGR_TYPE_BASE",
@@ -45,6 +46,7 @@ __all__ = [
     "check_outgoing",
     "decode_message",
     "encode_header",
+    "encode_messages",
     "message_segments",
     "refuse_ceph_peer",
 ]
@@ -156,9 +158,16 @@ def check_outgoing(msg: Message, ceph_peer: bool = False) -> None:
     is an asyncmsgr message and the peer is known to be a Ceph daemon. Call it when the
     message is queued, so the sender hears of its mistake instead of the session failing
     later, after the message took a sequence number. The front encoding is cached."""
-    _pack(msg, 0, 0)
-    if ceph_peer and not msg.raw:
-        refuse_ceph_peer(msg)
+    t = msg.type
+    if not msg.raw:
+        if ceph_peer:
+            refuse_ceph_peer(msg)
+        t = t + ASYNCMSGR_TYPE_BASE if type(t) is int and 0 <= t <= ASYNCMSGR_TYPE_MAX else -1
+    try:
+        _pack_header(0, msg.tid, t, msg.priority, msg.version, 0, 0, 0, msg.flags,
+                     msg.compat_version, 0)
+    except struct.error:
+        _pack(msg, 0, 0)  # raises, naming the field
     msg.encoded_front()
 
 
@@ -167,6 +176,35 @@ def refuse_ceph_peer(msg: Message) -> None:
         f"message type {msg.type} is an asyncmsgr message (msgpack front) and the peer is a "
         "Ceph daemon, which closes the connection on types it does not know: send Ceph "
         "messages to it (protocol.ceph.messages, Message(..., raw=True))", "ceph_peer")
+
+
+def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Data],
+                    seal: Callable[[list[Data]], bytes] | None = None) -> None:
+    """Append the MESSAGE frames of a numbered batch to ``out`` (each frame sealed into
+    one record by ``seal`` in secure mode). The per-message write path: the header is
+    packed inline. An asyncmsgr message for a peer that did not announce asyncmsgr is a
+    ``LocalProtocolError`` before its frame is built."""
+    pack = _pack_header
+    for msg in batch:
+        t = msg.type
+        if msg.raw:
+            pass
+        elif not asyncmsgr_peer:
+            refuse_ceph_peer(msg)
+        elif 0 <= t <= ASYNCMSGR_TYPE_MAX:
+            t += ASYNCMSGR_TYPE_BASE
+        else:
+            _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
+        try:
+            header = pack(msg.seq, msg.tid, t, msg.priority, msg.version, 0, 0, msg.ack_seq,
+                          msg.flags, msg.compat_version, 0)
+        except struct.error:
+            header = _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
+        frame = encode_message_frame(header, msg.encoded_front(), msg.data, msg.middle)
+        if seal is None:
+            out += frame
+        else:
+            out.append(seal(frame))
 
 
 def message_segments(msg: Message, seq: int, ack_seq: int) -> list[Data]:

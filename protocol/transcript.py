@@ -6,8 +6,9 @@ sends HMAC-SHA256(session key, received) and checks the peer's signature against
 HMAC(session key, sent): any byte altered in transit makes the two disagree.
 
 "Until auth ends" is exact even though a read may carry bytes past the last auth frame:
-received bytes are logged as they arrive, and :meth:`Transcript.received_until` cuts the
-log at the number of bytes the frame decoder has consumed when auth ends.
+received bytes are logged as they arrive, and :meth:`Transcript.finish_received` cuts the
+log at the number of bytes the frame decoder has consumed when auth ends, and stops
+logging what arrives after (the sent side is kept until the peer's signature is checked).
 With auth none there is no key and the signature is 32 zero bytes, so nothing is kept.
 """
 
@@ -24,10 +25,11 @@ class Transcript:
     """Raw bytes in both directions while ``recording``; bounded by the caller's frame
     caps (only the handful of handshake frames before auth ends are ever logged)."""
 
-    __slots__ = ("_rx", "_tx", "recording")
+    __slots__ = ("_rx", "_rx_on", "_tx", "recording")
 
     def __init__(self, recording: bool) -> None:
         self.recording = recording
+        self._rx_on = recording
         self._rx = bytearray()
         self._tx = bytearray()
 
@@ -37,19 +39,22 @@ class Transcript:
                 self._tx += b
 
     def received(self, data: Buffer) -> None:
-        if self.recording:
+        if self._rx_on:
             self._rx += data
 
-    def received_until(self, unconsumed: int) -> bytes:
-        """The received log minus its last ``unconsumed`` bytes (those not yet parsed as
-        frames: they arrived after the frame that ended auth)."""
+    def finish_received(self, unconsumed: int) -> bytes:
+        """Auth ended: the received log minus its last ``unconsumed`` bytes (those not yet
+        parsed as frames arrived after the frame that ended auth); logging stops."""
         end = len(self._rx) - unconsumed
-        return bytes(self._rx[:max(end, 0)])
+        out = bytes(self._rx[:max(end, 0)])
+        self._rx_on = False
+        self._rx = bytearray()
+        return out
 
     def sent_bytes(self) -> bytes:
         return bytes(self._tx)
 
     def stop(self) -> None:
-        self.recording = False
+        self.recording = self._rx_on = False
         self._rx = bytearray()
         self._tx = bytearray()

@@ -3,7 +3,7 @@
 ``CephMon.start(dir)`` writes a ``ceph.conf`` (auth none, msgr2 only, every path under
 ``dir``; ``auth="cephx"`` for a mon that refuses auth none), makes the monmap and keyring, runs ``ceph-mon --mkfs`` and starts
 ``ceph-mon -f`` as a child process on a free loopback port. It is ready when its port
-answers with a msgr2 banner (polled with a deadline). ``stop()`` sends SIGTERM to that
+answers with a msgr2 banner and ``ceph -s`` succeeds (polled with a deadline). ``stop()`` sends SIGTERM to that
 pid (SIGKILL after a bounded wait) and reaps it. ``restart()`` does both on the same
 port and data, so a connected client sees the mon go away and come back.
 
@@ -101,23 +101,35 @@ public_addr = {self.addr}
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
-        """Poll until the port answers with a msgr2 banner (bounded by ``timeout``)."""
+        """Poll (bounded by ``timeout``) until the port answers with a msgr2 banner, then
+        until ``ceph -s`` succeeds. The banner alone is too early: for a few ms after it
+        the mon drops every AUTH_REQUEST, until its auth service has been through paxos."""
         deadline = time.monotonic() + timeout
         last = "no attempt"
+        banner = False
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ceph-mon exited with {self.proc.returncode} before it "
                                    f"was ready; see {self.root}/mon.a.log")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
-                    s.settimeout(1.0)
-                    if s.recv(len(BANNER)) == BANNER:
+                if not banner:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                        s.settimeout(1.0)
+                        banner = s.recv(len(BANNER)) == BANNER
+                        last = "connected but no banner"
+                if banner:
+                    res = subprocess.run(
+                        ["ceph", "-c", str(self.conf), "-n", "mon.", "--keyring",
+                         str(self.root / "keyring"), "--connect-timeout", "5", "-s"],
+                        capture_output=True, timeout=max(deadline - time.monotonic(), 1),
+                        check=False)
+                    if res.returncode == 0 and b"HEALTH_" in res.stdout:
                         return
-                    last = "connected but no banner"
-            except OSError as exc:
+                    last = f"ceph -s: {res.stderr.decode(errors='replace')[-300:]}"
+            except (OSError, subprocess.TimeoutExpired) as exc:
                 last = str(exc)
-            time.sleep(0.02)  # polling a port for readiness, with a deadline
+            time.sleep(0.02)  # polling a daemon for readiness, with a deadline
         raise RuntimeError(f"ceph-mon on port {self.port} not ready after {timeout}s: {last}")
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -218,10 +218,13 @@ def test_transcript_cut_at_the_last_consumed_byte() -> None:
     t = Transcript(True)
     t.sent([b"ab", memoryview(b"cd")])
     t.received(b"0123456789")
-    assert t.sent_bytes() == b"abcd" and t.received_until(3) == b"0123456"
+    assert t.finish_received(3) == b"0123456"
+    t.received(b"after auth")  # not logged: auth has ended
+    t.sent([b"ef"])  # the sent side is kept until the peer's signature is checked
+    assert t.finish_received(0) == b"" and t.sent_bytes() == b"abcdef"
     t.stop()
-    t.received(b"more")
-    assert t.received_until(0) == b"" and t.sent_bytes() == b""
+    assert t.sent_bytes() == b"" and not t.recording
     off = Transcript(False)
     off.received(b"x")
-    assert off.received_until(0) == b""
+    off.sent([b"y"])
+    assert off.finish_received(0) == b"" and off.sent_bytes() == b""
