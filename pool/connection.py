@@ -30,7 +30,7 @@ from protocol.connection import (
     WaitReceived,
 )
 from protocol.control import EntityAddr
-from protocol.errors import ProtocolError
+from protocol.errors import LocalProtocolError, ProtocolError
 from protocol.features import ASYNCMSGR
 from protocol.message import Message, check_outgoing
 from protocol.policy import Policy
@@ -450,7 +450,14 @@ class AsyncConnection:
             return
         msgr = self.msgr
         before = wire.messages_out
-        wire.write_messages()
+        try:
+            wire.write_messages()
+        except LocalProtocolError as err:
+            # Queued before the peer was known (e.g. an asyncmsgr message for what turned
+            # out to be a Ceph daemon): nothing of it was written; the policy decides.
+            msgr.stats[f"local_error_{err.code}"] += 1
+            self._fault(f"cannot send: {err.reason}")
+            return
         msgr.msgs_out += wire.messages_out - before
         new = wire.data_to_send()
         out = self._out

@@ -41,6 +41,9 @@ from .messenger import Messenger
 __all__ = ["MonClient", "MonError"]
 
 
+_MAX_UNCLAIMED = 256
+
+
 class MonError(Exception):
     """A mon could not be reached or refused us; the text says what to do."""
 
@@ -54,6 +57,8 @@ class _Inbox(Dispatcher):
 
     def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
         self.messages.append(msg)
+        if len(self.messages) > _MAX_UNCLAIMED:  # unsolicited messages nobody waits for
+            del self.messages[0]
 
     def ms_handle_connect(self, conn: AsyncConnection) -> None:
         self.connects += 1

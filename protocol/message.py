@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
@@ -171,7 +171,7 @@ def check_outgoing(msg: Message, ceph_peer: bool = False) -> None:
     msg.encoded_front()
 
 
-def refuse_ceph_peer(msg: Message) -> None:
+def refuse_ceph_peer(msg: Message) -> NoReturn:
     raise LocalProtocolError(
         f"message type {msg.type} is an asyncmsgr message (msgpack front) and the peer is a "
         "Ceph daemon, which closes the connection on types it does not know: send Ceph "
@@ -185,16 +185,16 @@ def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Da
     packed inline. An asyncmsgr message for a peer that did not announce asyncmsgr is a
     ``LocalProtocolError`` before its frame is built."""
     pack = _pack_header
+    base = ASYNCMSGR_TYPE_BASE
     for msg in batch:
-        t = msg.type
         if msg.raw:
-            pass
-        elif not asyncmsgr_peer:
-            refuse_ceph_peer(msg)
-        elif 0 <= t <= ASYNCMSGR_TYPE_MAX:
-            t += ASYNCMSGR_TYPE_BASE
+            t = msg.type
+        elif asyncmsgr_peer:
+            t = msg.type + base  # above 0xFFFF: struct.error below; negative: caught here
+            if t < base:
+                _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
         else:
-            _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
+            refuse_ceph_peer(msg)
         try:
             header = pack(msg.seq, msg.tid, t, msg.priority, msg.version, 0, 0, msg.ack_seq,
                           msg.flags, msg.compat_version, 0)

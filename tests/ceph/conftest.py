@@ -7,16 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.ceph.mon import MISSING, CephMon
+from tests.ceph.mon import CephMon, require_ceph
 
 
 @pytest.fixture(scope="module")
 def ceph_mon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephMon]:
-    if MISSING:
-        if os.environ.get("ASYNCMSGR_REQUIRE_CEPH") == "1":
-            pytest.fail(f"ASYNCMSGR_REQUIRE_CEPH=1 (set by .ci/run) but {MISSING}",
-                        pytrace=False)
-        pytest.skip(MISSING)
+    require_ceph()
     mon = CephMon(tmp_path_factory.mktemp("ceph-mon"))
     mon.bootstrap()
     mon.start()
@@ -31,8 +27,7 @@ def fresh_mon(tmp_path: os.PathLike[str]) -> Iterator[CephMon]:
     """A mon of this test alone, for tests that restart it: the restarted process is a
     new child, which must be gone before the no_leaks check of this very test."""
     from pathlib import Path
-    if MISSING:
-        pytest.skip(MISSING)
+    require_ceph()
     mon = CephMon(Path(tmp_path))
     mon.bootstrap()
     mon.start()

@@ -33,6 +33,17 @@ MISSING: str | None = (
 BANNER = b"ceph v2\n"
 
 
+def require_ceph() -> None:
+    """Skip the calling test with the exact reason when ceph-mon is missing, unless
+    ASYNCMSGR_REQUIRE_CEPH=1 (set by .ci/run, where it must be installed): then fail."""
+    if MISSING:
+        import pytest
+        if os.environ.get("ASYNCMSGR_REQUIRE_CEPH") == "1":
+            pytest.fail(f"ASYNCMSGR_REQUIRE_CEPH=1 (set by .ci/run) but {MISSING}",
+                        pytrace=False)
+        pytest.skip(MISSING)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,8 +16,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from pool.connection import AsyncConnection
 from pool.dispatcher import Dispatcher
 from pool.messenger import Messenger
@@ -25,6 +23,7 @@ from protocol.ceph.messages import MMonSubscribe, message_name
 from protocol.features import ASYNCMSGR, EntityType
 from protocol.message import Message
 from protocol.policy import Policy
+from tests.ceph.mon import require_ceph
 from transport.event_center import EventCenter
 
 CEPH = shutil.which("ceph")
@@ -42,10 +41,9 @@ class _Mon(Dispatcher):
         self.messages.append((conn, msg))
 
 
-@pytest.mark.skipif(CEPH is None, reason="ceph CLI not installed (apt-get install "
-                    "--no-install-recommends ceph-mon brings ceph-common)")
 def test_ceph_cli_handshakes_with_our_server(tmp_path: Path) -> None:
-    assert CEPH is not None
+    require_ceph()  # ceph-mon brings ceph-common, which has the ceph CLI
+    assert CEPH is not None, "ceph CLI not installed (apt-get install ceph-common)"
     center = EventCenter()
     # A mon's address has nonce 0, and a Ceph client insists that SERVER_IDENT names
     # exactly the address it dialled: so does this server.

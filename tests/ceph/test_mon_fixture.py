@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 
-from tests.ceph.mon import BANNER, CephMon
+from tests.ceph.mon import BANNER, CephMon, require_ceph
 
 
 def test_mon_answers_with_a_msgr2_banner(ceph_mon: CephMon) -> None:
@@ -42,6 +42,7 @@ def test_restart_keeps_port_and_data(fresh_mon: CephMon) -> None:
 
 def test_stop_by_pid(tmp_path: os.PathLike[str]) -> None:
     from pathlib import Path
+    require_ceph()
     mon = CephMon(Path(tmp_path))
     mon.bootstrap()
     mon.start()

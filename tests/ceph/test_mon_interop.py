@@ -25,7 +25,7 @@ from protocol.errors import LocalProtocolError
 from protocol.features import ASYNCMSGR, EntityType
 from protocol.message import Message
 from protocol.policy import Policy
-from tests.ceph.mon import MISSING, CephMon
+from tests.ceph.mon import CephMon, require_ceph
 from transport.event_center import EventCenter
 
 
@@ -147,8 +147,7 @@ def test_auth_bad_method_is_worded(ceph_mon: CephMon) -> None:
 
 @pytest.fixture
 def cephx_mon(tmp_path: Path) -> Iterator[CephMon]:
-    if MISSING:
-        pytest.skip(MISSING)
+    require_ceph()
     mon = CephMon(tmp_path, auth="cephx")
     mon.bootstrap()
     mon.start()
@@ -164,3 +163,26 @@ def test_mon_requiring_cephx_is_reported_clearly(cephx_mon: CephMon) -> None:
     text = str(info.value)
     assert "allows methods [cephx]" in text and "asyncmsgr does not implement" in text
     assert "auth_client_required" in text
+
+
+def test_asyncmsgr_message_queued_before_the_handshake_faults_cleanly(ceph_mon: CephMon) -> None:
+    # Queued while the peer is not yet known; once the mon's banner shows it is a Ceph
+    # daemon, the message is refused before anything is written and the session faults
+    # with the reason (lossy: the application is told by ms_handle_reset).
+    center = EventCenter()
+    msgr = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossy_client())
+    d = _Collect()
+    msgr.add_dispatcher(d)
+    try:
+        conn = msgr.connect(("127.0.0.1", ceph_mon.port))
+        conn.send_message(Message(1, {"not": "ceph"}))
+        deadline = time.monotonic() + 10
+        while d.resets == 0:
+            assert time.monotonic() < deadline, "no reset after the refused message"
+            center.process_events(0.05)
+        assert "Ceph daemon" in conn.fault_reason and conn.fault_reason.startswith("cannot send")
+        assert msgr.stats["local_error_ceph_peer"] == 1 and msgr.msgs_out == 0
+    finally:
+        msgr.shutdown()
+        center.process_events(0)
+        center.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ceph.mon import MISSING, CephMon, free_port
+from tests.ceph.mon import CephMon, free_port, require_ceph
 from tests.pool.support import msgr
 
 
@@ -51,8 +51,7 @@ def test_bad_address_says_why() -> None:
 
 @pytest.fixture
 def cephx_mon(tmp_path: Path) -> Iterator[CephMon]:
-    if MISSING:
-        pytest.skip(MISSING)
+    require_ceph()
     mon = CephMon(tmp_path, auth="cephx")
     mon.bootstrap()
     mon.start()
