@@ -61,8 +61,12 @@ class EchoDispatcher(Dispatcher):
     """Reply to every message on the same connection with the same type, front and data."""
 
     def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
-        conn.send_message(Message(msg.type, msg.front, data=msg.data, priority=msg.priority,
-                                  tid=msg.tid))
+        if msg.raw:  # a Ceph message: same bodies and header versions back
+            conn.send_message(Message(msg.type, msg.front, msg.data, msg.priority, msg.tid,
+                                      raw=True, middle=msg.middle, version=msg.version,
+                                      compat_version=msg.compat_version))
+        else:
+            conn.send_message(Message(msg.type, msg.front, msg.data, msg.priority, msg.tid))
 
 
 def cookie_tag(slot: int, generation: int) -> int:
@@ -78,13 +82,18 @@ def cookie_owner(cookie: int) -> tuple[int, int] | None:
 
 def _pack_message(m: Message) -> list[Any]:
     return [m.type, m.priority, m.tid, m.flags, m.seq, m.ack_seq, m.encoded_front(),
-            bytes(m.data)]
+            bytes(m.data), m.raw, bytes(m.middle), m.version, m.compat_version]
 
 
 def _unpack_message(v: list[Any]) -> Message:
-    # An empty encoded front is front=None (the empty segment), not a msgpack value.
-    front = msgpack.unpackb(v[6], raw=False, strict_map_key=False) if v[6] else None
-    m = Message(int(v[0]), front, data=v[7], priority=int(v[1]), tid=int(v[2]), flags=int(v[3]))
+    raw = bool(v[8])
+    # An empty encoded front of an asyncmsgr message is front=None (the empty segment),
+    # not a msgpack value; a Ceph message's front is its raw bytes.
+    front = bytes(v[6]) if raw else (
+        msgpack.unpackb(v[6], raw=False, strict_map_key=False) if v[6] else None)
+    m = Message(int(v[0]), front, data=v[7], priority=int(v[1]), tid=int(v[2]),
+                flags=int(v[3]), raw=raw, middle=bytes(v[9]), version=int(v[10]),
+                compat_version=int(v[11]))
     m.seq, m.ack_seq = int(v[4]), int(v[5])
     return m
 

@@ -20,7 +20,7 @@ import tomllib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from protocol.auth import AuthStats, SecretClientAuth, SecretServerAuth
+from protocol.auth import AuthStats, NoneClientAuth, SecretClientAuth, SecretServerAuth
 from protocol.connection import Config
 from protocol.control import MODE_CRC, MODE_SECURE
 
@@ -95,6 +95,8 @@ class AuthSettings:
 
     def apply(self, config: Config) -> None:
         if self.method == "none":
+            name = self.name
+            config.client_auth = lambda: NoneClientAuth(name)
             return
         mode = MODE_SECURE if self.mode == "secure" else MODE_CRC
         keyring = self.keyring

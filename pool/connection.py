@@ -30,7 +30,8 @@ from protocol.connection import (
     WaitReceived,
 )
 from protocol.control import EntityAddr
-from protocol.errors import ProtocolError
+from protocol.errors import LocalProtocolError, ProtocolError
+from protocol.features import ASYNCMSGR
 from protocol.message import Message, check_outgoing
 from protocol.policy import Policy
 from protocol.session import Session, SessionView
@@ -118,8 +119,11 @@ class AsyncConnection:
 
         The front is encoded here, so later changes to ``msg.front`` are not sent.
         Raises ``LocalProtocolError`` (before queueing anything) when the message cannot
-        be encoded: a header field out of range or a front msgpack cannot encode."""
-        check_outgoing(msg)
+        be encoded (a header field out of range, a front msgpack cannot encode) or when it
+        is an asyncmsgr message and the peer is a Ceph daemon."""
+        wire = self.wire
+        check_outgoing(msg, ceph_peer=wire is not None and wire.peer_features != 0
+                       and not wire.peer_features & ASYNCMSGR)
         if self.state is ConnState.CLOSED:
             log.debug("send on closed %r dropped", self)
             self.msgr.stats["dropped_closed"] += 1
@@ -446,7 +450,14 @@ class AsyncConnection:
             return
         msgr = self.msgr
         before = wire.messages_out
-        wire.write_messages()
+        try:
+            wire.write_messages()
+        except LocalProtocolError as err:
+            # Queued before the peer was known (e.g. an asyncmsgr message for what turned
+            # out to be a Ceph daemon): nothing of it was written; the policy decides.
+            msgr.stats[f"local_error_{err.code}"] += 1
+            self._fault(f"cannot send: {err.reason}")
+            return
         msgr.msgs_out += wire.messages_out - before
         new = wire.data_to_send()
         out = self._out

@@ -18,15 +18,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import ipaddress
 import logging
 import random
 import secrets
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from protocol import features
 from protocol.auth import RefuseServerAuth
 from protocol.connection import Config, Connection, IdentRequest, ReconnectRequest, Role
+from protocol.ceph.messages import message_name
 from protocol.control import EntityAddr
 from protocol.frames import FrameLimits
 from protocol.identity import IdentityCheck, default_identity_check
@@ -55,8 +58,16 @@ RouteHook = Callable[[AsyncConnection, "IdentRequest | ReconnectRequest"], bool]
 
 
 def _addr_entity(addr: Address | None, nonce: int) -> EntityAddr:
+    """An entity_addr_t for a stack address: IP literals as they are, host names
+    resolved (entity_addr_t carries a sockaddr, not a name), paths as paths."""
     if isinstance(addr, tuple):
-        return EntityAddr(nonce, str(addr[0]), int(addr[1]))
+        host = str(addr[0])
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host:
+                host = str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+        return EntityAddr(nonce, host, int(addr[1]))
     return EntityAddr(nonce, str(addr or ""), 0)
 
 
@@ -424,6 +435,10 @@ class Messenger:
     def deliver(self, conn: AsyncConnection, msg: Message, size: int) -> None:
         self.msgs_in += 1
         self._holding = None
+        if msg.raw:  # a Ceph message: name it (MMonGetMap, MMonSubscribe, ...)
+            self.stats[f"ceph_msgs_{message_name(msg.type)}"] += 1
+            log.debug("%r: Ceph message %s v%d seq %d", conn, message_name(msg.type),
+                      msg.version, msg.seq)
         try:
             for d in self.dispatchers:
                 d.ms_dispatch(conn, msg)

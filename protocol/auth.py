@@ -1,10 +1,12 @@
 """Authentication seam of the handshake (AUTH_REQUEST ... AUTH_DONE, AUTH_SIGNATURE).
 
-Only method ``none`` lives here for now; the shared-secret method and secure mode plug in
-through the same two classes. An authenticator sees the auth frames' payloads and, once
+Method ``none`` (Ceph's number 1) and asyncmsgr's shared-secret method (number
+``AUTH_SECRET``, which Ceph does not use; with its own secure mode) plug in through the
+same two classes. cephx (2) is not implemented. An authenticator sees the auth frames' payloads and, once
 done, yields a session key. AUTH_SIGNATURE is HMAC-SHA256 keyed by that key over every
-byte this side *received* before auth completed; the peer checks it against what it
-*sent*, which binds the plaintext banner, hello and auth exchange (msgr2; notes §3.2).
+raw byte this side *received* before auth completed (banner and whole frames,
+:mod:`protocol.transcript`); the peer checks it against what it *sent*, which binds the
+plaintext banner, hello and auth exchange.
 With no key (method none) the signature is 32 zero bytes.
 """
 
@@ -16,6 +18,7 @@ import secrets as _secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .ceph.entity import EntityName, mon_auth_payload
 from .control import AUTH_NONE, AUTH_SECRET, MODE_CRC, MODE_SECURE
 from .errors import RemoteProtocolError
 
@@ -62,9 +65,12 @@ class ClientAuth:
 
 
 class ServerAuth:
-    """Server side of an auth method."""
+    """Server side of an auth method. ``methods`` and ``modes`` are what AUTH_BAD_METHOD
+    tells a refused client this server allows."""
 
     wants_transcript: bool = False
+    methods: tuple[int, ...] = (AUTH_NONE,)
+    modes: tuple[int, ...] = (MODE_CRC,)
 
     def handle_request(self, method: int, modes: tuple[int, ...], payload: bytes
                        ) -> tuple[str, object]:
@@ -76,10 +82,14 @@ class ServerAuth:
 
 
 class NoneClientAuth(ClientAuth):
-    """Method none: no credentials, crc mode."""
+    """Method none: no credentials, crc mode. The payload is the one a mon expects
+    (``protocol.ceph.entity``); asyncmsgr servers ignore it."""
+
+    def __init__(self, name: str = "client.admin") -> None:
+        self.payload = mon_auth_payload(EntityName.parse(name))
 
     def request(self) -> tuple[int, tuple[int, ...], bytes]:
-        return (AUTH_NONE, (MODE_CRC,), b"")
+        return (AUTH_NONE, (MODE_CRC,), self.payload)
 
     def done(self, global_id: int, con_mode: int, payload: bytes) -> AuthResult:
         if con_mode != MODE_CRC:
@@ -197,6 +207,7 @@ class SecretServerAuth(ServerAuth):
     keyring, the mode policy, the replay window and the counters are shared."""
 
     wants_transcript = True
+    methods = (AUTH_SECRET,)
 
     def __init__(self, keyring: dict[str, bytes], mode: int, stats: AuthStats,
                  seen: OrderedDict[bytes, None], window: int = 4096,
@@ -207,6 +218,7 @@ class SecretServerAuth(ServerAuth):
         self.seen = seen
         self.window = window
         self.allow_none = allow_none
+        self.modes = (mode,)
         self.name = b""
         self.client_nonce = b""
         self.server_nonce = b""

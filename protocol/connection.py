@@ -33,6 +33,7 @@ from typing import Any, Union
 
 from . import features as feat
 from .auth import AuthResult, ClientAuth, NoneClientAuth, NoneServerAuth, ServerAuth, signature
+from .ceph import features as ceph_feat
 from .control import MODE_SECURE
 from .secure import TAG_SIZE, SecureChannel
 from .control import (
@@ -44,10 +45,12 @@ from .control import (
 from .errors import LocalProtocolError, RemoteProtocolError
 from .identity import IdentityCheck, mismatch_reason, names_dialled
 from .frames import (
-    Banner, FrameDecoder, FrameLimits, Tag, encode_banner, encode_message_frame,
+    Banner, FrameDecoder, FrameLimits, Tag, encode_banner,
 )
-from .message import HEADER, Message, decode_message
+from .message import Message, decode_message, encode_messages
+from .replies import auth_bad_method_text, missing_features_text, server_bad_method
 from .session import Session
+from .transcript import Transcript
 
 __all__ = [
     "Role", "State", "Config", "Connection", "NEED_DATA", "TRANSITIONS",
@@ -58,7 +61,6 @@ __all__ = [
 
 Buffer = Union[bytes, bytearray, memoryview]
 _EBUSY = -16   # AUTH_BAD_METHOD result: server at its connection limit ("kick the client")
-_EACCES = -13  # AUTH_BAD_METHOD result: credentials or method refused
 
 
 class _NeedData:
@@ -174,8 +176,10 @@ class Config:
     entity_type: int
     my_addr: EntityAddr
     gid: int = 0
-    features_supported: int = feat.SUPPORTED
+    features_supported: int = feat.SUPPORTED          # banner bits
     features_required: int = feat.REQUIRED
+    ceph_features_supported: int = ceph_feat.SUPPORTED  # CLIENT_IDENT / SERVER_IDENT
+    ceph_features_required: int = ceph_feat.REQUIRED
     limits: FrameLimits = field(default_factory=FrameLimits)
     client_auth: Callable[[], ClientAuth] = NoneClientAuth
     #: one ServerAuth per accepted connection (it may hold that connection's nonces)
@@ -241,6 +245,7 @@ class Connection:
         self.target_addr = target_addr or EntityAddr(0, "", 0)
         self.learned_addr: EntityAddr | None = None
         self.auth_failure: str | None = None
+        self.auth_method = 0  # server: the method the client asked for
         self.auth: AuthResult | None = None
         self.pending_request: ClientIdent | SessionReconnect | None = None
         self._client_auth: ClientAuth | None = config.client_auth() if role is Role.CLIENT else None
@@ -248,17 +253,16 @@ class Connection:
         self._secure: SecureChannel | None = None
         self._scratch: bytearray | None = None
         self._error: RemoteProtocolError | None = None
-        self._pre_auth_rx = bytearray()
-        self._pre_auth_tx = bytearray()
+        self._lent: memoryview | None = None
         self._out: list[Buffer] = []
         self._peer_signature: bytes | None = None
         self._events: list[Event] = []
         self.messages_in = 0
         self.messages_out = 0
+        self.transcript = Transcript(self._wants_transcript())
         banner = encode_banner(config.features_supported, config.features_required)
-        if self._wants_transcript():
-            self._pre_auth_tx += banner
-        self._send_raw(banner)
+        self.transcript.sent((banner,))
+        self._out.append(banner)
 
     # -- I/O surface -----------------------------------------------------------------
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -266,19 +270,25 @@ class Connection:
             if self._scratch is None:
                 self._scratch = bytearray(256 * 1024)
             return memoryview(self._scratch)
-        return self.decoder.get_buffer(sizehint)
+        view = self.decoder.get_buffer(sizehint)
+        self._lent = view if self.transcript.recording else None
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._secure is not None:
             assert self._scratch is not None
             self._feed_secure(memoryview(self._scratch)[:nbytes])
             return
+        if self._lent is not None:
+            self.transcript.received(self._lent[:nbytes])
+            self._lent = None
         self.decoder.buffer_updated(nbytes)
 
     def receive_data(self, data: Buffer) -> None:
         if self._secure is not None:
             self._feed_secure(data)
             return
+        self.transcript.received(data)
         self.decoder.feed(data)
 
     def _feed_secure(self, data: Buffer) -> None:
@@ -370,8 +380,6 @@ class Connection:
                     "the peer is not following msgr2", "bad_tag")
             handler, nxt = entry
             payload = frame.segments[0] if frame.segments else memoryview(b"")
-            if self.auth is None and state is not State.READY:
-                self._record_rx(frame.tag, frame.segments)
             self.state = nxt
             try:
                 getattr(self, handler)(decode_control(tag, payload) if tag != Tag.MESSAGE
@@ -388,19 +396,10 @@ class Connection:
             return self._client_auth.wants_transcript
         return self._server_auth is not None and self._server_auth.wants_transcript
 
-    def _record_rx(self, tag: int, segments: Sequence[memoryview]) -> None:
-        if self._wants_transcript():
-            self._pre_auth_rx += bytes([tag])
-            for s in segments:
-                self._pre_auth_rx += s
-
-    def _send_raw(self, data: bytes) -> None:
-        self._out.append(data)
-
     def _send_control(self, obj: Any) -> None:
         bufs = encode_control(obj)
-        if self.auth is None and self._wants_transcript():
-            self._pre_auth_tx += bytes([obj.TAG]) + obj.encode()
+        if self.auth is None:
+            self.transcript.sent(bufs)
         if self._secure is not None:
             self._out.append(self._secure.seal(bufs))
         else:
@@ -420,8 +419,6 @@ class Connection:
         if not banner.supported & feat.REVISION_1:
             raise RemoteProtocolError("peer does not speak msgr2.1 (REVISION_1)", "features")
         self.peer_features = banner.supported
-        if self._wants_transcript():
-            self._pre_auth_rx += encode_banner(banner.supported, banner.required)
         self.state = State.HELLO
         peer = self.target_addr if self.role is Role.CLIENT else self.seen_peer_addr
         self._send_control(Hello(int(cfg.entity_type), peer))
@@ -436,6 +433,7 @@ class Connection:
 
     def _on_auth_request(self, req: AuthRequest) -> None:
         assert self._server_auth is not None
+        self.auth_method = req.method
         self._server_auth_outcome(self._server_auth.handle_request(
             req.method, tuple(req.preferred_modes), bytes(req.payload)))
 
@@ -455,7 +453,8 @@ class Connection:
             self._finish_auth(value)
         else:
             busy = kind == "busy"
-            self._send_control(AuthBadMethod(0, _EBUSY if busy else _EACCES, (1, 2), (1, 2)))
+            assert self._server_auth is not None
+            self._send_control(server_bad_method(self._server_auth, busy, self.auth_method))
             self.state = State.CLOSED
             self.auth_failure = str(value)
             raise RemoteProtocolError(f"{'refused' if busy else 'authentication rejected'}: "
@@ -466,13 +465,8 @@ class Connection:
         self._send_control(AuthRequestMore(self._client_auth.more(bytes(more.payload))))
 
     def _on_auth_bad_method(self, bad: AuthBadMethod) -> None:
-        if bad.result == _EBUSY:
-            raise RemoteProtocolError("server refused the connection: it is at its "
-                                      "connection limit (EBUSY); retry later or scale the "
-                                      "pool up", "busy")
-        raise RemoteProtocolError(
-            f"server rejected auth method {bad.method} (result {bad.result}); it allows "
-            f"methods {list(bad.allowed_methods)}: configure a matching --auth", "auth")
+        raise RemoteProtocolError(auth_bad_method_text(bad), "busy" if bad.result == _EBUSY
+                                  else "auth")
 
     def _on_auth_done(self, done: AuthDone) -> None:
         assert self._client_auth is not None
@@ -481,18 +475,19 @@ class Connection:
 
     def _finish_auth(self, result: AuthResult) -> None:
         self.auth = result
+        # Cut the transcript before secure mode takes the (ciphertext) rest of the buffer.
+        rx = self.transcript.finish_received(self.decoder.buffered)
         if result.con_mode == MODE_SECURE:
             self._enable_secure(result.session_key)
-        self._send_control(AuthSignature(signature(result.session_key, bytes(self._pre_auth_rx))))
+        self._send_control(AuthSignature(signature(result.session_key, rx)))
 
     def _on_signature(self, sig: AuthSignature) -> None:
         assert self.auth is not None
-        expected = signature(self.auth.session_key, bytes(self._pre_auth_tx))
+        expected = signature(self.auth.session_key, self.transcript.sent_bytes())
         if bytes(sig.sha256) != expected:
             raise RemoteProtocolError("AUTH_SIGNATURE mismatch: the pre-auth exchange was "
                                       "altered in transit", "auth_signature")
-        self._pre_auth_rx = bytearray()
-        self._pre_auth_tx = bytearray()
+        self.transcript.stop()
         if self.role is Role.CLIENT:
             assert self.session is not None
             if self.session.server_cookie:
@@ -510,8 +505,8 @@ class Connection:
         s.global_seq = cfg.next_global_seq(s.global_seq)
         self.state = State.SESSION_CONNECTING
         self._send_control(ClientIdent(
-            (cfg.my_addr,), self.target_addr, cfg.gid, s.global_seq,
-            cfg.features_supported, cfg.features_required,
+            (self._ident_addr(),), self.target_addr, cfg.gid, s.global_seq,
+            cfg.ceph_features_supported, cfg.ceph_features_required,
             IDENT_FLAG_LOSSY if s.policy.lossy else 0, s.client_cookie))
 
     def _send_reconnect(self) -> None:
@@ -541,9 +536,16 @@ class Connection:
         self.peer_addrs = tuple(ident.addrs)
         self._events.append(Ready(False, self.peer_type, self.peer_addrs, unnamed))
 
+    def _ident_addr(self) -> EntityAddr:
+        """Our address for CLIENT_IDENT: with no IP of our own (a client that never
+        bound), the IP the server told us in HELLO, as Ceph clients do."""
+        me, seen = self.config.my_addr, self.learned_addr
+        if me.host or seen is None or not seen.host:
+            return me
+        return EntityAddr(me.nonce, seen.host, 0, me.type)
+
     def _on_missing_features(self, m: IdentMissingFeatures) -> None:
-        raise RemoteProtocolError(f"server requires features {m.features:#x} we lack",
-                                  "features")
+        raise RemoteProtocolError(missing_features_text(m.features), "features")
 
     def _on_wait(self, _w: Wait) -> None:
         self._events.append(WaitReceived())
@@ -582,7 +584,7 @@ class Connection:
     def _on_client_ident(self, ident: ClientIdent) -> None:
         if not ident.addrs:
             raise RemoteProtocolError("CLIENT_IDENT without an address", "bad_ident")
-        missing = self.config.features_required & ~ident.features_supported
+        missing = self.config.ceph_features_required & ~ident.features_supported
         if missing:
             self._send_control(IdentMissingFeatures(missing))
             return
@@ -614,8 +616,8 @@ class Connection:
         self.pending_request = None
         self.state = State.READY
         self._send_control(ServerIdent(
-            (cfg.my_addr,), cfg.gid, session.global_seq, cfg.features_supported,
-            cfg.features_required, IDENT_FLAG_LOSSY if session.policy.lossy else 0,
+            (cfg.my_addr,), cfg.gid, session.global_seq, cfg.ceph_features_supported,
+            cfg.ceph_features_required, IDENT_FLAG_LOSSY if session.policy.lossy else 0,
             session.server_cookie))
 
     def accept_reconnect(self, session: Session) -> None:
@@ -650,7 +652,7 @@ class Connection:
 
     # -- READY ----------------------------------------------------------------------------
     def _on_message_frame(self, segments: Sequence[memoryview]) -> Event | None:
-        msg = decode_message(segments)
+        msg = decode_message(segments, asyncmsgr=bool(self.peer_features & feat.ASYNCMSGR))
         s = self.session
         assert s is not None
         sent = s.sent
@@ -682,22 +684,10 @@ class Connection:
             return 0
         s = self.session
         assert s is not None
-        out = self._out
-        pack = HEADER.pack
         sec = self._secure
         batch = s.take_outgoing(max_messages)
-        for msg in batch:
-            try:
-                header = pack(msg.type, msg.priority, 0, msg.seq, msg.ack_seq, msg.tid,
-                              msg.flags)
-            except Exception as exc:
-                raise LocalProtocolError(f"message header out of range: {exc}",
-                                         "bad_header") from exc
-            frame = encode_message_frame(header, msg.encoded_front(), msg.data)
-            if sec is None:
-                out += frame
-            else:
-                out.append(sec.seal(frame))
+        encode_messages(batch, bool(self.peer_features & feat.ASYNCMSGR), self._out,
+                        None if sec is None else sec.seal)
         n = len(batch)
         if n == 0 and s.ack_pending:
             s.ack_pending = 0
@@ -724,7 +714,6 @@ class Connection:
         req = self.pending_request
         return {
             "peer_type": self.peer_type,
-            "peer_features": self.peer_features,
             "seen_peer_addr": self.seen_peer_addr.encode(),
             "tag": int(req.TAG),
             "request": req.encode(),
@@ -735,6 +724,7 @@ class Connection:
         """Auth outcome, secure-mode keys and counters, and unparsed bytes."""
         sec = self._secure
         return {
+            "peer_features": self.peer_features,  # banner bits: is the peer asyncmsgr?
             "global_id": self.auth.global_id if self.auth else 0,
             "con_mode": self.auth.con_mode if self.auth else 0,
             "session_key": (self.auth.session_key or b"") if self.auth else b"",
@@ -745,6 +735,7 @@ class Connection:
 
     def _import_stream(self, state: dict[str, Any]) -> None:
         key = bytes(state.get("session_key") or b"") or None
+        self.peer_features = int(state["peer_features"])
         self.auth = AuthResult(int(state["global_id"]), int(state["con_mode"]), key)
         if state.get("pending"):
             self.decoder.feed(state["pending"])
@@ -763,7 +754,6 @@ class Connection:
         conn = cls(Role.SERVER, config)
         conn._out.clear()  # the banner was sent by the exporting process
         conn.peer_type = int(state["peer_type"])
-        conn.peer_features = int(state["peer_features"])
         conn.seen_peer_addr = EntityAddr.decode(memoryview(state["seen_peer_addr"]))
         conn.state = State.SESSION_ACCEPTING
         req = decode_control(int(state["tag"]), memoryview(state["request"]))

@@ -8,8 +8,10 @@ remain *before* anything is sliced or allocated. Every violation is a
 ``RemoteProtocolError(code="bad_payload")`` naming the frame and the field.
 
 Wire kinds: ``u8 u16 u32 u64 i32 i64`` little-endian integers; ``bool`` one byte;
-``bytes`` le32 length + bytes; ``u32list`` le32 count + le32 items; ``addr`` an
-:class:`EntityAddr`; ``addrs`` le32 count + addrs; ``sig`` exactly 32 raw bytes.
+``bytes`` le32 length + bytes; ``u32list`` le32 count + le32 items; ``addr`` Ceph's
+entity_addr_t and ``addrs`` its entity_addrvec_t (:mod:`protocol.ceph.addr`, with
+ENCODE_START honoured); ``sig`` exactly 32 raw bytes. These are Ceph's msgr2.1 payloads
+(``notes/msgr2-wire.md``), so a real ceph-mon parses every frame we send.
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, Self
 
+from .ceph.addr import EntityAddr, decode_addr, decode_addrvec, encode_addr, encode_addrvec
+from .ceph.encoding import Decoder, Encoder
 from .errors import LocalProtocolError, RemoteProtocolError
 from .frames import Buffer, Tag, encode_frame
 
 __all__ = [
+    "AUTH_CEPHX",
+    "AUTH_GSS",
+    "AUTH_METHOD_NAMES",
     "AUTH_NONE",
     "AUTH_SECRET",
+    "MODE_NAMES",
     "CONTROL_TYPES",
     "IDENT_FLAG_LOSSY",
     "MAX_LIST",
@@ -57,10 +65,19 @@ __all__ = [
 ]
 
 IDENT_FLAG_LOSSY = 1
+#: Ceph's auth method numbers: none 1, cephx 2, gss 4 (CEPH_AUTH_*)
 AUTH_NONE = 1
-AUTH_SECRET = 2
+AUTH_CEPHX = 2
+AUTH_GSS = 4
+#: asyncmsgr's shared-secret method, between asyncmsgr peers only: a number Ceph does not
+#: use, so a Ceph peer answers AUTH_BAD_METHOD instead of misparsing our payload.
+AUTH_SECRET = 0x41
+AUTH_METHOD_NAMES = {AUTH_NONE: "none", AUTH_CEPHX: "cephx", AUTH_GSS: "gss",
+                     AUTH_SECRET: "asyncmsgr-secret"}
 MODE_CRC = 1
+#: Ceph's secure mode with cephx; under AUTH_SECRET it is asyncmsgr's own AES-GCM records
 MODE_SECURE = 2
+MODE_NAMES = {MODE_CRC: "crc", MODE_SECURE: "secure"}
 
 MAX_LIST = 16
 MAX_STR = 255
@@ -70,7 +87,6 @@ _INT_FORMATS = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "i32": "i", "i64"
 _STRUCTS = {kind: struct.Struct("<" + fmt) for kind, fmt in _INT_FORMATS.items()}
 _U8 = _STRUCTS["u8"]
 _U32 = _STRUCTS["u32"]
-_ADDR_HEAD = struct.Struct("<IHB")  # nonce, port, host length
 
 
 def _bad(frame: str, field: str, what: str) -> NoReturn:
@@ -115,50 +131,27 @@ class _Reader:
             _bad(self.frame, "end", f"followed by {extra} trailing bytes")
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class EntityAddr:
-    """A peer address: ``<IH`` nonce, port, then u8 length + UTF-8 host.
-
-    Ordered by (nonce, host, port) so race tie-breaks ("lower address wins") are total
-    and deterministic; hashable so it can key a session registry.
-    """
-
-    nonce: int
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}/{self.nonce}"
-
-    def encode(self) -> bytes:
-        """Wire bytes; ``LocalProtocolError`` if a field does not fit."""
-        host = self.host.encode("utf-8") if isinstance(self.host, str) else None
-        if host is None or len(host) > MAX_STR:
-            raise LocalProtocolError(f"EntityAddr host must be a str of <= {MAX_STR} UTF-8 bytes,"
-                                     f" got {self.host!r}", "bad_field")
-        try:
-            return _ADDR_HEAD.pack(self.nonce, self.port, len(host)) + host
-        except struct.error as exc:
-            raise LocalProtocolError(f"EntityAddr {self!r}: nonce must be u32, port u16 ({exc})",
-                                     "bad_field") from exc
-
-    @classmethod
-    def decode(cls, payload: Buffer) -> EntityAddr:
-        """Decode exactly one address (no trailing bytes)."""
-        r = _Reader(_view(payload), "EntityAddr")
-        addr = _read_addr(r, "addr")
-        r.finish()
-        return addr
-
-
 def _read_addr(r: _Reader, field: str) -> EntityAddr:
-    nonce, port, n = r.unpack(_ADDR_HEAD, field)
-    raw = r.take(n, field + ".host")
+    """entity_addr_t at the cursor (Ceph's encoding, ENCODE_START honoured)."""
+    dec = Decoder(r.buf, f"{r.frame} payload")
+    dec.pos = r.pos
     try:
-        host = str(raw, "utf-8")
-    except UnicodeDecodeError:
-        _bad(r.frame, field + ".host", "is not valid UTF-8")
-    return EntityAddr(nonce, host, port)
+        addr = decode_addr(dec, field)
+    except RemoteProtocolError as exc:
+        raise RemoteProtocolError(exc.reason, "bad_payload") from None
+    r.pos = dec.pos
+    return addr
+
+
+def _read_addrvec(r: _Reader, field: str) -> tuple[EntityAddr, ...]:
+    dec = Decoder(r.buf, f"{r.frame} payload")
+    dec.pos = r.pos
+    try:
+        addrs = decode_addrvec(dec, field)
+    except RemoteProtocolError as exc:
+        raise RemoteProtocolError(exc.reason, "bad_payload") from None
+    r.pos = dec.pos
+    return addrs
 
 
 # -- per-kind codecs ------------------------------------------------------------------
@@ -180,11 +173,6 @@ def _dec_u32list(r: _Reader, field: str) -> tuple[int, ...]:
     return struct.unpack(f"<{n}I", r.take(4 * n, field))
 
 
-def _dec_addrs(r: _Reader, field: str) -> tuple[EntityAddr, ...]:
-    n = r.count(field)
-    return tuple(_read_addr(r, f"{field}[{i}]") for i in range(n))
-
-
 def _dec_sig(r: _Reader, field: str) -> bytes:
     return bytes(r.take(SIG_SIZE, field))
 
@@ -198,7 +186,7 @@ def _int_decoder(st: struct.Struct) -> Callable[[_Reader, str], Any]:
 _DECODERS: dict[str, Callable[[_Reader, str], Any]] = {
     kind: _int_decoder(st) for kind, st in _STRUCTS.items()}
 _DECODERS.update(bool=_dec_bool, bytes=_dec_bytes, u32list=_dec_u32list, addr=_read_addr,
-                 addrs=_dec_addrs, sig=_dec_sig)
+                 addrs=_read_addrvec, sig=_dec_sig)
 
 
 def _enc_fail(frame: str, field: str, value: object, want: str) -> NoReturn:
@@ -245,14 +233,18 @@ def _enc_u32list(frame: str, field: str, value: Any) -> bytes:
 def _enc_addr(frame: str, field: str, value: Any) -> bytes:
     if not isinstance(value, EntityAddr):
         _enc_fail(frame, field, value, "an EntityAddr")
-    return value.encode()
+    enc = Encoder(f"{frame}.{field}")
+    encode_addr(enc, value)
+    return enc.getvalue()
 
 
 def _enc_addrs(frame: str, field: str, value: Any) -> bytes:
     items = tuple(value) if isinstance(value, tuple | list) else None
     if items is None or len(items) > MAX_LIST:
         _enc_fail(frame, field, value, f"a sequence of <= {MAX_LIST} EntityAddr")
-    return _U32.pack(len(items)) + b"".join(_enc_addr(frame, field, a) for a in items)
+    enc = Encoder(f"{frame}.{field}")
+    encode_addrvec(enc, items)
+    return enc.getvalue()
 
 
 def _enc_sig(frame: str, field: str, value: Any) -> bytes:

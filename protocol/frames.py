@@ -102,8 +102,7 @@ _unpack_u32 = _U32.unpack_from
 assert _PREAMBLE.size == PREAMBLE_SIZE and _EPILOGUE.size == EPILOGUE_SIZE
 
 _ALIGN_DEFAULT = 8
-_ALIGN_DATA = 4096  # receive-buffer hint for the MESSAGE data segment (index 2)
-_DATA_INDEX = 2
+_ALIGN_DATA = 4096  # receive-buffer hint for the MESSAGE data segment (index 3)
 _TAG_MESSAGE = int(Tag.MESSAGE)
 # A 256-entry table is cheaper than enum membership tests on every frame.
 _KNOWN_TAG = tuple(t in Tag._value2member_map_ for t in range(256))
@@ -119,7 +118,7 @@ class FrameLimits:
     """Hard caps enforced from the preamble, before the body is allocated.
 
     ``control_max`` bounds the (single) segment of any non-MESSAGE frame; for MESSAGE
-    frames segment index 2 (data) is bounded by ``data_max`` and every other segment by
+    frames segment 3 (data) is bounded by ``data_max`` and header, front and middle by
     ``segment_max``. Values may be lowered, never raised above the defaults.
     """
 
@@ -205,9 +204,9 @@ def encode_frame(tag: int, segments: Sequence[Buffer], flags: int = 0) -> list[B
         l1 = lens[1]
         l2 = lens[2] if nseg > 2 else 0
         l3 = lens[3] if nseg > 3 else 0
-        a2 = (_ALIGN_DATA if tag == _TAG_MESSAGE else _ALIGN_DEFAULT) if nseg > 2 else 0
-        body = _PRE_BODY.pack(tag, nseg, l0, _ALIGN_DEFAULT, l1, _ALIGN_DEFAULT, l2, a2,
-                              l3, _ALIGN_DEFAULT if nseg > 3 else 0, flags, 0)
+        a3 = (_ALIGN_DATA if tag == _TAG_MESSAGE else _ALIGN_DEFAULT) if nseg > 3 else 0
+        body = _PRE_BODY.pack(tag, nseg, l0, _ALIGN_DEFAULT, l1, _ALIGN_DEFAULT, l2,
+                              _ALIGN_DEFAULT if nseg > 2 else 0, l3, a3, flags, 0)
     out: list[Buffer] = [body + _U32.pack(_crc(body, _MASK32) ^ _MASK32)]
     if l0:
         seg0 = segments[0]
@@ -226,26 +225,26 @@ def encode_frame(tag: int, segments: Sequence[Buffer], flags: int = 0) -> list[B
     return out
 
 
-def encode_message_frame(header: bytes, front: bytes, data: Buffer) -> list[Buffer]:
-    """``encode_frame(Tag.MESSAGE, [header, front, data])`` for the hot path.
+def encode_message_frame(header: bytes, front: bytes, data: Buffer,
+                         middle: Buffer = b"") -> list[Buffer]:
+    """``encode_frame(Tag.MESSAGE, [header, front, middle, data])`` for the hot path.
 
-    Same bytes as the general encoder; specialised because it runs once per message:
-    ``header`` is never empty, and an empty ``data`` (or empty ``front`` and ``data``)
-    is trimmed as the general encoder trims it. Small frames come back as ONE buffer
-    (joining ~100 bytes is cheaper than handing the kernel five tiny iovecs); a large
-    data segment stays a separate buffer and is never copied.
-    """
+    Same bytes as the general encoder (trailing empty segments trimmed), specialised as
+    it runs once per message. Small frames come back as ONE buffer (joining ~100 bytes is
+    cheaper than five tiny iovecs); a large data segment stays apart, never copied."""
     l0 = len(header)
     l1 = len(front)
-    l2 = data.nbytes if type(data) is memoryview else len(data)
+    l3 = data.nbytes if type(data) is memoryview else len(data)
     crc = _crc
-    if l2:
-        body = _PRE_BODY.pack(_TAG_MESSAGE, 3, l0, 8, l1, 8, l2, _ALIGN_DATA, 0, 0, 0, 0)
-        epi = _EPILOGUE.pack(LATE_STATUS_COMPLETE, crc(front, 0) ^ _MASK32,
-                             crc(data, 0) ^ _MASK32, 0)
+    if len(middle):  # rare (Ceph messages only): the general encoder
+        return encode_frame(_TAG_MESSAGE, [header, front, middle, data])
+    if l3:  # the middle present but empty (align 8, crc of nothing), as Ceph sends it
+        body = _PRE_BODY.pack(_TAG_MESSAGE, 4, l0, 8, l1, 8, 0, 8, l3, _ALIGN_DATA, 0, 0)
+        epi = _EPILOGUE.pack(LATE_STATUS_COMPLETE, crc(front, 0) ^ _MASK32, _MASK32,
+                             crc(data, 0) ^ _MASK32)
         pre_crc = _U32.pack(crc(body, _MASK32) ^ _MASK32)
         head_crc = _U32.pack(crc(header, 0) ^ _MASK32)
-        if l2 <= 4096:
+        if l3 <= 4096:
             return [b"".join((body, pre_crc, header, head_crc, front, data, epi))]
         return [b"".join((body, pre_crc, header, head_crc, front)), data, epi]
     if l1:
@@ -525,8 +524,9 @@ class FrameDecoder:
             self.aborted_frames += 1
 
     def next_message(self) -> tuple[memoryview, ...] | None:
-        """The segments of the next frame if it is a whole, valid MESSAGE frame of 1..3
-        segments lying in the current chunk, consumed; else ``None`` and nothing consumed.
+        """The segments of the next frame if it is a whole, valid MESSAGE frame of 1, 2 or
+        4 segments (with an empty middle: what every sender without a middle sends) lying
+        in the current chunk, consumed; else ``None`` and nothing consumed.
 
         The per-message fast path: one call instead of ``next_frame`` and its helpers,
         and no ``Frame`` object. It never raises and accepts only frames ``next_frame``
@@ -541,20 +541,20 @@ class FrameDecoder:
         buf = self._buf
         (tag, nseg, l0, _a0, l1, _a1, l2, _a2, l3, _a3, _flags, _rsv,
          crc) = _unpack_preamble(buf, start)
-        if tag != _TAG_MESSAGE or l3 or not l0 or l0 > self._segment_max:
+        if tag != _TAG_MESSAGE or l2 or not l0 or l0 > self._segment_max:
             return None
         if nseg == 1:
-            if l1 or l2:
+            if l1 or l3:
                 return None
             end = start + PREAMBLE_SIZE + 4 + l0
         elif nseg == 2:
-            if l2 or not l1 or l1 > self._segment_max:
+            if l3 or not l1 or l1 > self._segment_max:
                 return None
             end = start + PREAMBLE_SIZE + 4 + l0 + l1 + EPILOGUE_SIZE
-        elif nseg == 3:
-            if not l2 or l1 > self._segment_max or l2 > self._data_max:
+        elif nseg == 4:
+            if not l3 or l1 > self._segment_max or l3 > self._data_max:
                 return None
-            end = start + PREAMBLE_SIZE + 4 + l0 + l1 + l2 + EPILOGUE_SIZE
+            end = start + PREAMBLE_SIZE + 4 + l0 + l1 + l3 + EPILOGUE_SIZE
         else:
             return None
         if end > self._end:
@@ -579,13 +579,13 @@ class FrameDecoder:
             self._start = end
             return (seg0, seg1)
         p += l1
-        seg2 = mv[p:p + l2]
-        late, c1, c2, c3 = _unpack_epilogue(buf, p + l2)
-        if (late != LATE_STATUS_COMPLETE or c3 or _crc(seg1, 0) ^ _MASK32 != c1
-                or _crc(seg2, 0) ^ _MASK32 != c2):
+        seg3 = mv[p:p + l3]
+        late, c1, c2, c3 = _unpack_epilogue(buf, p + l3)
+        if (late != LATE_STATUS_COMPLETE or c2 != _MASK32 or _crc(seg1, 0) ^ _MASK32 != c1
+                or _crc(seg3, 0) ^ _MASK32 != c3):
             return None
         self._start = end
-        return (seg0, seg1, seg2)
+        return (seg0, seg1, mv[p:p], seg3)
 
     def _parse_preamble(self, off: int) -> _Header:
         """Validate the preamble at ``off`` and return its header; allocates nothing."""
@@ -607,8 +607,8 @@ class FrameDecoder:
             raise FrameError(f"unknown frame tag {tag}", "bad_tag")
         if tag == _TAG_MESSAGE:
             seg_max = self._segment_max
-            if l0 > seg_max or l1 > seg_max or l2 > self._data_max or l3 > seg_max:
-                caps = (seg_max, seg_max, self._data_max, seg_max)
+            if l0 > seg_max or l1 > seg_max or l2 > seg_max or l3 > self._data_max:
+                caps = (seg_max, seg_max, seg_max, self._data_max)
                 i = next(i for i in range(4) if lens[i] > caps[i])
                 raise FrameError(f"MESSAGE segment {i} announces {lens[i]} bytes, cap {caps[i]}",
                                  "oversize")

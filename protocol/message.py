@@ -1,23 +1,41 @@
-"""Application messages carried by MESSAGE frames: header, msgpack front, raw data.
+"""Messages carried by MESSAGE frames: Ceph's ``ceph_msg_header2`` and four segments.
 
-Segments of a MESSAGE frame: ``[header (32 bytes), front (msgpack), data (raw)]``.
-An empty front segment means ``front=None`` (saves a segment and its crc for the common
-header-only message); the data segment is never decoded or re-encoded, and on receive it
-is the frame's memoryview itself, so a large payload is never copied by this layer.
+Segments of a MESSAGE frame (msgr2.1): ``[header (41 bytes), front, middle, data]``,
+data at index 3 with alignment 4096; trailing empty segments are trimmed.
+
+Two families share the frame:
+
+- **Ceph messages** (``raw=True``): ``type`` is Ceph's type number; ``front`` and
+  ``middle`` are bytes in the type's own encoding (:mod:`protocol.ceph.messages` has the
+  ones asyncmsgr knows), ``version``/``compat_version`` come from the header. Anything a
+  Ceph peer sends arrives this way; any type may be sent this way.
+- **asyncmsgr messages** (``raw=False``, the default): ``front`` is any msgpack-able
+  object and ``type`` is the application's number in ``0..ASYNCMSGR_TYPE_MAX``; on the
+  wire the type is ``ASYNCMSGR_TYPE_BASE + type``. They travel only between peers that
+  announced asyncmsgr in their banner (``features.ASYNCMSGR``): a real Ceph daemon
+  closes the connection on a type it does not know, so sending one to a Ceph peer is a
+  ``LocalProtocolError`` raised before anything is written.
+
+The data segment is never decoded or re-encoded, and on receive it is the frame's
+memoryview itself, so a large payload is never copied by this layer.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
+from .ceph.header import HEADER2
 from .errors import LocalProtocolError, RemoteProtocolError
+from .frames import encode_message_frame
 
 __all__ = [
+    "ASYNCMSGR_TYPE_BASE",
+    "ASYNCMSGR_TYPE_MAX",
     "HEADER",
     "MAX_FRONT",
     "PRIO_DEFAULT",
@@ -27,7 +45,10 @@ __all__ = [
     "Message",
     "check_outgoing",
     "decode_message",
+    "encode_header",
+    "encode_messages",
     "message_segments",
+    "refuse_ceph_peer",
 ]
 
 PRIO_LOW = 64
@@ -35,14 +56,21 @@ PRIO_DEFAULT = 127
 PRIO_HIGH = 196
 PRIO_HIGHEST = 255
 
-#: type u16, priority u8, reserved u8, seq u64, ack_seq u64, tid u64, flags u32 (32 bytes).
-HEADER = struct.Struct("<HBBQQQI")
+#: ceph_msg_header2 (41 bytes): seq, tid, type, priority, version, data_pre_padding_len,
+#: data_off, ack_seq, flags, compat_version, reserved
+HEADER = HEADER2
 MAX_FRONT = 16 * 1024 * 1024
+#: asyncmsgr's message family: wire types BASE..BASE+MAX (Ceph's types stay far below)
+ASYNCMSGR_TYPE_BASE = 0x8000
+ASYNCMSGR_TYPE_MAX = 0x7FFF
 
 Data = bytes | bytearray | memoryview
 _EMPTY = b""
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
+_pack_header = HEADER2.pack
+_unpack_header = HEADER2.unpack
+_HEADER_SIZE = HEADER2.size
 # Everything msgpack raises for malformed input: truncated/extra data and bad formats
 # (ValueError family), unhashable map keys (TypeError), absurd nesting (StackError is a
 # ValueError; RecursionError for safety), and ints out of range for Python-side hooks.
@@ -52,7 +80,7 @@ _MSGPACK_ERRORS = (ValueError, TypeError, RecursionError, OverflowError,
 
 @dataclass(slots=True, eq=False)
 class Message:
-    """One application message. Equality is identity: two sends are two messages."""
+    """One message. Equality is identity: two sends are two messages."""
 
     type: int
     front: Any = None
@@ -62,21 +90,37 @@ class Message:
     flags: int = 0
     seq: int = 0  # set by the session on send / from the header on receive
     ack_seq: int = 0
+    #: a Ceph message: ``front``/``middle`` are raw bytes, ``type`` is Ceph's number
+    raw: bool = False
+    middle: Data = b""
+    version: int = 1
+    compat_version: int = 1
     _front: bytes | None = field(default=None, init=False, repr=False)
 
     def encoded_front(self) -> bytes:
-        """``msgpack.packb(front)``, cached so a resend after reconnect does not re-encode.
+        """The front segment, cached so a resend after reconnect does not re-encode.
 
-        ``None`` encodes as the empty segment. Mutating ``front`` after the first send is
-        not seen by later resends (by design: a resend must carry the same bytes).
+        asyncmsgr messages: ``msgpack.packb(front)``, with ``None`` as the empty segment;
+        mutating ``front`` after the first send is not seen by later resends (by design:
+        a resend must carry the same bytes). Ceph messages: ``front`` itself (bytes).
         """
         cached = self._front
         if cached is None:
-            if self.front is None:
+            front = self.front
+            if self.raw:
+                if front is None:
+                    cached = _EMPTY
+                elif isinstance(front, bytes | bytearray | memoryview):
+                    cached = bytes(front)
+                else:
+                    raise LocalProtocolError(
+                        f"Ceph message type {self.type}: front must be bytes (encode it with "
+                        f"protocol.ceph.messages), got {type(front).__name__}", "bad_front")
+            elif front is None:
                 cached = _EMPTY
             else:
                 try:
-                    cached = _packb(self.front, use_bin_type=True)
+                    cached = _packb(front, use_bin_type=True)
                 except (TypeError, ValueError, OverflowError) as exc:
                     raise LocalProtocolError(
                         f"message type {self.type}: front is not msgpack-able ({exc})",
@@ -84,73 +128,135 @@ class Message:
             self._front = cached
         return cached
 
+    @property
+    def wire_type(self) -> int:
+        return self.type if self.raw else ASYNCMSGR_TYPE_BASE + self.type
 
-def check_outgoing(msg: Message) -> None:
-    """Raise ``LocalProtocolError`` now if ``msg`` cannot be encoded: its header fields
-    out of range or its front not msgpack-able. Call it when the message is queued, so
-    the sender hears of its mistake instead of the session failing later, after the
-    message took a sequence number. The front encoding is cached for the send."""
+
+def _pack(msg: Message, seq: int, ack_seq: int) -> bytes:
+    if not msg.raw and not 0 <= msg.type <= ASYNCMSGR_TYPE_MAX:
+        raise LocalProtocolError(
+            f"asyncmsgr message type must be 0..{ASYNCMSGR_TYPE_MAX}, got {msg.type!r} (for "
+            "a Ceph type number, send a Ceph message: Message(..., raw=True))", "bad_header")
     try:
-        HEADER.pack(msg.type, msg.priority, 0, 0, 0, msg.tid, msg.flags)
+        return _pack_header(seq, msg.tid, msg.wire_type, msg.priority, msg.version, 0, 0,
+                            ack_seq, msg.flags, msg.compat_version, 0)
     except struct.error as exc:
         raise LocalProtocolError(
-            f"message header out of range (type u16, priority u8, tid u64, flags u32): {exc}",
-            "bad_header") from exc
+            f"message header out of range (type u16, priority u16, version u16, tid u64, "
+            f"flags u8, compat_version u16): {exc}", "bad_header") from exc
+
+
+def encode_header(msg: Message) -> bytes:
+    """The header segment for a message the session has numbered (``msg.seq``)."""
+    return _pack(msg, msg.seq, msg.ack_seq)
+
+
+def check_outgoing(msg: Message, ceph_peer: bool = False) -> None:
+    """Raise ``LocalProtocolError`` now if ``msg`` cannot be encoded (header fields out of
+    range, a front that is not msgpack-able or, for a Ceph message, not bytes), or if it
+    is an asyncmsgr message and the peer is known to be a Ceph daemon. Call it when the
+    message is queued, so the sender hears of its mistake instead of the session failing
+    later, after the message took a sequence number. The front encoding is cached."""
+    t = msg.type
+    if not msg.raw:
+        if ceph_peer:
+            refuse_ceph_peer(msg)
+        t = t + ASYNCMSGR_TYPE_BASE if type(t) is int and 0 <= t <= ASYNCMSGR_TYPE_MAX else -1
+    try:
+        _pack_header(0, msg.tid, t, msg.priority, msg.version, 0, 0, 0, msg.flags,
+                     msg.compat_version, 0)
+    except struct.error:
+        _pack(msg, 0, 0)  # raises, naming the field
     msg.encoded_front()
 
 
+def refuse_ceph_peer(msg: Message) -> NoReturn:
+    raise LocalProtocolError(
+        f"message type {msg.type} is an asyncmsgr message (msgpack front) and the peer is a "
+        "Ceph daemon, which closes the connection on types it does not know: send Ceph "
+        "messages to it (protocol.ceph.messages, Message(..., raw=True))", "ceph_peer")
+
+
+def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Data],
+                    seal: Callable[[list[Data]], bytes] | None = None) -> None:
+    """Append the MESSAGE frames of a numbered batch to ``out`` (each frame sealed into
+    one record by ``seal`` in secure mode). The per-message write path: the header is
+    packed inline. An asyncmsgr message for a peer that did not announce asyncmsgr is a
+    ``LocalProtocolError`` before its frame is built."""
+    pack = _pack_header
+    base = ASYNCMSGR_TYPE_BASE
+    for msg in batch:
+        if msg.raw:
+            t = msg.type
+        elif asyncmsgr_peer:
+            t = msg.type + base  # above 0xFFFF: struct.error below; negative: caught here
+            if t < base:
+                _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
+        else:
+            refuse_ceph_peer(msg)
+        try:
+            header = pack(msg.seq, msg.tid, t, msg.priority, msg.version, 0, 0, msg.ack_seq,
+                          msg.flags, msg.compat_version, 0)
+        except struct.error:
+            header = _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
+        frame = encode_message_frame(header, msg.encoded_front(), msg.data, msg.middle)
+        if seal is None:
+            out += frame
+        else:
+            out.append(seal(frame))
+
+
 def message_segments(msg: Message, seq: int, ack_seq: int) -> list[Data]:
-    """Segments for ``encode_frame(Tag.MESSAGE, ...)``: header, front, and data if any.
-
-    ``seq``/``ack_seq`` go into the header; ``msg`` itself is not modified (the session
-    owns ``msg.seq``).
-    """
-    try:
-        header = HEADER.pack(msg.type, msg.priority, 0, seq, ack_seq, msg.tid, msg.flags)
-    except struct.error as exc:
-        raise LocalProtocolError(
-            f"message header out of range (type u16, priority u8, seq/ack/tid u64, flags u32):"
-            f" {exc}", "bad_header") from exc
-    data = msg.data
-    if len(data):
-        return [header, msg.encoded_front(), data]
-    return [header, msg.encoded_front()]
+    """Segments for ``encode_frame(Tag.MESSAGE, ...)``: header, front, middle, data,
+    trimmed after the last non-empty one. ``msg`` itself is not modified."""
+    segs: list[Data] = [_pack(msg, seq, ack_seq), msg.encoded_front(), msg.middle, msg.data]
+    while len(segs) > 1 and not len(segs[-1]):
+        segs.pop()
+    return segs
 
 
-def decode_message(segments: Sequence[memoryview], max_front: int = MAX_FRONT) -> Message:
-    """Rebuild a ``Message`` from a MESSAGE frame's segments (1 to 3 of them).
+def decode_message(segments: Sequence[memoryview], max_front: int = MAX_FRONT,
+                   asyncmsgr: bool = True) -> Message:
+    """Rebuild a ``Message`` from a MESSAGE frame's segments (1 to 4 of them).
 
+    ``asyncmsgr``: the peer announced asyncmsgr, so types of its family carry msgpack
+    fronts; every other message is a Ceph message (``raw``, front and middle as bytes).
     The data segment is returned as the given memoryview itself (no copy).
     """
     n = len(segments)
-    if not 1 <= n <= 3:
-        raise RemoteProtocolError(f"MESSAGE frame has {n} segments, expected 1..3 "
-                                  "(header, front, data)", "bad_segments")
+    if not 1 <= n <= 4:
+        raise RemoteProtocolError(f"MESSAGE frame has {n} segments, expected 1..4 "
+                                  "(header, front, middle, data)", "bad_segments")
     head = segments[0]
-    if len(head) != HEADER.size:
-        raise RemoteProtocolError(f"MESSAGE header is {len(head)} bytes, must be {HEADER.size}",
+    if len(head) != _HEADER_SIZE:
+        raise RemoteProtocolError(f"MESSAGE header is {len(head)} bytes, ceph_msg_header2 is "
+                                  f"{_HEADER_SIZE}", "bad_header")
+    (seq, tid, wtype, prio, version, pad, _off, ack_seq, flags, compat,
+     _rsv) = _unpack_header(head)
+    if pad:
+        raise RemoteProtocolError(f"MESSAGE header data_pre_padding_len is {pad}, must be 0",
                                   "bad_header")
-    mtype, prio, reserved, seq, ack_seq, tid, flags = HEADER.unpack(head)
-    if reserved:
-        raise RemoteProtocolError(f"MESSAGE header reserved byte is {reserved}, must be 0",
-                                  "bad_header")
+    raw_front = segments[1] if n > 1 else _EMPTY
+    size = len(raw_front)
+    if size > max_front:
+        raise RemoteProtocolError(f"MESSAGE front is {size} bytes, cap {max_front}", "oversize")
+    middle: Data = bytes(segments[2]) if n > 2 else _EMPTY
+    data: Data = segments[3] if n > 3 else _EMPTY
+    if not asyncmsgr or wtype < ASYNCMSGR_TYPE_BASE:
+        return Message(wtype, bytes(raw_front), data, prio, tid, flags, seq, ack_seq, True,
+                       middle, version, compat)
     front: Any = None
-    if n > 1:
-        raw = segments[1]
-        size = len(raw)
-        if size > max_front:
-            raise RemoteProtocolError(f"MESSAGE front is {size} bytes, cap {max_front}",
-                                      "oversize")
-        if size:
-            # Every container/string limit is bounded by the segment length, so a tiny
-            # front cannot announce a huge array and make msgpack preallocate it.
-            try:
-                front = _unpackb(raw, raw=False, strict_map_key=False, use_list=True,
-                                 max_str_len=size, max_bin_len=size, max_array_len=size,
-                                 max_map_len=size, max_ext_len=size)
-            except _MSGPACK_ERRORS as exc:
-                raise RemoteProtocolError(
-                    f"MESSAGE type {mtype} front is not one valid msgpack object: {exc}",
-                    "bad_msgpack") from exc
-    data: Data = segments[2] if n > 2 else _EMPTY
-    return Message(mtype, front, data, prio, tid, flags, seq, ack_seq)
+    if size:
+        # Every container/string limit is bounded by the segment length, so a tiny
+        # front cannot announce a huge array and make msgpack preallocate it.
+        try:
+            front = _unpackb(raw_front, raw=False, strict_map_key=False, use_list=True,
+                             max_str_len=size, max_bin_len=size, max_array_len=size,
+                             max_map_len=size, max_ext_len=size)
+        except _MSGPACK_ERRORS as exc:
+            raise RemoteProtocolError(
+                f"MESSAGE type {wtype - ASYNCMSGR_TYPE_BASE} front is not one valid msgpack "
+                f"object: {exc}", "bad_msgpack") from exc
+    return Message(wtype - ASYNCMSGR_TYPE_BASE, front, data, prio, tid, flags, seq, ack_seq,
+                   False, middle, version, compat)

@@ -146,6 +146,11 @@ _ATHERIS = textwrap.dedent('''
         from protocol.errors import RemoteProtocolError
         from protocol.frames import FrameDecoder, FrameLimits, Tag, encode_banner
         from protocol.message import decode_message
+        from protocol.ceph import messages as cm
+        from protocol.ceph.entity import decode_mon_auth_payload
+        from protocol.ceph.header import decode_header2
+    BODIES = [cm.MPing, cm.MMonGetVersion, cm.MMonGetVersionReply, cm.MMonCommand,
+              cm.MMonCommandAck, cm.MMonSubscribe]
     LIMITS = FrameLimits(control_max=4096, segment_max=65536, data_max=65536)
     CFG = Config(entity_type=4, my_addr=EntityAddr(1, "127.0.0.1", 6800), limits=LIMITS)
     BANNER = encode_banner(1, 0)
@@ -154,7 +159,7 @@ _ATHERIS = textwrap.dedent('''
         if not data:
             return
         try:
-            sel = data[0] % 3
+            sel = data[0] % 4
             if sel == 0:
                 dec = FrameDecoder(LIMITS)
                 dec.feed(data[1:])
@@ -163,7 +168,7 @@ _ATHERIS = textwrap.dedent('''
                     if f is None:
                         break
                     if f.tag == Tag.MESSAGE:
-                        decode_message(f.segments)
+                        decode_message(f.segments, asyncmsgr=bool(data[0] & 0x80))
                     else:
                         decode_control(f.tag, f.segments[0])
             elif sel == 1:
@@ -172,8 +177,19 @@ _ATHERIS = textwrap.dedent('''
                 for _ in range(50):
                     if conn.next_event() is NEED_DATA:
                         break
-            else:
+            elif sel == 2:
                 decode_control(int(data[1]) if len(data) > 1 else 1, memoryview(data[2:]))
+            else:  # Ceph's encodings: message bodies, entity_addr_t, header2, mon auth
+                k = data[1] if len(data) > 1 else 0
+                body = memoryview(data[2:])
+                if k < 6 * 16:
+                    BODIES[k % 6].decode(body, b"", b"", version=k // 6 % 4)
+                elif k < 160:
+                    EntityAddr.decode(body)
+                elif k < 200:
+                    decode_header2(body)
+                else:
+                    decode_mon_auth_payload(body)
         except RemoteProtocolError:
             pass
 

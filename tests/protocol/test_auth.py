@@ -17,6 +17,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.message import Message
 from protocol.policy import Policy
 from protocol.session import Session
+from protocol.transcript import Transcript
 
 KEY = bytes(range(32))
 KEYRING = {"client.a": KEY}
@@ -183,3 +184,47 @@ def test_transcript_tampering_detected_by_signature() -> None:
 
     with pytest.raises(RemoteProtocolError, match="AUTH_SIGNATURE"):
         run(client, server, tamper=tamper)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_signature_covers_raw_bytes_received_through_get_buffer(chunk: int) -> None:
+    """AUTH_SIGNATURE is HMAC over the raw bytes received before auth ended. Feed them
+    through the zero-copy path (get_buffer/buffer_updated) in odd chunks, with bytes that
+    follow the last auth frame in the same read: both sides must still agree."""
+    client, server = pair()
+    for _ in range(30):
+        moved = False
+        for src, dst in ((client, server), (server, client)):
+            data = b"".join(bytes(b) for b in src.data_to_send())
+            moved = moved or bool(data)
+            for i in range(0, len(data), chunk):
+                piece = data[i:i + chunk]
+                view = dst.get_buffer(len(piece))
+                n = min(len(view), len(piece))
+                view[:n] = piece[:n]
+                dst.buffer_updated(n)
+                if n < len(piece):
+                    dst.receive_data(piece[n:])
+            while (ev := dst.next_event()) is not NEED_DATA:
+                if isinstance(ev, IdentRequest):
+                    dst.accept_new_session(Session(Policy.stateful_server()), 77)
+        if not moved:
+            break
+    assert client.is_ready and server.is_ready
+    assert not client.transcript.recording and not server.transcript.recording
+
+
+def test_transcript_cut_at_the_last_consumed_byte() -> None:
+    t = Transcript(True)
+    t.sent([b"ab", memoryview(b"cd")])
+    t.received(b"0123456789")
+    assert t.finish_received(3) == b"0123456"
+    t.received(b"after auth")  # not logged: auth has ended
+    t.sent([b"ef"])  # the sent side is kept until the peer's signature is checked
+    assert t.finish_received(0) == b"" and t.sent_bytes() == b"abcdef"
+    t.stop()
+    assert t.sent_bytes() == b"" and not t.recording
+    off = Transcript(False)
+    off.received(b"x")
+    off.sent([b"y"])
+    assert off.finish_received(0) == b"" and off.sent_bytes() == b""

@@ -26,12 +26,15 @@ from tests.protocol.test_frames import FUZZ, SAMPLES, frame_st, ref_frame, trimm
 
 @settings(max_examples=examples(300), deadline=None)
 @given(front=st.binary(max_size=300), data=st.binary(max_size=9000),
-       seq=st.integers(0, 2**64 - 1), as_view=st.booleans())
-def test_fused_encoder_matches_general(front: bytes, data: bytes, seq: int, as_view: bool) -> None:
-    header = HEADER.pack(7, 127, 0, seq, 3, 9, 0)
+       seq=st.integers(0, 2**64 - 1), as_view=st.booleans(),
+       middle=st.just(b"") | st.binary(max_size=50))
+def test_fused_encoder_matches_general(front: bytes, data: bytes, seq: int, as_view: bool,
+                                       middle: bytes) -> None:
+    header = HEADER.pack(seq, 9, 7, 127, 1, 0, 0, 3, 0, 1, 0)
     payload = memoryview(data) if as_view else data
-    fast = b"".join(bytes(b) for b in encode_message_frame(header, front, payload))
-    general = b"".join(bytes(b) for b in encode_frame(Tag.MESSAGE, [header, front, data]))
+    fast = b"".join(bytes(b) for b in encode_message_frame(header, front, payload, middle))
+    general = b"".join(bytes(b) for b in encode_frame(Tag.MESSAGE,
+                                                      [header, front, middle, data]))
     assert fast == general
     dec = FrameDecoder()
     dec.feed(fast)
@@ -42,7 +45,7 @@ def test_fused_encoder_matches_general(front: bytes, data: bytes, seq: int, as_v
 
 def test_large_data_is_not_copied() -> None:
     data = bytearray(100_000)
-    bufs = encode_message_frame(HEADER.pack(1, 127, 0, 1, 0, 0, 0), b"\x90", data)
+    bufs = encode_message_frame(HEADER.pack(1, 0, 1, 127, 1, 0, 0, 0, 0, 1, 0), b"\x90", data)
     assert any(b is data for b in bufs)
 
 
@@ -115,9 +118,9 @@ def test_next_message_never_takes_a_corrupt_frame(tag: Tag, segs: list[bytes]) -
     ref_frame(Tag.MESSAGE, [b"", b"y"]),  # empty header
     ref_frame(Tag.MESSAGE, [b"x" * 65, b"y"]),  # segment_max=64
     ref_frame(Tag.MESSAGE, [b"x", b"y" * 65]),
-    ref_frame(Tag.MESSAGE, [b"x", b"y", b"z" * 129]),  # data_max=128
+    ref_frame(Tag.MESSAGE, [b"x", b"y", b"", b"z" * 129]),  # data_max=128
     ref_frame(Tag.ACK, [b"x" * 8]),
-], ids=["empty-last", "aborted", "reserved-late", "absent-crc-2", "absent-crc-3", "four-segs",
+], ids=["empty-last", "aborted", "reserved-late", "absent-crc-2", "absent-crc-3", "middle",
         "empty-header", "big-header", "big-front", "big-data", "control"])
 def test_next_message_declines_what_it_does_not_own(wire: bytes) -> None:
     dec = FrameDecoder(FrameLimits(segment_max=64, data_max=128))

@@ -56,8 +56,8 @@ def ref_frame(tag: int, segs: Sequence[bytes], flags: int = 0, late: int = 0x0E,
     n = len(segs) if nseg is None else nseg
     lengths = list(lens) if lens is not None else [len(s) for s in segs] + [0] * (4 - len(segs))
     aligns = [8 if i < len(segs) else 0 for i in range(4)]
-    if tag == Tag.MESSAGE and len(segs) > 2:
-        aligns[2] = 4096
+    if tag == Tag.MESSAGE and len(segs) > 3:
+        aligns[3] = 4096
     body = struct.pack("<BB", tag, n)
     for ln, al in zip(lengths, aligns):
         body += struct.pack("<IH", ln, al)
@@ -113,18 +113,20 @@ VECTORS = [
     (Tag.ACK, [bytes.fromhex("0100000000000000")], 0,
      ("1401" "08000000" "0800" "00000000" "0000" "00000000" "0000" "00000000" "0000" "00" "00"
       "7374bc5b" "0100000000000000" "5230eb3a")),
-    # MESSAGE with 3 segments: data segment aligned 4096, epilogue with late_status 0x0e.
-    (Tag.MESSAGE, [b"HHHH", b"front", b"DATA!"], 0,
-     ("1103" "04000000" "0800" "05000000" "0800" "05000000" "0010" "00000000" "0000" "00" "00"
-      "9ebe2c0f" "48484848" "ea76efbc" "66726f6e74" "4441544121"
-      "0e" "f4bb5684" "6ca2000c" "00000000")),
+    # MESSAGE with data and an empty middle (4 segments, as a ceph-mon sends MMonCommandAck:
+    # tests/ceph/vectors.py): data at index 3 aligned 4096, the empty middle present with
+    # align 8 and crc 0xffffffff (raw crc32c(-1) of nothing), late_status 0x0e.
+    (Tag.MESSAGE, [b"HHHH", b"front", b"", b"DATA!"], 0,
+     ("1104" "04000000" "0800" "05000000" "0800" "00000000" "0800" "05000000" "0010" "00" "00"
+      "b1b9ddba" "48484848" "ea76efbc" "66726f6e74" "4441544121"
+      "0e" "f4bb5684" "ffffffff" "6ca2000c")),
     # WAIT: one empty segment, so neither a seg0 crc nor an epilogue: just the preamble.
     (Tag.WAIT, [b""], 0,
      "1001" "00000000" "0800" + "00" * 20 + "c8e3aab0"),
 ]
 
 
-@pytest.mark.parametrize("tag,segs,flags,hexwire", VECTORS, ids=["ack", "message3", "wait"])
+@pytest.mark.parametrize("tag,segs,flags,hexwire", VECTORS, ids=["ack", "message4", "wait"])
 def test_vectors(tag: Tag, segs: list[bytes], flags: int, hexwire: str) -> None:
     wire = bytes.fromhex(hexwire)
     assert ref_frame(tag, segs, flags) == wire  # the hand-written bytes are right
@@ -270,8 +272,9 @@ def test_round_trip_any_split(frames: list[tuple[Tag, list[bytes], int]], cuts: 
 SAMPLES = [
     (Tag.ACK, [bytes(range(8))]),
     (Tag.WAIT, [b""]),
-    (Tag.MESSAGE, [b"h" * 32, b"\x81\xa1k\x01", b"payload"]),
-    (Tag.MESSAGE, [b"h" * 32, b"", b"d" * 9]),
+    (Tag.MESSAGE, [b"h" * 41, b"\x81\xa1k\x01", b"", b"payload"]),
+    (Tag.MESSAGE, [b"h" * 41, b"", b"", b"d" * 9]),
+    (Tag.MESSAGE, [b"h" * 41, b"\x81\xa1k\x01"]),
     (Tag.MESSAGE, [b"", b"a", b"b", b"c"]),
     (Tag.HELLO, [b"x" * 20]),
 ]
@@ -339,7 +342,8 @@ def test_corrupt_frame_error_is_sticky() -> None:
     (ref_frame(Tag.MESSAGE, [b"x", b"y"], absent_crc=1), "bad_crc"),
     (ref_frame(Tag.ACK, [b"x" * 100]), "oversize"),  # control_max=64 in this test
     (ref_frame(Tag.MESSAGE, [b"x" * 65, b"y"]), "oversize"),  # segment_max=64
-    (ref_frame(Tag.MESSAGE, [b"x", b"y", b"z" * 129]), "oversize"),  # data_max=128
+    (ref_frame(Tag.MESSAGE, [b"x", b"y", b"z" * 65]), "oversize"),  # middle: segment_max
+    (ref_frame(Tag.MESSAGE, [b"x", b"y", b"", b"z" * 129]), "oversize"),  # data_max=128
 ])
 def test_structural_errors(wire: bytes, code: str) -> None:
     dec = FrameDecoder(FrameLimits(control_max=64, segment_max=64, data_max=128))
@@ -352,7 +356,7 @@ def test_structural_errors(wire: bytes, code: str) -> None:
 def test_limits_edges_accepted() -> None:
     dec = FrameDecoder(FrameLimits(control_max=64, segment_max=64, data_max=128))
     dec.feed(ref_frame(Tag.AUTH_REQUEST, [b"x" * 64]))
-    dec.feed(ref_frame(Tag.MESSAGE, [b"x" * 64, b"y" * 64, b"z" * 128, b"w" * 64]))
+    dec.feed(ref_frame(Tag.MESSAGE, [b"x" * 64, b"y" * 64, b"w" * 64, b"z" * 128]))
     assert [f.tag for f in drain(dec)] == [Tag.AUTH_REQUEST, Tag.MESSAGE]
 
 
@@ -397,7 +401,7 @@ def test_caps_checked_before_allocation(tag: Tag, lens: list[int]) -> None:
 
 def test_large_frame_gets_one_exact_buffer_filled_by_the_socket() -> None:
     data = bytes(range(256)) * 400  # 102400 bytes, far bigger than the chunk
-    wire = frame_bytes(Tag.MESSAGE, [b"H" * 32, b"front", data])
+    wire = frame_bytes(Tag.MESSAGE, [b"H" * 41, b"front", b"", data])
     dec = FrameDecoder(chunk_size=4096)
     frames: list[Frame] = []
     owners: list[object] = []
@@ -405,7 +409,7 @@ def test_large_frame_gets_one_exact_buffer_filled_by_the_socket() -> None:
         owners += _socket_feed(dec, wire[pos:pos + 1500])
         frames += drain(dec)
     (frame,) = frames
-    seg = frame.segments[2]
+    seg = frame.segments[3]
     assert bytes(seg) == data
     # The data segment is a view into the buffer the socket filled last, sized exactly
     # to the frame: the payload was written once by "recv" and never moved afterwards.
