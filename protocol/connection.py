@@ -47,7 +47,7 @@ from .identity import IdentityCheck, mismatch_reason, names_dialled
 from .frames import (
     Banner, FrameDecoder, FrameLimits, Tag, encode_banner,
 )
-from .message import Message, decode_message, encode_messages
+from .message import MAX_FRONT, Message, decode_message, encode_messages
 from .replies import auth_bad_method_text, missing_features_text, server_bad_method
 from .session import Session
 from .transcript import Transcript
@@ -193,6 +193,9 @@ class Config:
 
 
 # (role, state, tag) -> (handler name, state after the handler unless it sets another)
+#: the banner bit of asyncmsgr peers, read on every MESSAGE (a global, not feat.X)
+_ASYNCMSGR = feat.ASYNCMSGR
+
 _C, _S = Role.CLIENT, Role.SERVER
 TRANSITIONS: dict[tuple[Role, State, int], tuple[str, State]] = {
     (_C, State.HELLO, Tag.HELLO): ("_on_hello", State.AUTH),
@@ -652,7 +655,7 @@ class Connection:
 
     # -- READY ----------------------------------------------------------------------------
     def _on_message_frame(self, segments: Sequence[memoryview]) -> Event | None:
-        msg = decode_message(segments, asyncmsgr=bool(self.peer_features & feat.ASYNCMSGR))
+        msg = decode_message(segments, MAX_FRONT, (self.peer_features & _ASYNCMSGR) != 0)
         s = self.session
         assert s is not None
         sent = s.sent
@@ -686,7 +689,7 @@ class Connection:
         assert s is not None
         sec = self._secure
         batch = s.take_outgoing(max_messages)
-        encode_messages(batch, bool(self.peer_features & feat.ASYNCMSGR), self._out,
+        encode_messages(batch, (self.peer_features & _ASYNCMSGR) != 0, self._out,
                         None if sec is None else sec.seal)
         n = len(batch)
         if n == 0 and s.ack_pending:

@@ -240,8 +240,9 @@ def encode_message_frame(header: bytes, front: bytes, data: Buffer,
         return encode_frame(_TAG_MESSAGE, [header, front, middle, data])
     if l3:  # the middle present but empty (align 8, crc of nothing), as Ceph sends it
         body = _PRE_BODY.pack(_TAG_MESSAGE, 4, l0, 8, l1, 8, 0, 8, l3, _ALIGN_DATA, 0, 0)
-        epi = _EPILOGUE.pack(LATE_STATUS_COMPLETE, crc(front, 0) ^ _MASK32, _MASK32,
-                             crc(data, 0) ^ _MASK32)
+        # crc32c of nothing (seed -1, inverted) is 0xffffffff: no call for an empty front
+        epi = _EPILOGUE.pack(LATE_STATUS_COMPLETE, crc(front, 0) ^ _MASK32 if l1 else _MASK32,
+                             _MASK32, crc(data, 0) ^ _MASK32)
         pre_crc = _U32.pack(crc(body, _MASK32) ^ _MASK32)
         head_crc = _U32.pack(crc(header, 0) ^ _MASK32)
         if l3 <= 4096:
@@ -267,6 +268,8 @@ def frame_bytes(tag: int, segments: Sequence[Buffer], flags: int = 0) -> bytes:
 _Header = tuple[int, int, int, int, int, int, int, int]
 
 _MIN_CHUNK = 64
+#: the empty middle segment handed out by next_message (one object, not a slice per frame)
+_EMPTY_VIEW = memoryview(b"")
 # Below this much free tail a chunk is retired: a recv into a few bytes costs a
 # syscall for almost nothing, while moving a small partial frame is cheap.
 _MIN_TAIL = 2048
@@ -585,7 +588,7 @@ class FrameDecoder:
                 or _crc(seg3, 0) ^ _MASK32 != c3):
             return None
         self._start = end
-        return (seg0, seg1, mv[p:p], seg3)
+        return (seg0, seg1, _EMPTY_VIEW, seg3)
 
     def _parse_preamble(self, off: int) -> _Header:
         """Validate the preamble at ``off`` and return its header; allocates nothing."""

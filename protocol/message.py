@@ -241,7 +241,8 @@ def decode_message(segments: Sequence[memoryview], max_front: int = MAX_FRONT,
     size = len(raw_front)
     if size > max_front:
         raise RemoteProtocolError(f"MESSAGE front is {size} bytes, cap {max_front}", "oversize")
-    middle: Data = bytes(segments[2]) if n > 2 else _EMPTY
+    # (an empty middle is what every sender without one sends: no bytes() call for it)
+    middle: Data = bytes(segments[2]) if n > 2 and segments[2].nbytes else _EMPTY
     data: Data = segments[3] if n > 3 else _EMPTY
     if not asyncmsgr or wtype < ASYNCMSGR_TYPE_BASE:
         return Message(wtype, bytes(raw_front), data, prio, tid, flags, seq, ack_seq, True,
