@@ -584,7 +584,8 @@ class FrameDecoder:
         p += l1
         seg3 = mv[p:p + l3]
         late, c1, c2, c3 = _unpack_epilogue(buf, p + l3)
-        if (late != LATE_STATUS_COMPLETE or c2 != _MASK32 or _crc(seg1, 0) ^ _MASK32 != c1
+        if (late != LATE_STATUS_COMPLETE or c2 != _MASK32
+                or (_crc(seg1, 0) ^ _MASK32 if l1 else _MASK32) != c1  # empty: ~0, no call
                 or _crc(seg3, 0) ^ _MASK32 != c3):
             return None
         self._start = end

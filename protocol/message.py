@@ -69,6 +69,9 @@ _EMPTY = b""
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
 _pack_header = HEADER2.pack
+#: tid, type, priority, version, flags, compat_version: the caller's header fields, with
+#: the widths ceph_msg_header2 gives them (check_outgoing's range check)
+_check_fields = struct.Struct("<QHHHBH").pack
 _unpack_header = HEADER2.unpack
 _HEADER_SIZE = HEADER2.size
 # Everything msgpack raises for malformed input: truncated/extra data and bad formats
@@ -164,8 +167,8 @@ def check_outgoing(msg: Message, ceph_peer: bool = False) -> None:
             refuse_ceph_peer(msg)
         t = t + ASYNCMSGR_TYPE_BASE if type(t) is int and 0 <= t <= ASYNCMSGR_TYPE_MAX else -1
     try:
-        _pack_header(0, msg.tid, t, msg.priority, msg.version, 0, 0, 0, msg.flags,
-                     msg.compat_version, 0)
+        # only the fields the caller sets (seq/ack are the session's): 6 packed, not 11
+        _check_fields(msg.tid, t, msg.priority, msg.version, msg.flags, msg.compat_version)
     except struct.error:
         _pack(msg, 0, 0)  # raises, naming the field
     msg.encoded_front()

@@ -7,19 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.ceph.mon import CephMon, require_ceph
+from tests.ceph.mon import CephMon, running_mon
 
 
 @pytest.fixture(scope="module")
 def ceph_mon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephMon]:
-    require_ceph()
-    mon = CephMon(tmp_path_factory.mktemp("ceph-mon"))
-    mon.bootstrap()
-    mon.start()
-    try:
+    with running_mon(tmp_path_factory.mktemp("ceph-mon")) as mon:
         yield mon
-    finally:
-        mon.stop()
 
 
 @pytest.fixture
@@ -27,11 +21,5 @@ def fresh_mon(tmp_path: os.PathLike[str]) -> Iterator[CephMon]:
     """A mon of this test alone, for tests that restart it: the restarted process is a
     new child, which must be gone before the no_leaks check of this very test."""
     from pathlib import Path
-    require_ceph()
-    mon = CephMon(Path(tmp_path))
-    mon.bootstrap()
-    mon.start()
-    try:
+    with running_mon(Path(tmp_path)) as mon:
         yield mon
-    finally:
-        mon.stop()

@@ -20,6 +20,8 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["MISSING", "CephMon", "free_port"]
@@ -165,3 +167,17 @@ public_addr = {self.addr}
             return (self.root / "mon.a.log").read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+
+@contextmanager
+def running_mon(root: Path, auth: str = "none") -> Iterator[CephMon]:
+    """A bootstrapped, started mon under ``root``, stopped (by its pid) on exit; skips
+    with the reason when ceph-mon is not installed (fails instead in CI)."""
+    require_ceph()
+    mon = CephMon(root, auth=auth)
+    mon.bootstrap()
+    mon.start()
+    try:
+        yield mon
+    finally:
+        mon.stop()

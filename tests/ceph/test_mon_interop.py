@@ -25,7 +25,7 @@ from protocol.errors import LocalProtocolError
 from protocol.features import ASYNCMSGR, EntityType
 from protocol.message import Message
 from protocol.policy import Policy
-from tests.ceph.mon import CephMon, require_ceph
+from tests.ceph.mon import CephMon, running_mon
 from transport.event_center import EventCenter
 
 
@@ -147,14 +147,8 @@ def test_auth_bad_method_is_worded(ceph_mon: CephMon) -> None:
 
 @pytest.fixture
 def cephx_mon(tmp_path: Path) -> Iterator[CephMon]:
-    require_ceph()
-    mon = CephMon(tmp_path, auth="cephx")
-    mon.bootstrap()
-    mon.start()
-    try:
+    with running_mon(tmp_path, auth="cephx") as mon:
         yield mon
-    finally:
-        mon.stop()
 
 
 def test_mon_requiring_cephx_is_reported_clearly(cephx_mon: CephMon) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ceph.mon import CephMon, free_port, require_ceph
+from tests.ceph.mon import CephMon, free_port, running_mon
 from tests.pool.support import msgr
 
 
@@ -51,14 +51,8 @@ def test_bad_address_says_why() -> None:
 
 @pytest.fixture
 def cephx_mon(tmp_path: Path) -> Iterator[CephMon]:
-    require_ceph()
-    mon = CephMon(tmp_path, auth="cephx")
-    mon.bootstrap()
-    mon.start()
-    try:
+    with running_mon(tmp_path, auth="cephx") as mon:
         yield mon
-    finally:
-        mon.stop()
 
 
 def test_auth_required_says_what_to_do(cephx_mon: CephMon) -> None:
