@@ -64,7 +64,9 @@ from .app import AppFactory
 from .config import PoolConfig
 from .control_page import RETENTION_FIELDS, ControlPage
 from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
-from .processor import Channel, Kind, ListenerSlots, Message, Processor
+from .channel import FLAG_RETIRED, Channel, Envelope, Kind
+from .listener_slots import ListenerSlots
+from .processor import Processor
 from .rings import DEFAULT_CAPACITY, RingMesh
 from .titles import set_title
 from .worker import BOOT_ERROR, WorkerSpec, worker_main
@@ -549,7 +551,7 @@ class Supervisor:
 
     # -- messages from workers ---------------------------------------------------------------
 
-    def _on_message(self, slot: int, gen: int, msg: Message) -> None:
+    def _on_message(self, slot: int, gen: int, msg: Envelope) -> None:
         p = self.procs.get(slot)
         if p is None or p.generation != gen:
             for fd in msg.fds:
@@ -609,7 +611,7 @@ class Supervisor:
         for peer in peers:
             q = self.procs.get(peer)
             if q is not None:
-                q.channel.send(Kind.RING_DEL, xid=0 if crashed else 1, arg=slot)
+                q.channel.send(Kind.RING_DEL, arg=slot, flags=0 if crashed else FLAG_RETIRED)
         if crashed:
             self._lost.add(slot)
         self._publish_peers()
@@ -673,7 +675,7 @@ class Supervisor:
         self.deliveries[xid] = (slot, on_result)
         p.channel.send(Kind.CONN, xid=xid, payload=meta, fds=[fd])
 
-    def _relay(self, source: int, gen: int, msg: Message) -> None:
+    def _relay(self, source: int, gen: int, msg: Envelope) -> None:
         """A draining worker hands a connection to ``msg.arg``: forward it, report back."""
 
         def reply(ok: bool) -> None:

@@ -45,7 +45,7 @@ from transport.stack import ConnectedSocket, SocketOptions
 from .app import AppFactory, PeerMap, ReplyCallback, WorkerApp, WorkerContext
 from .control_page import FIELDS, HEADER_WORDS, SLOT_WORDS, ControlPage
 from .lifecycle import State
-from .processor import Channel, Kind, Message
+from .channel import FLAG_RETIRED, Channel, Envelope, Kind
 from .rings import Router
 from .titles import PR_SET_PDEATHSIG, prctl, set_title
 
@@ -296,7 +296,7 @@ class Worker(WorkerContext):
             self.log("app.adopt raised:\n" + traceback.format_exc().rstrip())
             return False
 
-    def _on_message(self, msg: Message) -> None:
+    def _on_message(self, msg: Envelope) -> None:
         kind = msg.kind
         if kind is Kind.CONN:
             self._on_conn(msg)
@@ -327,7 +327,7 @@ class Worker(WorkerContext):
             except Exception:
                 self.log("cannot attach ring:\n" + traceback.format_exc().rstrip())
         elif kind is Kind.RING_DEL:
-            self.router.drop_peer(msg.arg, retire=msg.xid == 1)
+            self.router.drop_peer(msg.arg, retire=bool(msg.flags & FLAG_RETIRED))
         elif kind is Kind.PEERS:
             d = json.loads(msg.payload)
             self.peers = PeerMap(int(d["v"]), tuple(d["slots"]), tuple(d["prev"]), tuple(d["lost"]))
@@ -350,7 +350,7 @@ class Worker(WorkerContext):
             old.close()
         self.listeners[lid] = _Accepting(self, lid, fd)
 
-    def _on_conn(self, msg: Message) -> None:
+    def _on_conn(self, msg: Envelope) -> None:
         ok = False
         if msg.fds and msg.arg != Channel.TRUNCATED:
             fd = msg.fds[0]

@@ -1,0 +1,87 @@
+"""reuseport mode: the supervisor's listener slots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from transport.posix import PosixServerSocket, PosixStack
+from transport.stack import SocketOptions
+
+from .channel import Kind
+
+__all__ = ["ListenerSlots"]
+
+class ListenerSlots:
+    """reuseport mode: listener ``i`` is made for slot ``i`` and the supervisor keeps its
+    own copy of every listener, so a worker's exit is never a listener's last close and
+    its queued connections are never reset (supervisors.md 2.1, granian#567).
+
+    A listener nobody polls is worse than a closed one (connections hashed to it hang),
+    so whenever a slot stops accepting its listeners go to the surviving accepting
+    worker that polls the fewest (``rehome``); when slot ``i`` accepts again it gets
+    listener ``i`` back and the interim owner is told to drop it (``on_accepting``).
+    ``send(slot, kind, lid, fds)`` writes LISTEN / UNLISTEN to a worker's channel.
+    """
+
+    def __init__(self, bind: tuple[str, int], send: Callable[[int, Kind, int, list[int]], None],
+                 log: Callable[[str], None]) -> None:
+        self.send = send
+        self.log = log
+        self.listeners: dict[int, PosixServerSocket] = {}
+        self.owner: dict[int, int | None] = {}
+        first = self._make(0, bind)  # fails fast on EADDRINUSE; learns the port for bind :0
+        addr = first.address
+        assert isinstance(addr, tuple)
+        self.address: tuple[str, int] = (addr[0], addr[1])
+
+    def _make(self, lid: int, bind: tuple[str, int]) -> PosixServerSocket:
+        # Identical options for every member of the group: the kernel's migration
+        # between listeners with different settings can break applications
+        # (Documentation/networking/ip-sysctl.rst, tcp_migrate_req).
+        sock = PosixStack().listen(bind, SocketOptions(reuseport=True, backlog=1024))
+        self.listeners[lid] = sock
+        self.owner[lid] = None
+        return sock
+
+    def listener(self, lid: int) -> PosixServerSocket:
+        sock = self.listeners.get(lid)
+        return sock if sock is not None else self._make(lid, self.address)
+
+    def start_message(self, slot: int) -> tuple[bytes, list[int]]:
+        """The START payload for a new worker of ``slot``: its own listener."""
+        return json.dumps([slot]).encode(), [self.listener(slot).fileno()]
+
+    def on_accepting(self, slot: int) -> None:
+        prev = self.owner.get(slot)
+        self.owner[slot] = slot
+        if prev is not None and prev != slot:
+            self.send(prev, Kind.UNLISTEN, slot, [])  # the new owner polls it now
+        for lid, owner in self.owner.items():
+            if owner is None:
+                self.give(lid, slot)
+
+    def rehome(self, slot: int, survivors: dict[int, int]) -> None:
+        """Hand every listener polled by ``slot`` to one of ``survivors`` (accepting)."""
+        for lid, owner in list(self.owner.items()):
+            if owner != slot:
+                continue
+            if not survivors:
+                self.owner[lid] = None  # orphan until a worker accepts again
+                continue
+            counts = {s: sum(1 for o in self.owner.values() if o == s) for s in survivors}
+            self.give(lid, min(counts, key=lambda s: (counts[s], s)))
+
+    def give(self, lid: int, slot: int) -> None:
+        self.owner[lid] = slot
+        self.send(slot, Kind.LISTEN, lid, [self.listeners[lid].fileno()])
+        self.log(f"listener {lid} handed to slot {slot}")
+
+    def owned_by(self, slot: int) -> list[int]:
+        return sorted(lid for lid, o in self.owner.items() if o == slot)
+
+    def close(self) -> None:
+        for sock in self.listeners.values():
+            sock.close()
+        self.listeners.clear()
+        self.owner.clear()
