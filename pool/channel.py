@@ -6,8 +6,8 @@ header plus a payload chunk::
 
     !B kind | B flags | H arg | Q xid | I total | I offset | chunk (<= CHUNK bytes)
 
-``flags`` carries per-kind booleans (:data:`FLAG_RETIRED`), so no other field has to
-double as one.
+What each field means for each kind is :mod:`pool.control_messages`' business; this
+module only moves :class:`Envelope` values.
 
 A message whose payload exceeds :data:`CHUNK` (a handed-off session's state may be
 ~1 MiB, while an AF_UNIX datagram is capped by the sender's SO_SNDBUF, ~208 KiB by
@@ -23,56 +23,25 @@ still knows the ``xid`` from a MSG_PEEK of the header and NAKs it.
 
 from __future__ import annotations
 
-import enum
 import os
 import socket
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transport import fdpass
 from transport.errors import FdPassError
 from transport.event_center import READABLE, WRITABLE, EventCenter
 
-__all__ = ["CHUNK", "FLAG_RETIRED", "HEADER", "Channel", "Envelope", "Kind"]
+from .control_messages import TRUNCATED, ControlMessage, Envelope, Kind
+
+__all__ = ["CHUNK", "HEADER", "Channel", "Envelope", "Kind"]
 
 HEADER = struct.Struct("!BBHQII")
 CHUNK = 32 * 1024
 MAX_MESSAGE = 4 * 1024 * 1024  # reassembly cap: a peer cannot make us buffer more
 MAX_FDS = 4
-#: RING_DEL: the peer retired cleanly (drain what it left), as opposed to crashed
-FLAG_RETIRED = 0x01
-
-
-class Kind(enum.IntEnum):
-    READY = 1  # W->S  the worker's loop and app are up
-    START = 2  # S->W  start taking connections (reuseport: the slot's listener fd)
-    STARTED = 3  # W->S  it does (the slot becomes ACCEPTING)
-    CONN = 4  # S->W  adopt this fd (+ state); xid names the delivery
-    CONN_ACK = 5  # W->S  arg=1 adopted, 0 NAK
-    HANDOFF = 6  # W->S  relay this fd (+ state) to slot ``arg``
-    HANDOFF_RESULT = 7  # S->W  arg=1 the target adopted it, 0 it did not
-    DRAIN = 8  # S->W  retire: migrate connections, then exit
-    LISTEN = 9  # S->W  also poll listener ``xid`` (fd attached)
-    UNLISTEN = 10  # S->W  stop polling listener ``xid``
-    DRAINED = 11  # W->S  owns nothing any more, exiting
-    RING_ADD = 12  # S->W  attach ring (JSON descriptor; fds: bell, space eventfds)
-    RING_DEL = 13  # S->W  worker ``arg`` exited: flags FLAG_RETIRED (drain its ring) or crashed
-    PEERS = 14  # S->W  the peer map (JSON: version, accepting slots, previous, lost)
-
-
-@dataclass
-class Envelope:
-    """One reassembled control message as it travels (named apart from
-    :class:`protocol.message.Message`, which is what connections carry)."""
-
-    kind: Kind
-    arg: int
-    xid: int
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-    flags: int = 0
 
 
 @dataclass
@@ -94,7 +63,7 @@ class Channel:
     ``arg == 0xFFFF`` so the owner can NAK it.
     """
 
-    TRUNCATED = 0xFFFF
+    TRUNCATED = TRUNCATED
 
     def __init__(self, center: EventCenter, sock: socket.socket,
                  on_message: Callable[[Envelope], None], on_close: Callable[[str], None]) -> None:
@@ -129,6 +98,11 @@ class Channel:
             offset += len(chunk)
             first = False
         self.flush()
+
+    def post(self, msg: ControlMessage, close_after: Sequence[int] = ()) -> None:
+        """Queue one typed message (see :meth:`send`)."""
+        env = msg.envelope()
+        self.send(env.kind, env.xid, env.arg, env.payload, env.fds, close_after, env.flags)
 
     def flush(self) -> None:
         while self._out:

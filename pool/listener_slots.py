@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from transport.posix import PosixServerSocket, PosixStack
 from transport.stack import SocketOptions
 
-from .channel import Kind
+from .control_messages import ControlMessage, Listen, Start, Unlisten
 
 __all__ = ["ListenerSlots"]
 
@@ -21,10 +20,10 @@ class ListenerSlots:
     so whenever a slot stops accepting its listeners go to the surviving accepting
     worker that polls the fewest (``rehome``); when slot ``i`` accepts again it gets
     listener ``i`` back and the interim owner is told to drop it (``on_accepting``).
-    ``send(slot, kind, lid, fds)`` writes LISTEN / UNLISTEN to a worker's channel.
+    ``send(slot, msg)`` writes a :class:`Listen` / :class:`Unlisten` to a worker's channel.
     """
 
-    def __init__(self, bind: tuple[str, int], send: Callable[[int, Kind, int, list[int]], None],
+    def __init__(self, bind: tuple[str, int], send: Callable[[int, ControlMessage], None],
                  log: Callable[[str], None]) -> None:
         self.send = send
         self.log = log
@@ -48,15 +47,15 @@ class ListenerSlots:
         sock = self.listeners.get(lid)
         return sock if sock is not None else self._make(lid, self.address)
 
-    def start_message(self, slot: int) -> tuple[bytes, list[int]]:
-        """The START payload for a new worker of ``slot``: its own listener."""
-        return json.dumps([slot]).encode(), [self.listener(slot).fileno()]
+    def start_message(self, slot: int) -> Start:
+        """The START for a new worker of ``slot``: its own listener."""
+        return Start([self.listener(slot).fileno()], [slot])
 
     def on_accepting(self, slot: int) -> None:
         prev = self.owner.get(slot)
         self.owner[slot] = slot
         if prev is not None and prev != slot:
-            self.send(prev, Kind.UNLISTEN, slot, [])  # the new owner polls it now
+            self.send(prev, Unlisten(slot))  # the new owner polls it now
         for lid, owner in self.owner.items():
             if owner is None:
                 self.give(lid, slot)
@@ -74,7 +73,7 @@ class ListenerSlots:
 
     def give(self, lid: int, slot: int) -> None:
         self.owner[lid] = slot
-        self.send(slot, Kind.LISTEN, lid, [self.listeners[lid].fileno()])
+        self.send(slot, Listen([self.listeners[lid].fileno()], lid))
         self.log(f"listener {lid} handed to slot {slot}")
 
     def owned_by(self, slot: int) -> list[int]:

@@ -38,7 +38,6 @@ Facts and choices:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import signal
@@ -64,7 +63,25 @@ from .app import AppFactory
 from .config import PoolConfig
 from .control_page import RETENTION_FIELDS, ControlPage
 from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
-from .channel import FLAG_RETIRED, Channel, Envelope, Kind
+from .channel import Channel
+from .control_messages import (
+    Conn,
+    ConnAck,
+    ControlMessage,
+    Drain,
+    Drained,
+    Envelope,
+    Handoff,
+    HandoffResult,
+    Peers,
+    Ready,
+    RingAdd,
+    RingDel,
+    Start,
+    Started,
+    decode,
+    handler_name,
+)
 from .listener_slots import ListenerSlots
 from .processor import Processor
 from .rings import DEFAULT_CAPACITY, RingMesh
@@ -227,10 +244,10 @@ class Supervisor:
         self.log(f"reuseport: net.ipv4.tcp_migrate_req={migrate}; a retiring slot's listener is "
                  "handed to a surviving worker (the supervisor keeps every listener open)")
 
-    def _send_listener(self, slot: int, kind: Kind, lid: int, fds: list[int]) -> None:
+    def _send_listener(self, slot: int, msg: ControlMessage) -> None:
         p = self.procs.get(slot)
         if p is not None:
-            p.channel.send(kind, xid=lid, fds=fds)
+            p.channel.post(msg)
 
     def _teardown(self) -> None:
         # Reached on a clean stop and on a supervisor bug alike: leave nothing behind.
@@ -542,7 +559,7 @@ class Supervisor:
         p.deadline = time.monotonic() + self.cfg.drain_timeout
         self._rehome(slot)
         self._publish_peers()  # before DRAIN: the app hands its shards to the new owners
-        p.channel.send(Kind.DRAIN)
+        p.channel.post(Drain())
 
     def _accepting_load(self) -> dict[int, int]:
         assert self.page is not None
@@ -551,39 +568,44 @@ class Supervisor:
 
     # -- messages from workers ---------------------------------------------------------------
 
-    def _on_message(self, slot: int, gen: int, msg: Envelope) -> None:
+    def _on_message(self, slot: int, gen: int, env: Envelope) -> None:
         p = self.procs.get(slot)
-        if p is None or p.generation != gen:
-            for fd in msg.fds:
+        handler = getattr(self, handler_name(env.kind), None)
+        if p is None or p.generation != gen or handler is None:
+            for fd in env.fds:
                 os.close(fd)
             return
-        kind = msg.kind
-        if kind is Kind.CONN_ACK:
-            entry = self.deliveries.pop(msg.xid, None)
-            if entry is not None:
-                entry[1](msg.arg == 1)
-        elif kind is Kind.HANDOFF:
-            self._relay(slot, gen, msg)
-        elif kind is Kind.READY:
-            ws = self.slots[slot]
-            if ws.state is not State.SPAWNING:
-                return  # retired while booting: it was sent DRAIN already
-            now = time.monotonic()
-            self._transition(slot, Event.READY, f"{now - ws.spawned_at:.2f}s after spawn")
-            ws.ready_at = now
-            self._start(slot, p)
-        elif kind is Kind.STARTED:
-            if self.slots[slot].state is not State.READY:
-                return
-            self._transition(slot, Event.ACCEPTING)
-            self._on_accepting(slot)
-            self._publish_peers()
-        elif kind is Kind.DRAINED:
-            if self.slots[slot].can(Event.DRAINED):
-                self._transition(slot, Event.DRAINED, "owns no connections; exiting")
-        else:
-            for fd in msg.fds:
-                os.close(fd)
+        handler(slot, p, decode(env))
+
+    # -- control messages from workers, one handler per kind ---------------------------------
+
+    def handle_conn_ack(self, _slot: int, _p: _Proc, msg: ConnAck) -> None:
+        entry = self.deliveries.pop(msg.xid, None)
+        if entry is not None:
+            entry[1](msg.adopted)
+
+    def handle_handoff(self, slot: int, p: _Proc, msg: Handoff) -> None:
+        self._relay(slot, p.generation, msg)
+
+    def handle_ready(self, slot: int, p: _Proc, _msg: Ready) -> None:
+        ws = self.slots[slot]
+        if ws.state is not State.SPAWNING:
+            return  # retired while booting: it was sent DRAIN already
+        now = time.monotonic()
+        self._transition(slot, Event.READY, f"{now - ws.spawned_at:.2f}s after spawn")
+        ws.ready_at = now
+        self._start(slot, p)
+
+    def handle_started(self, slot: int, _p: _Proc, _msg: Started) -> None:
+        if self.slots[slot].state is not State.READY:
+            return
+        self._transition(slot, Event.ACCEPTING)
+        self._on_accepting(slot)
+        self._publish_peers()
+
+    def handle_drained(self, slot: int, _p: _Proc, _msg: Drained) -> None:
+        if self.slots[slot].can(Event.DRAINED):
+            self._transition(slot, Event.DRAINED, "owns no connections; exiting")
 
     # -- ring mesh and peer map --------------------------------------------------------------
 
@@ -602,7 +624,7 @@ class Supervisor:
             for end in pair:
                 q = self.procs.get(end)
                 if q is not None:
-                    q.channel.send(Kind.RING_ADD, payload=payload, fds=fds)
+                    q.channel.post(RingAdd(fds, payload))
 
     def _retire_rings(self, slot: int, crashed: bool) -> None:
         if self.mesh is None:
@@ -611,14 +633,14 @@ class Supervisor:
         for peer in peers:
             q = self.procs.get(peer)
             if q is not None:
-                q.channel.send(Kind.RING_DEL, arg=slot, flags=0 if crashed else FLAG_RETIRED)
+                q.channel.post(RingDel(slot, retired=not crashed))
         if crashed:
             self._lost.add(slot)
         self._publish_peers()
 
-    def _peer_payload(self) -> bytes:
-        return json.dumps({"v": self.peer_version, "slots": self.peer_slots,
-                           "prev": self._prev_slots, "lost": sorted(self._lost_sent)}).encode()
+    def _peer_message(self) -> Peers:
+        return Peers(self.peer_version, tuple(self.peer_slots), tuple(self._prev_slots),
+                     tuple(sorted(self._lost_sent)))
 
     def _publish_peers(self) -> None:
         """Send a new peer map version if the ACCEPTING set changed or a worker died."""
@@ -633,18 +655,14 @@ class Supervisor:
         self._lost.clear()
         self.peer_slots = accepting
         self.peer_version += 1
-        payload = self._peer_payload()
+        peers = self._peer_message()
         for p in self.procs.values():
-            p.channel.send(Kind.PEERS, payload=payload)
+            p.channel.post(peers)
 
     def _start(self, slot: int, p: _Proc) -> None:
         if self.peer_version:
-            p.channel.send(Kind.PEERS, payload=self._peer_payload())
-        if self.reuseport is not None:
-            payload, fds = self.reuseport.start_message(slot)
-            p.channel.send(Kind.START, payload=payload, fds=fds)
-        else:
-            p.channel.send(Kind.START)
+            p.channel.post(self._peer_message())
+        p.channel.post(self.reuseport.start_message(slot) if self.reuseport is not None else Start())
 
     def _on_accepting(self, slot: int) -> None:
         if self.reuseport is not None:
@@ -673,26 +691,22 @@ class Supervisor:
         xid = self.next_xid
         self.next_xid += 1
         self.deliveries[xid] = (slot, on_result)
-        p.channel.send(Kind.CONN, xid=xid, payload=meta, fds=[fd])
+        p.channel.post(Conn([fd], xid, meta))
 
-    def _relay(self, source: int, gen: int, msg: Envelope) -> None:
-        """A draining worker hands a connection to ``msg.arg``: forward it, report back."""
+    def _relay(self, source: int, gen: int, msg: Handoff) -> None:
+        """A draining worker hands a connection to ``msg.target``: forward it, report back."""
 
         def reply(ok: bool) -> None:
             p = self.procs.get(source)
             if p is not None and p.generation == gen:
-                p.channel.send(Kind.HANDOFF_RESULT, xid=msg.xid, arg=1 if ok else 0)
+                p.channel.post(HandoffResult(msg.xid, ok))
             self.stats["relayed" if ok else "relay_failures"] += 1
 
-        if not msg.fds or msg.arg == Channel.TRUNCATED:
-            for fd in msg.fds:
-                os.close(fd)
+        fd = msg.fd()
+        if fd is None:
             reply(False)
             return
-        fd = msg.fds[0]
-        for extra in msg.fds[1:]:
-            os.close(extra)
-        target = msg.arg
+        target = msg.target
         if target == source or target >= len(self.slots) or self.slots[target].state is not State.ACCEPTING:
             os.close(fd)
             reply(False)
@@ -702,7 +716,7 @@ class Supervisor:
             os.close(fd)
             reply(ok)
 
-        self.deliver(target, fd, msg.payload, done)
+        self.deliver(target, fd, msg.meta, done)
 
     def _on_accept(self, conn: ConnectedSocket) -> None:
         assert self.processor is not None and self.accept_loop is not None
