@@ -60,8 +60,9 @@ from transport.stack import ConnectedSocket, SocketOptions
 
 from .admin import AdminServer
 from .app import AppFactory
-from .config import PoolConfig
+from .config import PoolConfig, WorkerConfig
 from .control_page import RETENTION_FIELDS, ControlPage
+from .exit_codes import ExitCode
 from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
 from .channel import Channel
 from .control_messages import (
@@ -84,14 +85,11 @@ from .control_messages import (
 )
 from .listener_slots import ListenerSlots
 from .processor import Processor
-from .rings import DEFAULT_CAPACITY, RingMesh
+from .rings import RingMesh
 from .titles import set_title
-from .worker import BOOT_ERROR, WorkerSpec, worker_main
+from .worker import WorkerSpec, worker_main
 
-__all__ = ["EXIT_NO_WORKERS", "Supervisor", "describe_exit"]
-
-#: the supervisor's exit status when no worker can be kept alive (all slots FAILED)
-EXIT_NO_WORKERS = 3
+__all__ = ["Supervisor", "describe_exit"]
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 
@@ -101,7 +99,7 @@ def describe_exit(code: int) -> str:
             return f"signal {signal.Signals(-code).name}"
         except ValueError:
             return f"signal {-code}"
-    return "boot error (status 3)" if code == BOOT_ERROR else f"status {code}"
+    return f"boot error (status {code})" if code == ExitCode.BOOT_ERROR else f"status {code}"
 
 
 @dataclass
@@ -177,7 +175,7 @@ class Supervisor:
         self.center = EventCenter(name="supervisor")
         try:
             self.page = ControlPage.create(self.cfg.max_slots)
-            self.mesh = RingMesh(int(self.cfg.app_config.get("ring_capacity", DEFAULT_CAPACITY)))
+            self.mesh = RingMesh(WorkerConfig.from_app_config(self.cfg.app_config).ring_capacity)
             self._setup_signals()
             self._setup_listeners()
             self.admin = AdminServer(self.center, self.cfg.admin_path, {
@@ -447,8 +445,8 @@ class Supervisor:
         if wanted and not any(ws.state in LIVE_STATES or ws.state in (State.DRAINING, State.QUIESCED)
                               for ws in self.slots):
             self.log("no worker can be kept alive (every wanted slot is FAILED): stopping with status "
-                     f"{EXIT_NO_WORKERS}")
-            self.begin_stop("no workers", EXIT_NO_WORKERS)
+                     f"{int(ExitCode.NO_WORKERS)}")
+            self.begin_stop("no workers", ExitCode.NO_WORKERS)
 
     def _retire(self, wanted: list[WorkerSlot], n: int) -> None:
         rank = {State.FAILED: 0, State.BACKOFF: 1, State.SPAWNING: 2, State.READY: 2,

@@ -16,7 +16,7 @@ Start-up order matters (supervisors.md 2.6, 2.9):
    The supervisor's Python objects for those fds stay referenced from the fork()
    caller's frames, which this process never returns to, so nothing closes a reused
    fd number later.
-4. Build the EventCenter, create the app (a failure exits with :data:`BOOT_ERROR`
+4. Build the EventCenter, create the app (a failure exits with ``ExitCode.BOOT_ERROR``
    before READY, which the supervisor's flap guard counts), send READY.
 
 The heartbeat is written by a loop hook, i.e. by the loop itself: a stuck loop is
@@ -43,7 +43,9 @@ from transport.posix import PosixConnectedSocket, PosixServerSocket
 from transport.stack import ConnectedSocket, SocketOptions
 
 from .app import AppFactory, PeerMap, ReplyCallback, WorkerApp, WorkerContext
+from .config import WorkerConfig
 from .control_page import RETENTION_FIELDS, ControlPage, word_index
+from .exit_codes import ExitCode
 from .lifecycle import State
 from .channel import Channel
 from .control_messages import (
@@ -68,10 +70,7 @@ from .control_messages import (
 from .rings import Router
 from .titles import PR_SET_PDEATHSIG, prctl, set_title
 
-__all__ = ["BOOT_ERROR", "WorkerSpec", "worker_main"]
-
-#: exit status of a worker whose app could not be created or started (gunicorn uses 3 too)
-BOOT_ERROR = 3
+__all__ = ["WorkerSpec", "worker_main"]
 
 
 @dataclass
@@ -165,7 +164,9 @@ class Worker(WorkerContext):
         self.generation = spec.generation & 0xFFFF
         self.config: Mapping[str, Any] = dict(spec.app_config)
         self.ctl = ctl
-        self.center = EventCenter(name=f"worker{spec.slot}")
+        self.worker_config = WorkerConfig.from_app_config(self.config)
+        self.center = EventCenter(name=f"worker{spec.slot}",
+                                  poller_idle_spins=self.worker_config.poller_idle_spins)
         self.page = ControlPage.attach(spec.page_name)
         self.app: WorkerApp | None = None
         self.channel: Channel | None = None
@@ -185,19 +186,11 @@ class Worker(WorkerContext):
         self._w_retention = tuple(word_index(spec.slot, f) for f in RETENTION_FIELDS)
         self._w_handoffs_in = word_index(spec.slot, "handoffs_in")
         self._w_handoffs_out = word_index(spec.slot, "handoffs_out")
-        # Busy-polling needs a free core per spinner (ipc-facts.md): with few cores a
-        # spinning worker steals the CPU the worker it waits for needs (measured on 2
-        # cores: cross-worker kv GET p50 4.3 ms spinning vs 0.15 ms blocking at once on
-        # the doorbell). So below 8 cores the rings register no poller (ring_spins=0):
-        # the doorbell eventfd alone wakes the loop.
-        few_cores = len(os.sched_getaffinity(0)) < 8
+        wcfg = self.worker_config
         self.router = Router(self.center, self.slot, self._on_submit, self.log,
-                             inflight_limit=int(self.config.get("submit_inflight", 256)),
-                             queue_limit=int(self.config.get("submit_queue", 8192)),
-                             spins=int(self.config.get("ring_spins", 0 if few_cores else 64)),
-                             reply_spin=float(self.config.get("reply_spin_us", 0)) / 1e6)
-        if "poller_idle_spins" in self.config:
-            self.center.POLLER_IDLE_SPINS = int(self.config["poller_idle_spins"])
+                             inflight_limit=wcfg.submit_inflight, queue_limit=wcfg.submit_queue,
+                             spins=wcfg.spins_for(len(os.sched_getaffinity(0))),
+                             reply_spin=wcfg.reply_spin_us / 1e6)
         self.peers = PeerMap()
 
     # -- WorkerContext -----------------------------------------------------------------
@@ -281,7 +274,7 @@ class Worker(WorkerContext):
             app.start(self)
         except Exception:
             self.log("app failed to start:\n" + traceback.format_exc().rstrip())
-            return BOOT_ERROR
+            return ExitCode.BOOT_ERROR
         self.app = app
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.channel = Channel(self.center, self.ctl, self._on_message, self._on_channel_close)
