@@ -15,7 +15,7 @@ Cross-worker requests (rings issue): ``ctx.submit_to(slot, payload, on_reply)`` 
 bytes to another worker over the shared-memory ring mesh (:mod:`pool.rings`); there the
 app's ``handle_submit(src, payload, reply)`` answers with ``reply(bytes | Exception)``
 and ``on_reply`` runs here, later, exactly once (bytes, or a
-:class:`pool.rings.SubmitError`). ``on_peer_map`` tells the app the supervisor's current
+:class:`SubmitError`). ``on_peer_map`` tells the app the supervisor's current
 set of ACCEPTING workers (a versioned map every worker sees in the same order).
 """
 
@@ -30,10 +30,32 @@ from typing import Any
 from transport.event_center import EventCenter
 from transport.stack import ConnectedSocket
 
-__all__ = ["AppFactory", "PeerMap", "ReplyCallback", "WorkerApp", "WorkerContext", "import_factory"]
+__all__ = ["AppFactory", "Overloaded", "PeerLost", "PeerMap", "PeerUnavailable", "RemoteError",
+           "ReplyCallback", "SubmitError", "WorkerApp", "WorkerContext", "import_factory"]
 
 #: the answer to a ``submit_to``: the peer's reply bytes or the reason there is none
 ReplyCallback = Callable[[bytes | Exception], None]
+
+
+class SubmitError(Exception):
+    """A submitted request will not get a reply from the peer's app."""
+
+
+class PeerUnavailable(SubmitError):
+    """No ring to that worker (not running, or not announced yet)."""
+
+
+class PeerLost(SubmitError):
+    """The peer crashed or retired with this request in flight (it may or may not have
+    been executed)."""
+
+
+class Overloaded(SubmitError):
+    """The per-destination in-flight limit and the local queue are both full."""
+
+
+class RemoteError(SubmitError):
+    """The peer's app answered with an error."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +94,6 @@ class WorkerContext(abc.ABC):
     def accepting_slots(self) -> list[int]:
         """Slots currently ACCEPTING according to the control page (this one excluded)."""
 
-    def resolve_slot(self, slot: int) -> int:
-        """The slot that now owns sessions of ``slot``: follows the control page's
-        redirect table (retired slot -> surviving slot); ``slot`` itself if none."""
-        return slot
-
     #: this worker's generation in its slot (bumped each time the slot is respawned)
     generation: int = 0
 
@@ -94,12 +111,10 @@ class WorkerContext(abc.ABC):
         """Send ``payload`` to worker ``slot``'s ``handle_submit`` over the ring mesh.
 
         ``on_reply`` runs later on this loop, exactly once: the reply bytes, or an
-        exception (``pool.rings.PeerUnavailable``/``PeerLost``/``Overloaded``/
+        exception (:class:`PeerUnavailable`/``PeerLost``/``Overloaded``/
         ``RemoteError``). At most ``submit_inflight`` requests per destination are in
         flight; more wait in a bounded queue. Never blocks, never drops.
         """
-        from .rings import PeerUnavailable
-
         exc = PeerUnavailable("this worker has no ring mesh")
         self.center.call_soon(lambda: on_reply(exc))
 

@@ -46,6 +46,8 @@ from transport.errors import BrokenResourceError
 from transport.event_center import READABLE, EventCenter
 from transport.shm import Doorbell, Ring, RingConsumer, RingPoller, RingProducer, Segment
 
+from .app import Overloaded, PeerLost, PeerUnavailable, RemoteError, ReplyCallback, SubmitError
+
 __all__ = [
     "DEFAULT_CAPACITY", "Overloaded", "PeerLost", "PeerUnavailable", "RemoteError", "RingMesh",
     "Router", "SubmitError",
@@ -54,30 +56,6 @@ __all__ = [
 DEFAULT_CAPACITY = 1 << 19  # 512 KiB per ring: 12 rings for 4 workers = 6 MiB
 _HDR = struct.Struct("<BQ")
 _REQ, _REP, _ERR = 1, 2, 3
-
-ReplyCallback = Callable[[bytes | Exception], None]
-
-
-class SubmitError(Exception):
-    """A submitted request will not get a reply from the peer's app."""
-
-
-class PeerUnavailable(SubmitError):
-    """No ring to that worker (not running, or not announced yet)."""
-
-
-class PeerLost(SubmitError):
-    """The peer crashed or retired with this request in flight (it may or may not have
-    been executed)."""
-
-
-class Overloaded(SubmitError):
-    """The per-destination in-flight limit and the local queue are both full."""
-
-
-class RemoteError(SubmitError):
-    """The peer's app answered with an error."""
-
 
 # -- supervisor side ---------------------------------------------------------------------------
 
@@ -189,7 +167,6 @@ class _Peer:
     pending: dict[int, ReplyCallback] = field(default_factory=dict)
     queue: deque[tuple[int, bytes, ReplyCallback]] = field(default_factory=deque)
     backlog: deque[bytes] = field(default_factory=deque)
-    serving: int = 0  # requests from this peer our app has not answered yet
 
     @property
     def ready(self) -> bool:
@@ -340,13 +317,6 @@ class Router:
 
     # -- requests out ------------------------------------------------------------------------
 
-    def ready_peers(self) -> list[int]:
-        return sorted(s for s, p in self.peers.items() if p.ready)
-
-    def inflight(self, slot: int) -> int:
-        peer = self.peers.get(slot)
-        return 0 if peer is None else len(peer.pending) + len(peer.queue)
-
     def submit(self, slot: int, payload: bytes, on_reply: ReplyCallback) -> None:
         peer = self.peers.get(slot)
         if peer is None or not peer.ready:
@@ -496,7 +466,6 @@ class Router:
 
     def _serve(self, peer: _Peer, rid: int, payload: bytes) -> None:
         self.stats["served"] += 1
-        peer.serving += 1
         done = False
 
         def reply(result: bytes | Exception) -> None:
@@ -504,7 +473,6 @@ class Router:
             if done:
                 return
             done = True
-            peer.serving -= 1
             if self.peers.get(peer.slot) is not peer:
                 return  # the requester is gone: nobody to answer
             if isinstance(result, Exception):
@@ -517,14 +485,6 @@ class Router:
             self.on_request(peer.slot, payload, reply)
         except Exception as exc:  # noqa: BLE001 - answer, never leave the requester hanging
             reply(RemoteError(f"handler raised {exc!r}"))
-
-    def serving(self) -> int:
-        """Requests from peers our app has not answered yet."""
-        return sum(p.serving for p in self.peers.values())
-
-    def outstanding(self) -> int:
-        """Our requests not answered yet (in flight + queued)."""
-        return sum(len(p.pending) + len(p.queue) for p in self.peers.values())
 
 
 def _close_end(end: _End) -> None:

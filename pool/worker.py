@@ -209,11 +209,6 @@ class Worker(WorkerContext):
         return [i for i in range(page.nslots)
                 if i != self.slot and page.slot(i).get("state") == State.ACCEPTING]
 
-    def resolve_slot(self, slot: int) -> int:
-        if not 0 <= slot < self.page.nslots:
-            return slot
-        return self.page.resolve(slot)
-
     def owner_of(self, slot: int, generation: int) -> int | None:
         page = self.page
         seen = 0

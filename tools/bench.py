@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-__all__ = ["register"]
+from tools import bench_kv, bench_memif, bench_pool, bench_ring, bench_tcp
 
-#: each module exposes register(bench_subparsers)
-BENCH_MODULES = ["tools.bench_tcp", "tools.bench_pool", "tools.bench_ring", "tools.bench_memif", "tools.bench_kv"]
+__all__ = ["register"]
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks against peers (tcp, ring, memif)")
     bench_sub = p.add_subparsers(dest="bench", metavar="{tcp,ring,memif}", required=True)
-    for name in BENCH_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:
-                continue
-            raise
+    for module in (bench_tcp, bench_pool, bench_ring, bench_memif, bench_kv):
         module.register(bench_sub)
