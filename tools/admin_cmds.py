@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from pool.admin import AdminClient, AdminError, default_admin_path
+from pool.supervisor.admin import AdminClient, AdminError, default_admin_path
 
 __all__ = ["TRANSIENT", "register", "wait_scaled"]
 

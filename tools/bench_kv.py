@@ -45,7 +45,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _wait_accepting(admin: str, n: int, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
-    from pool.admin import AdminClient, AdminError
+    from pool.supervisor.admin import AdminClient, AdminError
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"msgr bench kv: {exc}\n{log.read()[-2000:]}", file=sys.stderr)
         return 1
     finally:
-        from pool.admin import AdminClient, AdminError
+        from pool.supervisor.admin import AdminClient, AdminError
         try:
             AdminClient(admin, timeout=5.0).call("stop")
         except (OSError, AdminError):

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 
-from pool.admin import AdminClient, AdminError
+from pool.supervisor.admin import AdminClient, AdminError
 from tools.bench_tcp import ForkedCall, _free_port, _proc_cpu
 from tools.stress import StressConfig, run_stress
 

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from pool.admin import AdminClient, AdminError
+from pool.supervisor.admin import AdminClient, AdminError
 
 __all__ = ["register", "run"]
 

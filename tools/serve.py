@@ -10,14 +10,14 @@ import os
 import sys
 from typing import Any
 
-from pool.admin import AdminError, default_admin_path
-from pool.app import AppFactory, import_factory
 from pool.apps import DEFAULT_RETENTION as DEFAULT_CAPS
 from pool.auth import load_keyring
-from pool.config import ACCEPT_MODES, START_METHODS, PoolConfig, parse_bind
-from pool.exit_codes import ExitCode
-from pool.lifecycle import Backoff
-from pool.supervisor import Supervisor
+from pool.control.exit_codes import ExitCode
+from pool.supervisor.admin import AdminError, default_admin_path
+from pool.supervisor.arbiter import Supervisor
+from pool.supervisor.config import ACCEPT_MODES, START_METHODS, PoolConfig, parse_bind
+from pool.supervisor.lifecycle import Backoff
+from pool.worker.app import AppFactory, import_factory
 
 __all__ = ["load_factory", "register", "run"]
 

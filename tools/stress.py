@@ -87,7 +87,7 @@ class ChaosConfig:
 
 class _Chaos:
     def __init__(self, cfg: ChaosConfig, rng: random.Random, result: StressResult) -> None:
-        from pool.admin import AdminClient
+        from pool.supervisor.admin import AdminClient
         self.cfg = cfg
         self.rng = rng
         self.r = result

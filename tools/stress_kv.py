@@ -114,7 +114,7 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
     msgrs: list[Messenger] = []
     admin = None
     if cfg.admin and cfg.scale_plan:
-        from pool.admin import AdminClient
+        from pool.supervisor.admin import AdminClient
         admin = AdminClient(cfg.admin, timeout=10.0)
     try:
         conns = []

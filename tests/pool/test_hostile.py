@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pool.admin import AdminClient
+from pool.supervisor.admin import AdminClient
 from protocol.control import EntityAddr, Hello, encode_control
 from protocol.crc import crc32c as raw_crc
 from protocol.errors import ProtocolError

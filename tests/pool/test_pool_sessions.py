@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pool.admin import AdminClient, AdminError
+from pool.supervisor.admin import AdminClient, AdminError
 from tools.stress import StressConfig, StressResult, run_stress
 from transport import shmname
 

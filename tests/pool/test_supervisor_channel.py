@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from pool.channel import CHUNK, Channel, Envelope, Kind
-from pool.processor import Processor
+from pool.control.channel import CHUNK, Channel, Envelope, Kind
+from pool.supervisor.processor import Processor
 from transport import fdpass
 from transport.event_center import EventCenter
 
@@ -123,9 +123,9 @@ def test_worker_exits_on_control_channel_eof() -> None:
     """The second way a worker notices its supervisor is gone (besides PDEATHSIG): EOF."""
     import multiprocess
 
-    from pool.control_page import ControlPage
-    from pool.channel import HEADER
-    from pool.worker import WorkerSpec, worker_main
+    from pool.control.page import ControlPage
+    from pool.control.channel import HEADER
+    from pool.worker.process import WorkerSpec, worker_main
 
     from .support import RawEchoApp
 

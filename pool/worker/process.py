@@ -38,17 +38,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from transport.event_center import EventCenter
-from transport.posix import PosixConnectedSocket, PosixServerSocket
-from transport.stack import ConnectedSocket, SocketOptions
-
-from .app import AppFactory, PeerMap, ReplyCallback, WorkerApp, WorkerContext
-from .config import WorkerConfig
-from .control_page import RETENTION_FIELDS, ControlPage, word_index
-from .exit_codes import ExitCode
-from .lifecycle import State
-from .channel import Channel
-from .control_messages import (
+from pool.control.channel import Channel
+from pool.control.exit_codes import ExitCode
+from pool.control.messages import (
     Conn,
     ConnAck,
     Drain,
@@ -67,8 +59,16 @@ from .control_messages import (
     decode,
     handler_name,
 )
-from .rings import Router
-from .titles import PR_SET_PDEATHSIG, prctl, set_title
+from pool.control.page import RETENTION_FIELDS, ControlPage, word_index
+from pool.control.states import State
+from pool.control.titles import PR_SET_PDEATHSIG, prctl, set_title
+from transport.event_center import EventCenter
+from transport.posix import PosixConnectedSocket, PosixServerSocket
+from transport.stack import ConnectedSocket, SocketOptions
+
+from .app import AppFactory, PeerMap, ReplyCallback, WorkerApp, WorkerContext
+from .config import WorkerConfig
+from .router import Router
 
 __all__ = ["WorkerSpec", "worker_main"]
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import signal
 
-__all__ = ["ExitCode"]
+__all__ = ["ExitCode", "describe_exit"]
 
 
 class ExitCode(enum.IntEnum):
@@ -19,3 +20,13 @@ class ExitCode(enum.IntEnum):
     #: 3 for this; here 3 is the supervisor's NO_WORKERS, and the two must stay apart so
     #: ``describe_exit`` never has to guess which one it sees.
     BOOT_ERROR = 4
+
+
+def describe_exit(code: int) -> str:
+    """A worker's exit as ``waitstatus_to_exitcode`` gives it, in words for the log."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"boot error (status {code})" if code == ExitCode.BOOT_ERROR else f"status {code}"

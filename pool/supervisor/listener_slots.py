@@ -1,15 +1,27 @@
-"""reuseport mode: the supervisor's listener slots."""
+"""reuseport mode: the supervisor's listener slots.
+
+Listener ``i`` is created for slot ``i`` and the supervisor keeps its own copy, so a
+worker's exit is never the last close of a listener: queued connections are not reset
+(supervisors.md 2.1). Whenever a slot stops accepting (drain, stall, death), its
+listeners are handed to a surviving ACCEPTING worker, so no queue is left unpolled; a
+new worker for slot ``i`` gets listener ``i`` back and the interim owner is then told to
+drop it. With ``net.ipv4.tcp_migrate_req=1`` the kernel could migrate the queue on close
+instead, but handover needs no sysctl and also covers crashes; the value is logged at
+start (:func:`check_migrate_req`).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
+from pool.control.messages import ControlMessage, Listen, Start, Unlisten
 from transport.posix import PosixServerSocket, PosixStack
 from transport.stack import SocketOptions
 
-from .control_messages import ControlMessage, Listen, Start, Unlisten
+__all__ = ["MIGRATE_REQ", "ListenerSlots", "check_migrate_req"]
 
-__all__ = ["ListenerSlots"]
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 class ListenerSlots:
     """reuseport mode: listener ``i`` is made for slot ``i`` and the supervisor keeps its
@@ -84,3 +96,19 @@ class ListenerSlots:
             sock.close()
         self.listeners.clear()
         self.owner.clear()
+
+
+def check_migrate_req(set_it: bool, log: Callable[[str], None]) -> None:
+    """Log ``net.ipv4.tcp_migrate_req``; with ``set_it`` (and root) turn it on first."""
+    try:
+        with open(MIGRATE_REQ) as f:
+            migrate = f.read().strip()
+    except OSError:
+        migrate = "unavailable"
+    if set_it and migrate == "0" and os.geteuid() == 0:
+        with open(MIGRATE_REQ, "w") as f:
+            f.write("1")
+        migrate = "1"
+        log(f"set net.ipv4.tcp_migrate_req=1 ({MIGRATE_REQ}); this is system-wide")
+    log(f"reuseport: net.ipv4.tcp_migrate_req={migrate}; a retiring slot's listener is "
+        "handed to a surviving worker (the supervisor keeps every listener open)")

@@ -1,6 +1,6 @@
 """The supervisor<->worker control messages: one typed dataclass per :class:`Kind`.
 
-:mod:`pool.channel` moves :class:`Envelope` values (kind, flags, arg, xid, payload,
+:mod:`pool.control.channel` moves :class:`Envelope` values (kind, flags, arg, xid, payload,
 fds); this module is the only place that knows which field of an envelope means what
 for each kind, so the two ends dispatch on types (``handle_<kind>``) and never on raw
 header fields. Every field has one meaning: ``xid`` is always the id of a delivery that

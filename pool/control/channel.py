@@ -6,7 +6,7 @@ header plus a payload chunk::
 
     !B kind | B flags | H arg | Q xid | I total | I offset | chunk (<= CHUNK bytes)
 
-What each field means for each kind is :mod:`pool.control_messages`' business; this
+What each field means for each kind is :mod:`pool.control.messages`' business; this
 module only moves :class:`Envelope` values.
 
 A message whose payload exceeds :data:`CHUNK` (a handed-off session's state may be
@@ -34,7 +34,7 @@ from transport import fdpass
 from transport.errors import FdPassError
 from transport.event_center import READABLE, WRITABLE, EventCenter
 
-from .control_messages import TRUNCATED, ControlMessage, Envelope, Kind
+from .messages import TRUNCATED, ControlMessage, Envelope, Kind
 
 __all__ = ["CHUNK", "HEADER", "Channel", "Envelope", "Kind"]
 
