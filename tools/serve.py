@@ -15,9 +15,10 @@ from pool.auth import load_keyring
 from pool.control.exit_codes import ExitCode
 from pool.supervisor.admin import AdminError, default_admin_path
 from pool.supervisor.arbiter import Supervisor
-from pool.supervisor.config import ACCEPT_MODES, START_METHODS, PoolConfig, parse_bind
+from pool.supervisor.config import ACCEPT_MODES, START_METHODS, PoolConfig
 from pool.supervisor.lifecycle import Backoff
 from pool.worker.app import AppFactory, import_factory
+from tools.common import parse_bind
 
 __all__ = ["load_factory", "register", "run"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tools import bench_kv, bench_memif, bench_pool, bench_ring, bench_tcp
+from tools.bench import kv, memif, ring, tcp, worker_pool
 
 __all__ = ["register"]
 
@@ -12,5 +12,5 @@ __all__ = ["register"]
 def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks against peers (tcp, ring, memif)")
     bench_sub = p.add_subparsers(dest="bench", metavar="{tcp,ring,memif}", required=True)
-    for module in (bench_tcp, bench_pool, bench_ring, bench_memif, bench_kv):
+    for module in (tcp, worker_pool, ring, memif, kv):
         module.register(bench_sub)

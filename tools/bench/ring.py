@@ -41,6 +41,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from tools.bench.common import fork_child
+from tools.common import percentile
 from transport.shm import Doorbell, Ring, RingConsumer, RingProducer, Segment
 
 __all__ = ["PEERS", "register", "run"]
@@ -519,28 +521,20 @@ def _pin(cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-def _child(fn: Callable[[], dict[str, Any]], out_fd: int) -> None:
-    """Run ``fn`` in this forked child, write its JSON result, never return."""
+def _child(fn: Callable[[], dict[str, Any]], out_fd: int) -> int:
+    """Run ``fn`` in this forked child and write its JSON result (an error becomes one)."""
     code = 0
     try:
         result = fn()
     except BaseException as e:  # noqa: BLE001 - report anything to the parent
         result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         code = 1
-    try:
-        os.write(out_fd, json.dumps(result).encode())
-    finally:
-        os._exit(code)
+    os.write(out_fd, json.dumps(result).encode())
+    return code
 
 
 def _spawn(fn: Callable[[], dict[str, Any]]) -> tuple[int, int]:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(r)
-        _child(fn, w)
-    os.close(w)
-    return pid, r
+    return fork_child(lambda w: _child(fn, w))
 
 
 def _collect(children: list[tuple[int, int]], timeout: float) -> list[dict[str, Any]]:
@@ -771,7 +765,7 @@ def _latency(peer: Peer, size: int, pings: int, duration: float,
         raise RuntimeError("no samples")
 
     def pct(p: float) -> float:
-        return float(ns[min(len(ns) - 1, int(p * len(ns)))]) / 2 / 1000
+        return percentile(ns, p, presorted=True) / 2 / 1000  # round trip -> one way, in µs
 
     return {"pings": len(ns), "p50_us": pct(0.50), "p99_us": pct(0.99),
             "mean_us": statistics.fmean(ns) / 2 / 1000}
@@ -1026,7 +1020,7 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: ``python -m tools.bench_ring ring ...``."""
+    """Stand-alone entry: ``python -m tools.bench.ring ring ...``."""
     parser = argparse.ArgumentParser(prog="msgr bench")
     register(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(argv)
