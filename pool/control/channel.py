@@ -42,6 +42,7 @@ HEADER = struct.Struct("!BBHQII")
 CHUNK = 32 * 1024
 MAX_MESSAGE = 4 * 1024 * 1024  # reassembly cap: a peer cannot make us buffer more
 MAX_FDS = 4
+_KINDS = frozenset(int(k) for k in Kind)
 
 
 @dataclass
@@ -166,7 +167,7 @@ class Channel:
                 return
             kind, flags, arg, xid, total, offset = HEADER.unpack_from(data)
             chunk = data[HEADER.size:]
-            if total > MAX_MESSAGE or kind not in Kind._value2member_map_:
+            if total > MAX_MESSAGE or kind not in _KINDS:
                 for fd in fds:
                     os.close(fd)
                 self._broken(f"bad message kind={kind} total={total}")

@@ -63,9 +63,9 @@ from pool.worker.config import WorkerConfig
 from pool.worker.process import WorkerSpec, worker_main
 from transport import fdpass, shmname
 from transport.event_center import EventCenter
+from transport.kernel import fd_stack
 from transport.listener import AcceptLoop
-from transport.posix import PosixServerSocket, PosixStack
-from transport.stack import ConnectedSocket, SocketOptions
+from transport.stack import ConnectedSocket, ServerSocket, SocketOptions
 
 from .admin import AdminServer
 from .admin_commands import AdminCommands
@@ -118,7 +118,7 @@ class Supervisor:
         self.center: EventCenter | None = None
         self.page: ControlPage | None = None
         self.admin: AdminServer | None = None
-        self.server: PosixServerSocket | None = None  # processor mode
+        self.server: ServerSocket | None = None  # processor mode
         self.accept_loop: AcceptLoop | None = None
         self.processor: Processor | None = None
         self.reuseport: ListenerSlots | None = None
@@ -164,7 +164,7 @@ class Supervisor:
 
     def _setup_listeners(self) -> None:
         assert self.center is not None
-        stack = PosixStack()
+        stack = fd_stack()
         if self.cfg.accept == "processor":
             self.server = stack.listen(self.cfg.bind, SocketOptions(backlog=1024))
             addr = self.server.address

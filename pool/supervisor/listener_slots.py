@@ -16,8 +16,8 @@ import os
 from collections.abc import Callable
 
 from pool.control.messages import ControlMessage, Listen, Start, Unlisten
-from transport.posix import PosixServerSocket, PosixStack
-from transport.stack import SocketOptions
+from transport.kernel import fd_stack
+from transport.stack import ServerSocket, SocketOptions
 
 __all__ = ["MIGRATE_REQ", "ListenerSlots", "check_migrate_req"]
 
@@ -39,23 +39,23 @@ class ListenerSlots:
                  log: Callable[[str], None]) -> None:
         self.send = send
         self.log = log
-        self.listeners: dict[int, PosixServerSocket] = {}
+        self.listeners: dict[int, ServerSocket] = {}
         self.owner: dict[int, int | None] = {}
         first = self._make(0, bind)  # fails fast on EADDRINUSE; learns the port for bind :0
         addr = first.address
         assert isinstance(addr, tuple)
         self.address: tuple[str, int] = (addr[0], addr[1])
 
-    def _make(self, lid: int, bind: tuple[str, int]) -> PosixServerSocket:
+    def _make(self, lid: int, bind: tuple[str, int]) -> ServerSocket:
         # Identical options for every member of the group: the kernel's migration
         # between listeners with different settings can break applications
         # (Documentation/networking/ip-sysctl.rst, tcp_migrate_req).
-        sock = PosixStack().listen(bind, SocketOptions(reuseport=True, backlog=1024))
+        sock = fd_stack().listen(bind, SocketOptions(reuseport=True, backlog=1024))
         self.listeners[lid] = sock
         self.owner[lid] = None
         return sock
 
-    def listener(self, lid: int) -> PosixServerSocket:
+    def listener(self, lid: int) -> ServerSocket:
         sock = self.listeners.get(lid)
         return sock if sock is not None else self._make(lid, self.address)
 

@@ -63,8 +63,8 @@ from pool.control.page import RETENTION_FIELDS, ControlPage, word_index
 from pool.control.states import State
 from pool.control.titles import PR_SET_PDEATHSIG, prctl, set_title
 from transport.event_center import EventCenter
-from transport.posix import PosixConnectedSocket, PosixServerSocket
-from transport.stack import ConnectedSocket, SocketOptions
+from transport.kernel import fd_stack
+from transport.stack import ConnectedSocket, ServerSocket, SocketOptions
 
 from .app import AppFactory, PeerMap, ReplyCallback, WorkerApp, WorkerContext
 from .config import WorkerConfig
@@ -135,9 +135,7 @@ class _Accepting:
 
     def __init__(self, worker: Worker, lid: int, fd: int) -> None:
         self.lid = lid
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        self.server = PosixServerSocket(sock, worker.spec.listener_options)
+        self.server = worker.stack.adopt_listener(fd, worker.spec.listener_options)
         self.loop = _make_accept_loop(worker.center, self.server, worker.on_accept)
 
     def close(self) -> None:
@@ -146,7 +144,7 @@ class _Accepting:
         self.server.close()
 
 
-def _make_accept_loop(center: EventCenter, server: PosixServerSocket,
+def _make_accept_loop(center: EventCenter, server: ServerSocket,
                       on_accept: Callable[[ConnectedSocket], None]) -> Any:
     from transport.listener import AcceptLoop
 
@@ -164,6 +162,8 @@ class Worker(WorkerContext):
         self.generation = spec.generation & 0xFFFF
         self.config: Mapping[str, Any] = dict(spec.app_config)
         self.ctl = ctl
+        # Connections and listeners arrive as fds from the supervisor: a stack that can adopt them.
+        self.stack = fd_stack()
         self.worker_config = WorkerConfig.from_app_config(self.config)
         self.center = EventCenter(name=f"worker{spec.slot}",
                                   poller_idle_spins=self.worker_config.poller_idle_spins)
@@ -327,7 +327,7 @@ class Worker(WorkerContext):
             if self.draining or self.app is None:
                 os.close(fd)
             else:
-                conn = PosixConnectedSocket.from_fd(fd)
+                conn = self.stack.adopt_connection(fd)
                 ok = self._adopt(conn, msg.meta)
                 if not ok:
                     conn.close()

@@ -21,7 +21,6 @@ The rings themselves are made by the supervisor (:mod:`pool.supervisor.ring_mesh
 from __future__ import annotations
 
 import functools
-import json
 import os
 import struct
 import time
