@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tools import bench_tcp
+from tools.bench import tcp as bench_tcp
 
 
 def _row(server: str, **figs: float) -> dict[str, Any]:

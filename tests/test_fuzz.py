@@ -83,7 +83,7 @@ def test_handshake_in_any_state_only_raises_protocol_errors(
 
 
 def test_admin_socket_survives_garbage(tmp_path: Path) -> None:
-    from pool.admin import AdminServer
+    from pool.supervisor.admin import AdminServer
     from transport.event_center import EventCenter
 
     center = EventCenter()

@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Any
 
-from pool.admin import AdminClient, AdminError, default_admin_path
+from pool.supervisor.admin import AdminClient, AdminError, default_admin_path
+from tools.common import NotReady, wait_status
 
 __all__ = ["TRANSIENT", "register", "wait_scaled"]
 
@@ -82,17 +83,16 @@ def settled(st: dict[str, Any], n: int) -> bool:
 
 
 def wait_scaled(client: AdminClient, n: int, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = client.call("status")
-        if settled(st, n):
-            return st
-        if st["stopping"]:
-            raise AdminError("the pool is stopping")
-        if time.monotonic() > deadline:
-            states = ", ".join(f"{w['slot']}:{w['state']}" for w in st["workers"])
-            raise AdminError(f"not settled at {n} accepting workers after {timeout}s ({states})")
-        time.sleep(POLL)
+    try:
+        st = wait_status(client, lambda st: settled(st, n) or bool(st["stopping"]), timeout, POLL,
+                         tolerate=())
+    except NotReady as exc:
+        assert exc.last is not None  # errors propagate, so at least one status was read
+        states = ", ".join(f"{w['slot']}:{w['state']}" for w in exc.last["workers"])
+        raise AdminError(f"not settled at {n} accepting workers after {timeout}s ({states})") from None
+    if not settled(st, n):
+        raise AdminError("the pool is stopping")
+    return st
 
 
 def scale(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import sys
+from typing import Any
 
 from pool.monclient import MonClient, MonError
 
@@ -71,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser("ceph", help="talk msgr2 to a real ceph-mon (status, command, ping)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cmds = p.add_subparsers(dest="ceph_command", required=True, metavar="CEPH_COMMAND")

@@ -11,7 +11,7 @@ __all__ = ["MODULES", "build_parser", "main"]
 
 #: Subcommand modules, in help order. A module that does not exist (yet) is skipped;
 #: any other import failure, including a missing module *it* imports, is raised.
-MODULES = ["tools.serve", "tools.admin_cmds", "tools.stress", "tools.demo", "tools.bench",
+MODULES = ["tools.serve", "tools.admin_cmds", "tools.stress.cli", "tools.demo", "tools.bench.cli",
            "tools.ceph_cmds"]
 
 

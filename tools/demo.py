@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,15 +19,9 @@ import threading
 import time
 from typing import Any
 
-from pool.admin import AdminClient, AdminError
+from tools.common import NotReady, free_port, wait_status
 
 __all__ = ["register", "run"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _msgr(*args: str) -> list[str]:
@@ -40,16 +33,10 @@ def _say(text: str) -> None:
 
 
 def _wait_accepting(admin: str, n: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            st = AdminClient(admin).call("status")
-            if st.get("accepting") == n:
-                return
-        except (OSError, AdminError):
-            pass  # not up yet
-        time.sleep(0.1)  # polling the pool's own status, bounded by the deadline
-    raise TimeoutError(f"pool at {admin} did not reach {n} accepting workers in {timeout}s")
+    try:
+        wait_status(admin, lambda st: st.get("accepting") == n, timeout, 0.1)
+    except NotReady:
+        raise TimeoutError(f"pool at {admin} did not reach {n} accepting workers in {timeout}s") from None
 
 
 def register(sub: Any) -> None:
@@ -62,7 +49,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    port = _free_port()
+    port = free_port()
     tmp = tempfile.mkdtemp(prefix="msgr-demo-")
     admin = os.path.join(tmp, "admin.sock")
     result_json = os.path.join(tmp, "stress.json")

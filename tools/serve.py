@@ -10,13 +10,15 @@ import os
 import sys
 from typing import Any
 
-from pool.admin import AdminError, default_admin_path
-from pool.app import AppFactory, import_factory
 from pool.apps import DEFAULT_RETENTION as DEFAULT_CAPS
 from pool.auth import load_keyring
-from pool.config import ACCEPT_MODES, START_METHODS, PoolConfig, parse_bind
-from pool.lifecycle import Backoff
-from pool.supervisor import Supervisor
+from pool.control.exit_codes import ExitCode
+from pool.supervisor.admin import AdminError, default_admin_path
+from pool.supervisor.arbiter import Supervisor
+from pool.supervisor.config import ACCEPT_MODES, START_METHODS, PoolConfig
+from pool.supervisor.lifecycle import Backoff
+from pool.worker.app import AppFactory, import_factory
+from tools.common import parse_bind
 
 __all__ = ["load_factory", "register", "run"]
 
@@ -160,16 +162,16 @@ def run(args: argparse.Namespace) -> int:
         factory = load_factory(args.app, app_config)
     except ValueError as exc:
         print(f"msgr serve: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     try:
         return Supervisor(cfg, factory).run()
     except AdminError as exc:
         print(f"msgr serve: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.ERROR
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             print(f"msgr serve: cannot listen on {args.bind}: address already in use "
                   "(another pool or server is there): pick another --bind", file=sys.stderr)
         else:
             print(f"msgr serve: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.ERROR

@@ -208,14 +208,16 @@ class EventCenter:
     #: which no poller did work and no callback ran, the loop waits up to
     #: ``POLLER_IDLE_WAIT`` instead (Ceph's RDMA ``ms_async_rdma_polling_us`` trade-off,
     #: notes §10.8): CPU drops to near zero when idle, at most one resolution of latency
-    #: for work a poller would have found, none for work that also rings an fd.
+    #: for work a poller would have found, none for work that also rings an fd. The
+    #: default of the ``poller_idle_spins`` argument (one center may tune its own).
     POLLER_IDLE_SPINS = 1000
     POLLER_IDLE_WAIT = 0.001  # seconds
     #: While busy-polling, kernel fds (sockets, timerfds, wake-ups) are polled at most this
     #: often; with no pollers every iteration polls them.
     KERNEL_POLL_INTERVAL = 20e-6  # seconds
 
-    def __init__(self, *, driver: str | None = None, nevent: int = 5000, name: str = "") -> None:
+    def __init__(self, *, driver: str | None = None, nevent: int = 5000, name: str = "",
+                 poller_idle_spins: int | None = None) -> None:
         kind = driver or _default_driver()
         if kind not in _DRIVERS:
             raise ValueError(f"unknown event driver {kind!r} (have {sorted(_DRIVERS)})")
@@ -223,6 +225,8 @@ class EventCenter:
             raise ValueError("nevent must be >= 1")
         self.name = name
         self.driver_name = kind
+        self.poller_idle_spins = (self.POLLER_IDLE_SPINS if poller_idle_spins is None
+                                  else poller_idle_spins)
         driver_obj: _Driver = _DRIVERS[kind](nevent)
         self._driver = driver_obj
         self._nevent = nevent
@@ -409,7 +413,7 @@ class EventCenter:
         heap = self._heap
         wait_ms = 0
         if not (self._external or self._soon or (
-                self._pollers and self._poll_idle < self.POLLER_IDLE_SPINS)):
+                self._pollers and self._poll_idle < self.poller_idle_spins)):
             wait = timeout
             if self._pollers and wait > self.POLLER_IDLE_WAIT:
                 wait = self.POLLER_IDLE_WAIT

@@ -123,6 +123,18 @@ class NetworkStack(abc.ABC):
     """Factory for sockets of one backend."""
 
     name: str = "abstract"
+    #: whether this stack's sockets are plain kernel fds that another process can adopt
+    #: (SCM_RIGHTS handoff, the Processor, reuseport listener slots): then
+    #: :meth:`adopt_connection` and :meth:`adopt_listener` work
+    passes_fds: bool = False
+
+    def adopt_connection(self, fd: int) -> ConnectedSocket:
+        """Own an established connection's fd (received from another process)."""
+        raise NotImplementedError(f"the {self.name} stack cannot adopt a connection fd")
+
+    def adopt_listener(self, fd: int, opts: SocketOptions) -> ServerSocket:
+        """Own a listening socket's fd (received from another process), non-blocking."""
+        raise NotImplementedError(f"the {self.name} stack cannot adopt a listener fd")
 
     def bind_center(self, center: EventCenter) -> None:
         """Tell the stack which EventCenter runs its sockets (the Messenger does). Only

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pool.admin import AdminClient, AdminError
-from pool.app import WorkerApp, WorkerContext
+from pool.supervisor.admin import AdminClient, AdminError
+from pool.worker.app import WorkerApp, WorkerContext
 from transport.event_center import READABLE, WRITABLE
 from transport.posix import PosixConnectedSocket
 from transport.stack import ConnectedSocket

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pool.admin import (
+from pool.supervisor.admin import (
     MAX_REQUEST,
     AdminClient,
     AdminError,

@@ -9,7 +9,7 @@ import multiprocess
 import posix_ipc
 import pytest
 
-from pool.control_page import FIELDS, MAX_SLOTS, ControlPage
+from pool.control.page import FIELDS, MAX_SLOTS, ControlPage
 from transport import shmname
 
 A = 0xAAAAAAAAAAAAAAAA

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pool.admin import AdminClient
+from pool.supervisor.admin import AdminClient
 from protocol.control import EntityAddr, Hello, encode_control
 from protocol.crc import crc32c as raw_crc
 from protocol.errors import ProtocolError
@@ -24,7 +24,7 @@ from protocol.frames import FrameDecoder, FrameLimits, Tag, encode_banner, frame
 from tests.pool.raw_session import Abandoned, RawClient
 from tests.pool.support import rss
 from tests.pool.test_pool_sessions import Pool
-from tools.stress import StressConfig, StressResult, run_stress
+from tools.stress.echo import StressConfig, StressResult, run_stress
 
 pytestmark = pytest.mark.slow
 

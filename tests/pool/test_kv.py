@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pool.kv import NSHARDS, owners_for, shard_of
-from tools.stress_kv import KvStressConfig, format_kv_summary, run_kv_stress
+from tools.stress.kv import KvStressConfig, format_kv_summary, run_kv_stress
 from transport import shmname
 
 from .support import ROOT, running_pool

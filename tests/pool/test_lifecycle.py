@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pool.lifecycle import (
+from pool.supervisor.lifecycle import (
     LIVE_STATES,
     TRANSITIONS,
     Backoff,

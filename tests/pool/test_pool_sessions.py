@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pool.admin import AdminClient, AdminError
-from tools.stress import StressConfig, StressResult, run_stress
+from pool.supervisor.admin import AdminClient, AdminError
+from tools.stress.echo import StressConfig, StressResult, run_stress
 from transport import shmname
 
 pytestmark = pytest.mark.slow
@@ -179,7 +179,7 @@ def test_bounded_chaos_run(make_pool) -> None:
     1/30 on both sides, a worker SIGKILLed every 3 s, the pool rescaled every 4 s. No
     silent loss (only forgiveness after a reset notification), no duplicate, no reorder,
     and the pool is back to N at the end."""
-    from tools.stress import ChaosConfig
+    from tools.stress.common import ChaosConfig
 
     pool = make_pool(3, "processor", "--inject-socket-failures", "30")
     r = run_stress(StressConfig(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pool.api import AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
-from pool.app import ReplyCallback
+from pool.worker.app import ReplyCallback
 from pool.apps import MessengerApp
 from transport import shmname
 

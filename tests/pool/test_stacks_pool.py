@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.pool.test_pool_sessions import Pool
-from tools.stress import StressConfig, run_stress
+from tools.stress.echo import StressConfig, run_stress
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from pool.processor import CHUNK, Channel, Kind, Message, Processor
+from pool.control.channel import CHUNK, Channel, Envelope, Kind
+from pool.supervisor.processor import Processor
 from transport import fdpass
 from transport.event_center import EventCenter
 
@@ -29,7 +30,7 @@ def pump(center: EventCenter, cond: object, rounds: int = 200) -> None:
 
 def test_large_message_with_fd_is_chunked_and_reassembled(center: EventCenter) -> None:
     a, b = fdpass.seqpacket_pair(blocking=False)
-    got: list[Message] = []
+    got: list[Envelope] = []
     closed: list[str] = []
     ca = Channel(center, a, lambda m: None, closed.append)
     cb = Channel(center, b, got.append, closed.append)
@@ -97,7 +98,7 @@ def test_fds_dropped_at_rlimit_nofile_are_reported_for_a_nak(center: EventCenter
     import resource
 
     a, b = fdpass.seqpacket_pair(blocking=False)
-    got: list[Message] = []
+    got: list[Envelope] = []
     ca = Channel(center, a, lambda m: None, lambda r: None)
     cb = Channel(center, b, got.append, lambda r: None)
     r, w = os.pipe()
@@ -122,9 +123,9 @@ def test_worker_exits_on_control_channel_eof() -> None:
     """The second way a worker notices its supervisor is gone (besides PDEATHSIG): EOF."""
     import multiprocess
 
-    from pool.control_page import ControlPage
-    from pool.processor import HEADER
-    from pool.worker import WorkerSpec, worker_main
+    from pool.control.page import ControlPage
+    from pool.control.channel import HEADER
+    from pool.worker.process import WorkerSpec, worker_main
 
     from .support import RawEchoApp
 

@@ -457,7 +457,7 @@ def test_pollers_make_the_loop_non_blocking(center: EventCenter) -> None:
 
 def test_idle_pollers_fall_back_to_a_short_blocking_wait(
         center: EventCenter, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(center, "POLLER_IDLE_SPINS", 3)
+    monkeypatch.setattr(center, "poller_idle_spins", 3)
     monkeypatch.setattr(center, "KERNEL_POLL_INTERVAL", 0.0)  # every pass asks the kernel
     waits: list[int] = []
     real_poll = center._driver.poll

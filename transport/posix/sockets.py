@@ -298,6 +298,15 @@ class PosixStack(NetworkStack):
     a leading ``"\\0"`` selects the abstract namespace, unix(7))."""
 
     name = "posix"
+    passes_fds = True
+
+    def adopt_connection(self, fd: int) -> PosixConnectedSocket:
+        return PosixConnectedSocket.from_fd(fd)
+
+    def adopt_listener(self, fd: int, opts: SocketOptions) -> PosixServerSocket:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return PosixServerSocket(sock, opts)
 
     def listen(self, addr: Address, opts: SocketOptions = SocketOptions()) -> PosixServerSocket:  # noqa: B008
         """Bind and listen (non-blocking, close-on-exec); OSError such as EADDRINUSE.

@@ -36,6 +36,15 @@ from typing import Any
 
 import msgpack
 
+from tools.bench.common import (
+    ForkedCall,
+    fork_server,
+    latency_us,
+    proc_cpu,
+    proc_hwm_kb,
+)
+from tools.common import free_port
+
 __all__ = ["register", "run", "SERVERS", "messenger_client"]
 
 _LEN = struct.Struct("!I")
@@ -299,7 +308,13 @@ def messenger_client(addr: Any, window: int, payload: bytes, duration: float,
     """A lossless Messenger client keeping ``window`` echo requests in flight for
     ``duration`` seconds; returns the replies counted (and fills ``latencies`` in ns)."""
     from pool.api import (
-        AsyncConnection, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy,
+        AsyncConnection,
+        Dispatcher,
+        EntityType,
+        EventCenter,
+        Message,
+        Messenger,
+        Policy,
     )
 
     center = EventCenter(name=name)
@@ -350,87 +365,8 @@ SERVERS: dict[str, tuple[Callable[..., None], Callable[..., int], str | None]] =
 
 # -- process plumbing -------------------------------------------------------------------------
 
-def _proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / tick
-
-
-def _proc_hwm_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def fork_server(serve: Callable[[Callable[[], None]], None], what: str) -> int:
-    """Run ``serve(ready)`` in a forked child; return its pid once it called ``ready()``
-    (stop it with SIGTERM and reap it)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(r)
-        code = 0
-        try:
-            def ready() -> None:
-                os.write(w, b"1")
-                os.close(w)
-            serve(ready)
-        except BaseException:  # noqa: BLE001
-            import traceback
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    os.close(w)
-    ok = os.read(r, 1)  # blocks until the server is listening (or died)
-    os.close(r)
-    if ok != b"1":
-        os.waitpid(pid, 0)
-        raise RuntimeError(f"{what} failed to start")
-    return pid
-
-
 def _fork_server(kind: str, port: int) -> int:
     return fork_server(lambda ready: SERVERS[kind][0](port, ready), f"{kind} server")
-
-
-class ForkedCall:
-    """Run ``fn()`` in a forked child process; ``result()`` waits for its (msgpack-able)
-    return value. Several can run at once: start them all, then collect."""
-
-    def __init__(self, fn: Callable[[], Any], what: str) -> None:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            os.close(r)
-            code = 0
-            try:
-                data = msgpack.packb(fn())
-                with os.fdopen(w, "wb") as f:
-                    f.write(data)
-            except BaseException:  # noqa: BLE001
-                import traceback
-                traceback.print_exc()
-                code = 1
-            os._exit(code)
-        os.close(w)
-        self.pid, self.fd, self.what = pid, r, what
-
-    def result(self) -> Any:
-        with os.fdopen(self.fd, "rb") as f:
-            data = f.read()
-        _, status = os.waitpid(self.pid, 0)
-        if status != 0 or not data:
-            raise RuntimeError(f"{self.what} failed")
-        return msgpack.unpackb(data)
 
 
 def _run_client(kind: str, port: int, window: int, payload: bytes, duration: float,
@@ -446,15 +382,8 @@ def _run_client(kind: str, port: int, window: int, payload: bytes, duration: flo
     return int(n), list(lat), float(elapsed)
 
 
-def _pct(values: list[int], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, int(len(s) * q))] / 1000.0
-
-
 def measure(kind: str, payload_size: int, duration: float) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     pid = _fork_server(kind, port)
     payload = os.urandom(payload_size)
     try:
@@ -462,14 +391,14 @@ def measure(kind: str, payload_size: int, duration: float) -> dict[str, Any]:
         out: dict[str, Any] = {"server": kind, "payload": payload_size}
         n1, lat, t1 = _run_client(kind, port, 1, payload, duration, True)
         out["rps_w1"] = n1 / t1
-        out["rtt_p50_us"] = _pct(lat, 0.5)
-        out["rtt_p99_us"] = _pct(lat, 0.99)
-        cpu0 = _proc_cpu(pid)
+        out["rtt_p50_us"] = latency_us(lat, 0.5)
+        out["rtt_p99_us"] = latency_us(lat, 0.99)
+        cpu0 = proc_cpu(pid)
         n128, _, t128 = _run_client(kind, port, 128, payload, duration, False)
-        cpu1 = _proc_cpu(pid)
+        cpu1 = proc_cpu(pid)
         out["rps_w128"] = n128 / t128
         out["cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(1, n128)
-        out["peak_rss_kb"] = _proc_hwm_kb(pid)
+        out["peak_rss_kb"] = proc_hwm_kb(pid)
         return out
     finally:
         os.kill(pid, signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""Pool configuration: one frozen dataclass, validated on construction."""
+"""The supervisor's configuration: one frozen dataclass, validated on construction."""
 
 from __future__ import annotations
 
@@ -6,22 +6,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .control_page import MAX_SLOTS
+from pool.control.page import MAX_SLOTS
+
 from .lifecycle import Backoff
 
-__all__ = ["ACCEPT_MODES", "START_METHODS", "PoolConfig", "parse_bind"]
+__all__ = ["ACCEPT_MODES", "START_METHODS", "PoolConfig"]
 
 ACCEPT_MODES = ("processor", "reuseport")
 START_METHODS = ("fork", "spawn")
-
-
-def parse_bind(text: str, option: str = "--bind") -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{option} {text!r} must be HOST:PORT, e.g. 127.0.0.1:6800")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tools.bench_tcp import _pct, _proc_cpu, fork_server
-
+from tools.bench.common import ForkedCall, fork_server, latency_us, proc_cpu
+from tools.bench.tcp import messenger_client, serve_messenger
 from transport.hugepages import hugepage_info, reserved_hugepages
 from transport.memif import MemifConfig, MemifInterface, connect
 
@@ -181,7 +181,6 @@ def _pin(kind: str, cpu: int) -> None:
 
 
 def _serve_messenger(kind: str, addr: Any, ready: Callable[[], None]) -> None:
-    from tools.bench_tcp import serve_messenger
 
     _pin(kind, _SERVER_CPU)
     serve_messenger(addr, ready, stack=_stack(kind), name=f"bench-memif-server-{kind}")
@@ -190,7 +189,6 @@ def _serve_messenger(kind: str, addr: Any, ready: Callable[[], None]) -> None:
 def _client_run(kind: str, addr: Any, window: int, payload: bytes, duration: float,
                 with_latency: bool) -> tuple[int, list[int], float]:
     """The Messenger client in a forked process: (requests, latencies ns, elapsed s)."""
-    from tools.bench_tcp import ForkedCall, messenger_client
 
     def client() -> list[Any]:
         _pin(kind, _CLIENT_CPU)
@@ -220,15 +218,15 @@ def measure_messenger(kind: str, workdir: str, payload_size: int, duration: floa
     try:
         _client_run(kind, addr, 16, payload, 0.3, False)  # warm-up
         n1, lat, t1 = _client_run(kind, addr, 1, payload, duration, True)
-        cpu0 = _proc_cpu(pid)
+        cpu0 = proc_cpu(pid)
         n128, _, t128 = _client_run(kind, addr, 128, payload, duration, False)
-        cpu1 = _proc_cpu(pid)
+        cpu1 = proc_cpu(pid)
     finally:
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
     return {"test": "messenger_echo", "stack": kind, "payload": payload_size,
-            "rps_w1": round(n1 / t1), "rtt_p50_us": round(_pct(lat, 0.5), 1),
-            "rtt_p99_us": round(_pct(lat, 0.99), 1),
+            "rps_w1": round(n1 / t1), "rtt_p50_us": round(latency_us(lat, 0.5), 1),
+            "rtt_p99_us": round(latency_us(lat, 0.99), 1),
             "rps_w128": round(n128 / t128),
             "server_cpu_us_per_req": round((cpu1 - cpu0) * 1e6 / max(1, n128), 1)}
 

@@ -18,7 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pool.api import AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
+from pool.api import (
+    AsyncConnection,
+    Backoff,
+    Dispatcher,
+    EntityType,
+    EventCenter,
+    Message,
+    Messenger,
+    Policy,
+)
+
+from .common import Chaos, ChaosConfig, ChaosCounts, p50_p99_us, parse_scale_range
 
 __all__ = ["KV_MSG", "KvStressConfig", "KvStressResult", "format_kv_summary", "run_kv_stress"]
 
@@ -42,7 +53,7 @@ class KvStressConfig:
     admin: str | None = None
     scale_plan: list[int] = field(default_factory=list)
     scale_every: float = 0.0
-    chaos: Any = None                # a tools.stress._Chaos-compatible object (CLI)
+    chaos: Chaos | None = None       # the CLI's --chaos-admin faults
 
 
 @dataclass
@@ -114,7 +125,7 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
     msgrs: list[Messenger] = []
     admin = None
     if cfg.admin and cfg.scale_plan:
-        from pool.admin import AdminClient
+        from pool.supervisor.admin import AdminClient
         admin = AdminClient(cfg.admin, timeout=10.0)
     try:
         conns = []
@@ -228,10 +239,8 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
         if reads:
             r.read_errors += len(reads)
         r.msgs_per_s = r.received / r.elapsed_s if r.elapsed_s else 0.0
-        lat = sorted(client.lat)
-        if lat:
-            r.p50_us = lat[len(lat) // 2] / 1000
-            r.p99_us = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000
+        if client.lat:
+            r.p50_us, r.p99_us = p50_p99_us(client.lat)
         return r
     finally:
         for m in msgrs:
@@ -260,20 +269,19 @@ def run_cli(args: Any) -> int:
     import sys
     from dataclasses import asdict
 
-    from tools.stress import ChaosConfig, StressResult, _Chaos
 
     if not isinstance(args.target, tuple):
         print("msgr stress --app kv: --target must be HOST:PORT", file=sys.stderr)
         return 2
     chaos = None
-    chaos_result = StressResult()
+    chaos_result = ChaosCounts()
     if args.chaos_admin:
-        lo, _, hi = args.scale_range.partition("-")
-        if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+        scale_range = parse_scale_range(args.scale_range)
+        if scale_range is None:
             print("msgr stress: --scale-range must look like 2-4", file=sys.stderr)
             return 2
-        chaos = _Chaos(ChaosConfig(args.chaos_admin, args.kill_every, args.scale_every,
-                                   int(lo), int(hi)), random.Random(args.seed), chaos_result)
+        chaos = Chaos(ChaosConfig(args.chaos_admin, args.kill_every, args.scale_every, *scale_range),
+                      random.Random(args.seed), chaos_result)
     cfg = KvStressConfig(target=args.target, conns=args.conns, keys=max(1, (10_000 if args.messages is None else args.messages) // 2),
                          rounds=1, size_min=max(1, args.size_min),
                          size_max=min(max(args.size_min, args.size_max), 60 * 1024),

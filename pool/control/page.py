@@ -31,7 +31,7 @@ import posix_ipc
 
 from transport import shmname
 
-__all__ = ["FIELDS", "MAX_SLOTS", "RETENTION_FIELDS", "ControlPage", "SlotView"]
+__all__ = ["FIELDS", "MAX_SLOTS", "RETENTION_FIELDS", "ControlPage", "SlotView", "word_index"]
 
 MAGIC = 0x616D7367_63746C31  # "amsgctl1"
 VERSION = 1
@@ -62,6 +62,11 @@ FIELDS = {
 RETENTION_FIELDS = ("sessions_retained", "retained_bytes", "sessions_evicted")
 # header words
 _H_MAGIC, _H_VERSION, _H_NSLOTS, _H_OWNER = 0, 1, 2, 3
+
+
+def word_index(slot: int, name: str) -> int:
+    """Index of field ``name`` of ``slot`` in :meth:`ControlPage.words`."""
+    return HEADER_WORDS + slot * SLOT_WORDS + FIELDS[name]
 
 
 class SlotView:

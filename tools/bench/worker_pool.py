@@ -22,10 +22,10 @@ import tempfile
 import time
 from typing import Any
 
-
-from pool.admin import AdminClient, AdminError
-from tools.bench_tcp import ForkedCall, _free_port, _proc_cpu
-from tools.stress import StressConfig, run_stress
+from pool.supervisor.admin import AdminClient, AdminError
+from tools.bench.common import ForkedCall, proc_cpu
+from tools.common import NotReady, free_port, wait_status
+from tools.stress.echo import StressConfig, run_stress
 
 __all__ = ["register", "run"]
 
@@ -42,7 +42,7 @@ def _client(port: int, conns: int, duration: float, seed: int) -> ForkedCall:
 
 
 def measure(accept: str, workers: int, duration: float, conns: int) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     tmp = tempfile.mkdtemp(prefix="msgr-bench-pool-")
     admin = os.path.join(tmp, "admin.sock")
     serve = subprocess.Popen(
@@ -50,19 +50,13 @@ def measure(accept: str, workers: int, duration: float, conns: int) -> dict[str,
          "--workers", str(workers), "--accept", accept, "--admin", admin],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                st = AdminClient(admin).call("status")
-                if st.get("accepting") == workers:
-                    break
-            except (OSError, AdminError):
-                pass
-            if time.monotonic() > deadline or serve.poll() is not None:
-                raise RuntimeError(f"pool with {workers} workers did not start")
-            time.sleep(0.05)  # polling the pool's status, bounded
+        try:
+            st = wait_status(admin, lambda st: st.get("accepting") == workers, 30,
+                             alive=lambda: serve.poll() is None)
+        except NotReady:
+            raise RuntimeError(f"pool with {workers} workers did not start") from None
         pids = [w["pid"] for w in st["workers"] if w["state"] == "ACCEPTING"] + [serve.pid]
-        cpu0 = sum(_proc_cpu(p) for p in pids)
+        cpu0 = sum(proc_cpu(p) for p in pids)
         t0 = time.monotonic()
         clients = [_client(port, conns // 2, duration, 1 + i) for i in range(2)]
         received, ok = 0, True
@@ -74,7 +68,7 @@ def measure(accept: str, workers: int, duration: float, conns: int) -> dict[str,
             received += n
             ok = ok and good
         elapsed = time.monotonic() - t0
-        cpu1 = sum(_proc_cpu(p) for p in pids)
+        cpu1 = sum(proc_cpu(p) for p in pids)
         return {"accept": accept, "workers": workers, "conns": conns, "requests": received,
                 "rps": received / elapsed, "cpu_us_per_req": (cpu1 - cpu0) * 1e6 / max(1, received),
                 "verified": ok}

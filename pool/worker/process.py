@@ -16,7 +16,7 @@ Start-up order matters (supervisors.md 2.6, 2.9):
    The supervisor's Python objects for those fds stay referenced from the fork()
    caller's frames, which this process never returns to, so nothing closes a reused
    fd number later.
-4. Build the EventCenter, create the app (a failure exits with :data:`BOOT_ERROR`
+4. Build the EventCenter, create the app (a failure exits with ``ExitCode.BOOT_ERROR``
    before READY, which the supervisor's flap guard counts), send READY.
 
 The heartbeat is written by a loop hook, i.e. by the loop itself: a stuck loop is
@@ -38,21 +38,39 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pool.control.channel import Channel
+from pool.control.exit_codes import ExitCode
+from pool.control.messages import (
+    Conn,
+    ConnAck,
+    Drain,
+    Drained,
+    Envelope,
+    Handoff,
+    HandoffResult,
+    Listen,
+    Peers,
+    Ready,
+    RingAdd,
+    RingDel,
+    Start,
+    Started,
+    Unlisten,
+    decode,
+    handler_name,
+)
+from pool.control.page import RETENTION_FIELDS, ControlPage, word_index
+from pool.control.states import State
+from pool.control.titles import PR_SET_PDEATHSIG, prctl, set_title
 from transport.event_center import EventCenter
-from transport.posix import PosixConnectedSocket, PosixServerSocket
-from transport.stack import ConnectedSocket, SocketOptions
+from transport.kernel import fd_stack
+from transport.stack import ConnectedSocket, ServerSocket, SocketOptions
 
 from .app import AppFactory, PeerMap, ReplyCallback, WorkerApp, WorkerContext
-from .control_page import FIELDS, HEADER_WORDS, SLOT_WORDS, ControlPage
-from .lifecycle import State
-from .processor import Channel, Kind, Message
-from .rings import Router
-from .titles import PR_SET_PDEATHSIG, prctl, set_title
+from .config import WorkerConfig
+from .router import Router
 
-__all__ = ["BOOT_ERROR", "WorkerSpec", "worker_main"]
-
-#: exit status of a worker whose app could not be created or started (gunicorn uses 3 too)
-BOOT_ERROR = 3
+__all__ = ["WorkerSpec", "worker_main"]
 
 
 @dataclass
@@ -117,9 +135,7 @@ class _Accepting:
 
     def __init__(self, worker: Worker, lid: int, fd: int) -> None:
         self.lid = lid
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        self.server = PosixServerSocket(sock, worker.spec.listener_options)
+        self.server = worker.stack.adopt_listener(fd, worker.spec.listener_options)
         self.loop = _make_accept_loop(worker.center, self.server, worker.on_accept)
 
     def close(self) -> None:
@@ -128,7 +144,7 @@ class _Accepting:
         self.server.close()
 
 
-def _make_accept_loop(center: EventCenter, server: PosixServerSocket,
+def _make_accept_loop(center: EventCenter, server: ServerSocket,
                       on_accept: Callable[[ConnectedSocket], None]) -> Any:
     from transport.listener import AcceptLoop
 
@@ -146,7 +162,11 @@ class Worker(WorkerContext):
         self.generation = spec.generation & 0xFFFF
         self.config: Mapping[str, Any] = dict(spec.app_config)
         self.ctl = ctl
-        self.center = EventCenter(name=f"worker{spec.slot}")
+        # Connections and listeners arrive as fds from the supervisor: a stack that can adopt them.
+        self.stack = fd_stack()
+        self.worker_config = WorkerConfig.from_app_config(self.config)
+        self.center = EventCenter(name=f"worker{spec.slot}",
+                                  poller_idle_spins=self.worker_config.poller_idle_spins)
         self.page = ControlPage.attach(spec.page_name)
         self.app: WorkerApp | None = None
         self.channel: Channel | None = None
@@ -158,20 +178,19 @@ class Worker(WorkerContext):
         self.handoffs_in = 0
         self.handoffs_out = 0
         self._q = self.page.words()
-        self._base = HEADER_WORDS + spec.slot * SLOT_WORDS
-        # Busy-polling needs a free core per spinner (ipc-facts.md): with few cores a
-        # spinning worker steals the CPU the worker it waits for needs (measured on 2
-        # cores: cross-worker kv GET p50 4.3 ms spinning vs 0.15 ms blocking at once on
-        # the doorbell). So below 8 cores the rings register no poller (ring_spins=0):
-        # the doorbell eventfd alone wakes the loop.
-        few_cores = len(os.sched_getaffinity(0)) < 8
+        # Word indices of this slot's fields, computed once: _beat runs every iteration.
+        self._w_heartbeat, self._w_loops, self._w_conns = (
+            word_index(spec.slot, f) for f in ("heartbeat_ns", "loop_count", "connections"))
+        self._w_counters = tuple(word_index(spec.slot, f)
+                                 for f in ("msgs_in", "msgs_out", "bytes_in", "bytes_out"))
+        self._w_retention = tuple(word_index(spec.slot, f) for f in RETENTION_FIELDS)
+        self._w_handoffs_in = word_index(spec.slot, "handoffs_in")
+        self._w_handoffs_out = word_index(spec.slot, "handoffs_out")
+        wcfg = self.worker_config
         self.router = Router(self.center, self.slot, self._on_submit, self.log,
-                             inflight_limit=int(self.config.get("submit_inflight", 256)),
-                             queue_limit=int(self.config.get("submit_queue", 8192)),
-                             spins=int(self.config.get("ring_spins", 0 if few_cores else 64)),
-                             reply_spin=float(self.config.get("reply_spin_us", 0)) / 1e6)
-        if "poller_idle_spins" in self.config:
-            self.center.POLLER_IDLE_SPINS = int(self.config["poller_idle_spins"])
+                             inflight_limit=wcfg.submit_inflight, queue_limit=wcfg.submit_queue,
+                             spins=wcfg.spins_for(len(os.sched_getaffinity(0))),
+                             reply_spin=wcfg.reply_spin_us / 1e6)
         self.peers = PeerMap()
 
     # -- WorkerContext -----------------------------------------------------------------
@@ -183,19 +202,12 @@ class Worker(WorkerContext):
         xid = self.next_xid
         self.next_xid += 1
         self.pending[xid] = on_result
-        self.channel.send(Kind.HANDOFF, xid=xid, arg=target_slot, payload=meta, fds=[fd])
+        self.channel.post(Handoff([fd], xid, meta, target=target_slot))
 
     def accepting_slots(self) -> list[int]:
-        out = []
-        for i in range(self.page.nslots):
-            if i != self.slot and self._q[HEADER_WORDS + i * SLOT_WORDS + FIELDS["state"]] == State.ACCEPTING:
-                out.append(i)
-        return out
-
-    def resolve_slot(self, slot: int) -> int:
-        if not 0 <= slot < self.page.nslots:
-            return slot
-        return self.page.resolve(slot)
+        page = self.page
+        return [i for i in range(page.nslots)
+                if i != self.slot and page.slot(i).get("state") == State.ACCEPTING]
 
     def owner_of(self, slot: int, generation: int) -> int | None:
         page = self.page
@@ -231,7 +243,7 @@ class Worker(WorkerContext):
 
     def drained(self) -> None:
         if self.channel is not None:
-            self.channel.send(Kind.DRAINED)
+            self.channel.post(Drained())
         self.center.stop()
         self.log("drained: exiting")
 
@@ -257,12 +269,12 @@ class Worker(WorkerContext):
             app.start(self)
         except Exception:
             self.log("app failed to start:\n" + traceback.format_exc().rstrip())
-            return BOOT_ERROR
+            return ExitCode.BOOT_ERROR
         self.app = app
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.channel = Channel(self.center, self.ctl, self._on_message, self._on_channel_close)
         self.center.add_loop_hook(self._beat)
-        self.channel.send(Kind.READY, payload=json.dumps({"pid": os.getpid()}).encode())
+        self.channel.post(Ready(os.getpid()))
         self.center.run(max_wait=self.spec.heartbeat_interval)
         return self.exit_code
 
@@ -272,17 +284,18 @@ class Worker(WorkerContext):
         self.center.stop()
 
     def _beat_boot(self) -> None:
-        self._q[self._base + FIELDS["heartbeat_ns"]] = time.monotonic_ns()
+        self._q[self._w_heartbeat] = time.monotonic_ns()
 
     def _beat(self) -> None:
-        q, b, app = self._q, self._base, self.app
-        q[b + 2] = time.monotonic_ns()  # FIELDS["heartbeat_ns"]
-        q[b + 3] = self.center.loop_count
+        q, app = self._q, self.app
+        q[self._w_heartbeat] = time.monotonic_ns()
+        q[self._w_loops] = self.center.loop_count
         if app is not None:
-            q[b + 4] = app.connection_count()
-            mi, mo, bi, bo = app.counters()
-            q[b + 5], q[b + 6], q[b + 7], q[b + 8] = mi, mo, bi, bo
-            q[b + 13], q[b + 14], q[b + 15] = app.retention_counters()  # sessions_*
+            q[self._w_conns] = app.connection_count()
+            c0, c1, c2, c3 = self._w_counters
+            q[c0], q[c1], q[c2], q[c3] = app.counters()
+            r0, r1, r2 = self._w_retention
+            q[r0], q[r1], q[r2] = app.retention_counters()
 
     def on_accept(self, conn: ConnectedSocket) -> None:
         if self.app is None or self.draining or not self._adopt(conn, b""):
@@ -296,50 +309,78 @@ class Worker(WorkerContext):
             self.log("app.adopt raised:\n" + traceback.format_exc().rstrip())
             return False
 
-    def _on_message(self, msg: Message) -> None:
-        kind = msg.kind
-        if kind is Kind.CONN:
-            self._on_conn(msg)
-        elif kind is Kind.HANDOFF_RESULT:
-            cb = self.pending.pop(msg.xid, None)
-            if msg.arg == 1:
-                self.handoffs_out += 1
-                self._q[self._base + FIELDS["handoffs_out"]] = self.handoffs_out
-            if cb is not None:
-                cb(msg.arg == 1)
-        elif kind is Kind.START:
-            for lid, fd in zip(json.loads(msg.payload or b"[]"), msg.fds):
-                self._listen(lid, fd)
-            assert self.channel is not None
-            self.channel.send(Kind.STARTED)
-        elif kind is Kind.LISTEN:
-            for fd in msg.fds:
-                self._listen(msg.xid, fd)
-        elif kind is Kind.UNLISTEN:
-            acc = self.listeners.pop(msg.xid, None)
-            if acc is not None:
-                acc.close()
-        elif kind is Kind.DRAIN:
-            self._drain()
-        elif kind is Kind.RING_ADD:
-            try:
-                self.router.add_ring(json.loads(msg.payload), list(msg.fds))
-            except Exception:
-                self.log("cannot attach ring:\n" + traceback.format_exc().rstrip())
-        elif kind is Kind.RING_DEL:
-            self.router.drop_peer(msg.arg, retire=msg.xid == 1)
-        elif kind is Kind.PEERS:
-            d = json.loads(msg.payload)
-            self.peers = PeerMap(int(d["v"]), tuple(d["slots"]), tuple(d["prev"]), tuple(d["lost"]))
-            if self.app is not None:
-                try:
-                    self.app.on_peer_map(self.peers)
-                except Exception:
-                    self.log("app.on_peer_map raised:\n" + traceback.format_exc().rstrip())
-        else:
-            for fd in msg.fds:
+    def _on_message(self, env: Envelope) -> None:
+        handler = getattr(self, handler_name(env.kind), None)
+        if handler is None:
+            for fd in env.fds:
                 os.close(fd)
-            self.log(f"ignoring unexpected {kind.name} from the supervisor")
+            self.log(f"ignoring unexpected {env.kind.name} from the supervisor")
+            return
+        handler(decode(env))
+
+    # -- control messages from the supervisor, one handler per kind ------------------------
+
+    def handle_conn(self, msg: Conn) -> None:
+        ok = False
+        fd = msg.fd()
+        if fd is not None:
+            if self.draining or self.app is None:
+                os.close(fd)
+            else:
+                conn = self.stack.adopt_connection(fd)
+                ok = self._adopt(conn, msg.meta)
+                if not ok:
+                    conn.close()
+                elif msg.meta:
+                    self.handoffs_in += 1
+                    self._q[self._w_handoffs_in] = self.handoffs_in
+        # Publish the new count before the ack, so the Processor's next choice sees it.
+        self._beat()
+        assert self.channel is not None
+        self.channel.post(ConnAck(msg.xid, ok))
+
+    def handle_handoff_result(self, msg: HandoffResult) -> None:
+        cb = self.pending.pop(msg.xid, None)
+        if msg.adopted:
+            self.handoffs_out += 1
+            self._q[self._w_handoffs_out] = self.handoffs_out
+        if cb is not None:
+            cb(msg.adopted)
+
+    def handle_start(self, msg: Start) -> None:
+        for lid, fd in zip(msg.listeners, msg.fds):
+            self._listen(lid, fd)
+        assert self.channel is not None
+        self.channel.post(Started())
+
+    def handle_listen(self, msg: Listen) -> None:
+        for fd in msg.fds:
+            self._listen(msg.lid, fd)
+
+    def handle_unlisten(self, msg: Unlisten) -> None:
+        acc = self.listeners.pop(msg.lid, None)
+        if acc is not None:
+            acc.close()
+
+    def handle_drain(self, _msg: Drain) -> None:
+        self._drain()
+
+    def handle_ring_add(self, msg: RingAdd) -> None:
+        try:
+            self.router.add_ring(json.loads(msg.descriptor), list(msg.fds))
+        except Exception:
+            self.log("cannot attach ring:\n" + traceback.format_exc().rstrip())
+
+    def handle_ring_del(self, msg: RingDel) -> None:
+        self.router.drop_peer(msg.peer, retire=msg.retired)
+
+    def handle_peers(self, msg: Peers) -> None:
+        self.peers = PeerMap(msg.version, msg.slots, msg.prev, msg.lost)
+        if self.app is not None:
+            try:
+                self.app.on_peer_map(self.peers)
+            except Exception:
+                self.log("app.on_peer_map raised:\n" + traceback.format_exc().rstrip())
 
     def _listen(self, lid: int, fd: int) -> None:
         if self.draining:
@@ -349,27 +390,6 @@ class Worker(WorkerContext):
         if old is not None:
             old.close()
         self.listeners[lid] = _Accepting(self, lid, fd)
-
-    def _on_conn(self, msg: Message) -> None:
-        ok = False
-        if msg.fds and msg.arg != Channel.TRUNCATED:
-            fd = msg.fds[0]
-            for extra in msg.fds[1:]:
-                os.close(extra)
-            if self.draining or self.app is None:
-                os.close(fd)
-            else:
-                conn = PosixConnectedSocket.from_fd(fd)
-                ok = self._adopt(conn, msg.payload)
-                if not ok:
-                    conn.close()
-                elif msg.payload:
-                    self.handoffs_in += 1
-                    self._q[self._base + FIELDS["handoffs_in"]] = self.handoffs_in
-        # Publish the new count before the ack, so the Processor's next choice sees it.
-        self._beat()
-        assert self.channel is not None
-        self.channel.send(Kind.CONN_ACK, xid=msg.xid, arg=1 if ok else 0)
 
     def _drain(self) -> None:
         if self.draining:

@@ -23,11 +23,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pool.api import AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
+from pool.api import (
+    AsyncConnection,
+    Backoff,
+    Dispatcher,
+    EntityType,
+    EventCenter,
+    Message,
+    Messenger,
+    Policy,
+)
+from tools.common import NotReady, percentile, wait_status
+from tools.stress.kv import KV_MSG
 
 __all__ = ["register", "run", "measure"]
 
-KV_MSG = 0x4B56
 TARGET_ADDED_P50_US = 10.0
 
 
@@ -39,26 +49,17 @@ class _Rx(Dispatcher):
         self.front = msg.front
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * q))] if xs else float("nan")
-
-
 def _wait_accepting(admin: str, n: int, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
-    from pool.admin import AdminClient, AdminError
+    """``n`` workers ACCEPTING and all of them in the published peer map."""
+    def ready(st: dict[str, Any]) -> bool:
+        return bool(st.get("accepting") == n and len(st.get("peer_map", {}).get("slots", [])) == n)
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    try:
+        return wait_status(admin, ready, timeout, alive=lambda: proc.poll() is None, client_timeout=2.0)
+    except NotReady:
         if proc.poll() is not None:
-            raise RuntimeError(f"msgr serve exited with status {proc.returncode}")
-        try:
-            st = AdminClient(admin, timeout=2.0).call("status")
-            if st.get("accepting") == n and len(st.get("peer_map", {}).get("slots", [])) == n:
-                return st
-        except (OSError, AdminError):
-            pass
-        time.sleep(0.05)  # polling the pool's admin socket, bounded by the deadline
-    raise RuntimeError(f"pool not ready with {n} workers in {timeout}s")
+            raise RuntimeError(f"msgr serve exited with status {proc.returncode}") from None
+        raise RuntimeError(f"pool not ready with {n} workers in {timeout}s") from None
 
 
 def measure(port: int, keys: int, duration: float, seed: int = 1) -> dict[str, Any]:
@@ -106,8 +107,8 @@ def measure(port: int, keys: int, duration: float, seed: int = 1) -> dict[str, A
             lat["local" if r.get("w") == r.get("at") else "cross"].append(dt)
         out: dict[str, Any] = {"errors": errors}
         for name, xs in lat.items():
-            out[name] = {"n": len(xs), "p50_us": round(_pct(xs, 0.5), 1),
-                         "p99_us": round(_pct(xs, 0.99), 1)}
+            out[name] = {"n": len(xs), "p50_us": round(percentile(xs, 0.5), 1),
+                         "p99_us": round(percentile(xs, 0.99), 1)}
         out["added_p50_us"] = round(out["cross"]["p50_us"] - out["local"]["p50_us"], 1)
         out["added_p99_us"] = round(out["cross"]["p99_us"] - out["local"]["p99_us"], 1)
         out["target_added_p50_us"] = TARGET_ADDED_P50_US
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"msgr bench kv: {exc}\n{log.read()[-2000:]}", file=sys.stderr)
         return 1
     finally:
-        from pool.admin import AdminClient, AdminError
+        from pool.supervisor.admin import AdminClient, AdminError
         try:
             AdminClient(admin, timeout=5.0).call("stop")
         except (OSError, AdminError):

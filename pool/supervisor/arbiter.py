@@ -4,7 +4,7 @@ Loop shape from gunicorn's arbiter (style-anchors.md §3): signal handlers only 
 (and ``signal.set_wakeup_fd`` wakes the EventCenter); each iteration then runs
 ``handle_<sig>`` for queued signals, reaps, enforces deadlines, and reconciles the
 desired count with the slot table. All per-slot decisions go through
-:class:`pool.lifecycle.WorkerSlot`, whose transitions live in one table.
+:class:`pool.supervisor.lifecycle.WorkerSlot`, whose transitions live in one table.
 
 Facts and choices:
 
@@ -16,21 +16,12 @@ Facts and choices:
 * **Heartbeats** are read from the control page. Boot and steady state have separate
   deadlines; a miss sends SIGABRT (the worker's faulthandler dumps its stack), then
   SIGKILL after ``kill_grace`` (gunicorn ``murder_workers``).
-* **reuseport slots** (supervisors.md 2.1). Listener ``i`` is created for slot ``i``
-  and the supervisor keeps its own copy, so a worker's exit is never the last close of
-  a listener: queued connections are not reset. Whenever a slot stops accepting
-  (drain, stall, death), its listeners are handed to a surviving ACCEPTING worker, so
-  no queue is left unpolled; a new worker for slot ``i`` gets listener ``i`` back and
-  the interim owner is then told to drop it. With ``net.ipv4.tcp_migrate_req=1`` the
-  kernel could migrate the queue on close instead, but handover needs no sysctl and
-  also covers crashes; the value is logged at start.
-* **Ring mesh** (:mod:`pool.rings`). The supervisor alone creates the ring segments
-  (memfds: nothing in /dev/shm to leak): one ring per ordered pair of live workers, made when a worker is spawned
-  (so before it is ACCEPTING) and announced to both ends (RING_ADD: names + eventfds by
-  SCM_RIGHTS). At a worker's exit its rings are retired (RING_DEL to peers, which
-  consume what it left first) or, after a crash, reset (epoch bump) so peers fail the
-  requests in flight to it. The versioned peer map (PEERS: ACCEPTING slots, previous
-  slots, workers lost since) is sent to every worker whenever that set changes.
+* **reuseport slots**: :mod:`pool.supervisor.listener_slots`.
+* **Ring mesh**: :mod:`pool.supervisor.ring_mesh` makes one ring per ordered pair of live
+  workers when a worker is spawned (so before it is ACCEPTING), announced to both ends
+  (RING_ADD); at a worker's exit its rings are retired (RING_DEL) or, after a crash,
+  reset. The versioned peer map (:mod:`pool.supervisor.peer_map`) is sent to every
+  worker whenever the ACCEPTING set changes or a worker was lost.
 * **No threads before fork** (supervisors.md 2.9): nothing here starts a thread; logs
   are plain writes to stderr (no logging locks inherited by children).
 """
@@ -38,51 +29,56 @@ Facts and choices:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import signal
-import socket
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import multiprocess
 
+from pool.control.channel import Channel
+from pool.control.exit_codes import ExitCode, describe_exit
+from pool.control.messages import (
+    ConnAck,
+    ControlMessage,
+    Drain,
+    Drained,
+    Envelope,
+    Handoff,
+    Ready,
+    Start,
+    Started,
+    decode,
+    handler_name,
+)
+from pool.control.page import ControlPage
+from pool.control.titles import set_title
+from pool.worker.app import AppFactory
+from pool.worker.config import WorkerConfig
+from pool.worker.process import WorkerSpec, worker_main
 from transport import fdpass, shmname
-from transport.event_center import READABLE, EventCenter
+from transport.event_center import EventCenter
+from transport.kernel import fd_stack
 from transport.listener import AcceptLoop
-from transport.posix import PosixServerSocket, PosixStack
-from transport.stack import ConnectedSocket, SocketOptions
+from transport.stack import ConnectedSocket, ServerSocket, SocketOptions
 
 from .admin import AdminServer
-from .app import AppFactory
+from .admin_commands import AdminCommands
 from .config import PoolConfig
-from .control_page import RETENTION_FIELDS, ControlPage
+from .handoff import Deliveries
 from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
-from .processor import Channel, Kind, ListenerSlots, Message, Processor
-from .rings import DEFAULT_CAPACITY, RingMesh
-from .titles import set_title
-from .worker import BOOT_ERROR, WorkerSpec, worker_main
+from .listener_slots import ListenerSlots, check_migrate_req
+from .peer_map import PeerMapPublisher
+from .processor import Processor
+from .ring_mesh import RingMesh
+from .signals import SignalQueue
 
-__all__ = ["EXIT_NO_WORKERS", "Supervisor", "describe_exit"]
-
-#: the supervisor's exit status when no worker can be kept alive (all slots FAILED)
-EXIT_NO_WORKERS = 3
-MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return "boot error (status 3)" if code == BOOT_ERROR else f"status {code}"
+__all__ = ["Supervisor"]
 
 
 @dataclass
@@ -111,33 +107,25 @@ class Supervisor:
         self.pid2slot: dict[int, int] = {}
         self.desired = cfg.workers
         self.mp = multiprocess.get_context(cfg.start_method)
-        self.sigqueue: deque[int] = deque()
+        self.signals = SignalQueue()
         self.stopping = False
         self.done = False
         self.exit_code = 0
         self.stop_deadline = 0.0
-        self.next_xid = 1
-        self.deliveries: dict[int, tuple[int, Callable[[bool], None]]] = {}
         self.stats = {"spawned": 0, "restarts": 0, "heartbeat_kills": 0, "relayed": 0,
                       "relay_failures": 0, "drain_kills": 0, "reaped_foreign": 0}
+        self.deliveries = Deliveries(self._channel_of, self._call_soon, self._is_accepting, self.stats)
         self.center: EventCenter | None = None
         self.page: ControlPage | None = None
         self.admin: AdminServer | None = None
-        self.server: PosixServerSocket | None = None  # processor mode
+        self.server: ServerSocket | None = None  # processor mode
         self.accept_loop: AcceptLoop | None = None
         self.processor: Processor | None = None
         self.reuseport: ListenerSlots | None = None
         self.address: tuple[str, int] = cfg.bind
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._old_handlers: dict[int, Any] = {}
         self._warned_threads = False
         self.mesh: RingMesh | None = None
-        self.peer_version = 0
-        self.peer_slots: list[int] = []
-        self._lost: set[int] = set()
-        self._prev_slots: list[int] = []
-        self._lost_sent: set[int] = set()
+        self.peers = PeerMapPublisher()
 
     def log(self, msg: str) -> None:
         if self._log is not None:
@@ -158,12 +146,11 @@ class Supervisor:
         self.center = EventCenter(name="supervisor")
         try:
             self.page = ControlPage.create(self.cfg.max_slots)
-            self.mesh = RingMesh(int(self.cfg.app_config.get("ring_capacity", DEFAULT_CAPACITY)))
-            self._setup_signals()
+            self.mesh = RingMesh(WorkerConfig.from_app_config(self.cfg.app_config).ring_capacity)
+            self.signals.install(self.center)
             self._setup_listeners()
-            self.admin = AdminServer(self.center, self.cfg.admin_path, {
-                "status": self.cmd_status, "perf": self.cmd_perf,
-                "scale": self.cmd_scale, "stop": self.cmd_stop}, log=self.log)
+            self.admin = AdminServer(self.center, self.cfg.admin_path,
+                                     AdminCommands(self).table(), log=self.log)
             self.log(f"serving {self.address[0]}:{self.address[1]} accept={self.cfg.accept} "
                      f"workers={self.desired} start={self.cfg.start_method} app={self.cfg.app} "
                      f"admin={self.cfg.admin_path} page={self.page.name}")
@@ -175,60 +162,26 @@ class Supervisor:
         finally:
             self._teardown()
 
-    def _setup_signals(self) -> None:
-        assert self.center is not None
-        r, w = socket.socketpair()
-        r.setblocking(False)
-        w.setblocking(False)
-        self._wake_r, self._wake_w = r, w
-        signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU,
-                    signal.SIGCHLD, signal.SIGHUP):
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-        self.center.create_file_event(r.fileno(), READABLE, self._on_wakeup)
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self.sigqueue.append(signum)  # only enqueue: the loop does the work
-
-    def _on_wakeup(self, _fd: int) -> None:
-        assert self._wake_r is not None
-        try:
-            while self._wake_r.recv(512):
-                pass
-        except BlockingIOError:
-            pass
-
     def _setup_listeners(self) -> None:
         assert self.center is not None
-        stack = PosixStack()
+        stack = fd_stack()
         if self.cfg.accept == "processor":
             self.server = stack.listen(self.cfg.bind, SocketOptions(backlog=1024))
             addr = self.server.address
             assert isinstance(addr, tuple)
             self.address = (addr[0], addr[1])
-            self.processor = Processor(self._accepting_load, self.deliver, self.log)
+            self.processor = Processor(self.accepting_load, self.deliveries.deliver, self.log)
             self.accept_loop = AcceptLoop(self.center, self.server, self._on_accept)
             self.accept_loop.start()
             return
-        self.reuseport = ListenerSlots(self.cfg.bind, self._send_listener, self.log)
+        self.reuseport = ListenerSlots(self.cfg.bind, self._post, self.log)
         self.address = self.reuseport.address
-        try:
-            with open(MIGRATE_REQ) as f:
-                migrate = f.read().strip()
-        except OSError:
-            migrate = "unavailable"
-        if self.cfg.set_migrate_req and migrate == "0" and os.geteuid() == 0:
-            with open(MIGRATE_REQ, "w") as f:
-                f.write("1")
-            migrate = "1"
-            self.log(f"set net.ipv4.tcp_migrate_req=1 ({MIGRATE_REQ}); this is system-wide")
-        self.log(f"reuseport: net.ipv4.tcp_migrate_req={migrate}; a retiring slot's listener is "
-                 "handed to a surviving worker (the supervisor keeps every listener open)")
+        check_migrate_req(self.cfg.set_migrate_req, self.log)
 
-    def _send_listener(self, slot: int, kind: Kind, lid: int, fds: list[int]) -> None:
+    def _post(self, slot: int, msg: ControlMessage) -> None:
         p = self.procs.get(slot)
         if p is not None:
-            p.channel.send(kind, xid=lid, fds=fds)
+            p.channel.post(msg)
 
     def _teardown(self) -> None:
         # Reached on a clean stop and on a supervisor bug alike: leave nothing behind.
@@ -252,13 +205,7 @@ class Supervisor:
         if self.page is not None:
             self.page.close()
             self.page.unlink()
-        if self._wake_w is not None:
-            signal.set_wakeup_fd(-1)
-            for sig, h in self._old_handlers.items():
-                signal.signal(sig, h)
-            assert self._wake_r is not None
-            self._wake_r.close()
-            self._wake_w.close()
+        self.signals.close()
         if self.admin is not None:
             self.admin.close()  # last: the socket file disappearing means "all gone"
         if self.center is not None:
@@ -268,10 +215,8 @@ class Supervisor:
     # -- the arbiter iteration -------------------------------------------------------------
 
     def _tick(self) -> None:
-        while self.sigqueue:
-            sig = self.sigqueue.popleft()
-            name = signal.Signals(sig).name.lower()
-            getattr(self, f"handle_{name[3:]}", lambda: None)()
+        for name in self.signals.names():
+            getattr(self, f"handle_{name}", lambda: None)()
         self._reap()
         self._enforce_deadlines()
         self._reconcile()
@@ -284,10 +229,10 @@ class Supervisor:
         self.begin_stop("SIGINT")
 
     def handle_ttin(self) -> None:
-        self._set_desired(self.desired + 1, "SIGTTIN")
+        self.set_desired(self.desired + 1, "SIGTTIN")
 
     def handle_ttou(self) -> None:
-        self._set_desired(max(1, self.desired - 1), "SIGTTOU")
+        self.set_desired(max(1, self.desired - 1), "SIGTTOU")
 
     def handle_chld(self) -> None:
         pass  # _reap runs every iteration
@@ -329,10 +274,7 @@ class Supervisor:
         if p.proc._popen is not None:  # see "Reaping" in the module doc
             p.proc._popen.returncode = code
         p.proc.close()
-        for xid, (s, cb) in list(self.deliveries.items()):
-            if s == slot:
-                del self.deliveries[xid]
-                cb(False)
+        self.deliveries.fail(slot)
 
     def _on_exit(self, slot: int, code: int) -> None:
         assert self.page is not None
@@ -428,8 +370,8 @@ class Supervisor:
         if wanted and not any(ws.state in LIVE_STATES or ws.state in (State.DRAINING, State.QUIESCED)
                               for ws in self.slots):
             self.log("no worker can be kept alive (every wanted slot is FAILED): stopping with status "
-                     f"{EXIT_NO_WORKERS}")
-            self.begin_stop("no workers", EXIT_NO_WORKERS)
+                     f"{int(ExitCode.NO_WORKERS)}")
+            self.begin_stop("no workers", ExitCode.NO_WORKERS)
 
     def _retire(self, wanted: list[WorkerSlot], n: int) -> None:
         rank = {State.FAILED: 0, State.BACKOFF: 1, State.SPAWNING: 2, State.READY: 2,
@@ -451,7 +393,7 @@ class Supervisor:
                 continue  # STALLED: it is being killed; retire it once it is BACKOFF
             n -= 1
 
-    def _set_desired(self, n: int, why: str) -> None:
+    def set_desired(self, n: int, why: str) -> None:
         if n != self.desired:
             self.log(f"desired workers {self.desired} -> {n} ({why})")
         self.desired = n
@@ -531,7 +473,7 @@ class Supervisor:
     def _drain(self, slot: int) -> None:
         assert self.page is not None
         p = self.procs[slot]
-        survivors = self._accepting_load()
+        survivors = self.accepting_load()
         survivors.pop(slot, None)
         target = min(survivors, key=lambda s: (survivors[s], s)) if survivors else None
         self.page.set_redirect(slot, target)  # sessions owned by this slot now route there
@@ -540,83 +482,65 @@ class Supervisor:
         p.deadline = time.monotonic() + self.cfg.drain_timeout
         self._rehome(slot)
         self._publish_peers()  # before DRAIN: the app hands its shards to the new owners
-        p.channel.send(Kind.DRAIN)
+        p.channel.post(Drain())
 
-    def _accepting_load(self) -> dict[int, int]:
+    def accepting_load(self) -> dict[int, int]:
         assert self.page is not None
         return {ws.slot: self.page.slot(ws.slot).get("connections")
                 for ws in self.slots if ws.state is State.ACCEPTING and ws.slot in self.procs}
 
     # -- messages from workers ---------------------------------------------------------------
 
-    def _on_message(self, slot: int, gen: int, msg: Message) -> None:
+    def _on_message(self, slot: int, gen: int, env: Envelope) -> None:
         p = self.procs.get(slot)
-        if p is None or p.generation != gen:
-            for fd in msg.fds:
+        handler = getattr(self, handler_name(env.kind), None)
+        if p is None or p.generation != gen or handler is None:
+            for fd in env.fds:
                 os.close(fd)
             return
-        kind = msg.kind
-        if kind is Kind.CONN_ACK:
-            entry = self.deliveries.pop(msg.xid, None)
-            if entry is not None:
-                entry[1](msg.arg == 1)
-        elif kind is Kind.HANDOFF:
-            self._relay(slot, gen, msg)
-        elif kind is Kind.READY:
-            ws = self.slots[slot]
-            if ws.state is not State.SPAWNING:
-                return  # retired while booting: it was sent DRAIN already
-            now = time.monotonic()
-            self._transition(slot, Event.READY, f"{now - ws.spawned_at:.2f}s after spawn")
-            ws.ready_at = now
-            self._start(slot, p)
-        elif kind is Kind.STARTED:
-            if self.slots[slot].state is not State.READY:
-                return
-            self._transition(slot, Event.ACCEPTING)
-            self._on_accepting(slot)
-            self._publish_peers()
-        elif kind is Kind.DRAINED:
-            if self.slots[slot].can(Event.DRAINED):
-                self._transition(slot, Event.DRAINED, "owns no connections; exiting")
-        else:
-            for fd in msg.fds:
-                os.close(fd)
+        handler(slot, p, decode(env))
+
+    # -- control messages from workers, one handler per kind ---------------------------------
+
+    def handle_conn_ack(self, _slot: int, _p: _Proc, msg: ConnAck) -> None:
+        self.deliveries.answered(msg)
+
+    def handle_handoff(self, slot: int, p: _Proc, msg: Handoff) -> None:
+        self.deliveries.relay(slot, p.generation, msg)
+
+    def handle_ready(self, slot: int, p: _Proc, _msg: Ready) -> None:
+        ws = self.slots[slot]
+        if ws.state is not State.SPAWNING:
+            return  # retired while booting: it was sent DRAIN already
+        now = time.monotonic()
+        self._transition(slot, Event.READY, f"{now - ws.spawned_at:.2f}s after spawn")
+        ws.ready_at = now
+        self._start(slot, p)
+
+    def handle_started(self, slot: int, _p: _Proc, _msg: Started) -> None:
+        if self.slots[slot].state is not State.READY:
+            return
+        self._transition(slot, Event.ACCEPTING)
+        self._on_accepting(slot)
+        self._publish_peers()
+
+    def handle_drained(self, slot: int, _p: _Proc, _msg: Drained) -> None:
+        if self.slots[slot].can(Event.DRAINED):
+            self._transition(slot, Event.DRAINED, "owns no connections; exiting")
 
     # -- ring mesh and peer map --------------------------------------------------------------
 
     def _add_rings(self, slot: int) -> None:
-        """Rings between a new worker and every other running one, announced to both."""
-        if self.mesh is None:
-            return
-        peers = [s for s in self.procs if s != slot]
-        try:
-            pairs = self.mesh.add_worker(slot, peers)
-        except OSError as exc:  # out of memory/fds: the pool still serves, without rings
-            self.log(f"slot {slot}: cannot create its rings ({exc}); submit_to to it will fail")
-            return
-        for pair in pairs:
-            payload, fds = self.mesh.descriptor(pair)
-            for end in pair:
-                q = self.procs.get(end)
-                if q is not None:
-                    q.channel.send(Kind.RING_ADD, payload=payload, fds=fds)
+        if self.mesh is not None:
+            self.mesh.connect_worker(slot, [s for s in self.procs if s != slot], self._post, self.log)
 
     def _retire_rings(self, slot: int, crashed: bool) -> None:
         if self.mesh is None:
             return
-        peers = self.mesh.drop_worker(slot, crashed)
-        for peer in peers:
-            q = self.procs.get(peer)
-            if q is not None:
-                q.channel.send(Kind.RING_DEL, xid=0 if crashed else 1, arg=slot)
+        self.mesh.disconnect_worker(slot, crashed, self._post)
         if crashed:
-            self._lost.add(slot)
+            self.peers.lost(slot)
         self._publish_peers()
-
-    def _peer_payload(self) -> bytes:
-        return json.dumps({"v": self.peer_version, "slots": self.peer_slots,
-                           "prev": self._prev_slots, "lost": sorted(self._lost_sent)}).encode()
 
     def _publish_peers(self) -> None:
         """Send a new peer map version if the ACCEPTING set changed or a worker died."""
@@ -624,25 +548,16 @@ class Supervisor:
             return
         accepting = sorted(ws.slot for ws in self.slots
                            if ws.state is State.ACCEPTING and ws.slot in self.procs)
-        if accepting == self.peer_slots and not self._lost:
+        peers = self.peers.update(accepting)
+        if peers is None:
             return
-        self._prev_slots = self.peer_slots
-        self._lost_sent = set(self._lost)
-        self._lost.clear()
-        self.peer_slots = accepting
-        self.peer_version += 1
-        payload = self._peer_payload()
         for p in self.procs.values():
-            p.channel.send(Kind.PEERS, payload=payload)
+            p.channel.post(peers)
 
     def _start(self, slot: int, p: _Proc) -> None:
-        if self.peer_version:
-            p.channel.send(Kind.PEERS, payload=self._peer_payload())
-        if self.reuseport is not None:
-            payload, fds = self.reuseport.start_message(slot)
-            p.channel.send(Kind.START, payload=payload, fds=fds)
-        else:
-            p.channel.send(Kind.START)
+        if self.peers.version:
+            p.channel.post(self.peers.message())
+        p.channel.post(self.reuseport.start_message(slot) if self.reuseport is not None else Start())
 
     def _on_accepting(self, slot: int) -> None:
         if self.reuseport is not None:
@@ -654,53 +569,24 @@ class Supervisor:
 
     def _rehome(self, slot: int) -> None:
         if self.reuseport is not None:
-            survivors = self._accepting_load()
+            survivors = self.accepting_load()
             survivors.pop(slot, None)
             self.reuseport.rehome(slot, survivors)
 
     # -- handoff ---------------------------------------------------------------------------
 
-    def deliver(self, slot: int, fd: int, meta: bytes, on_result: Callable[[bool], None]) -> None:
-        """Send ``fd`` (+ ``meta``) to ``slot``; ``on_result(adopted)`` later. The caller
-        keeps ``fd`` open until then (the worker got a duplicate)."""
+    def _channel_of(self, slot: int, generation: int | None) -> Channel | None:
         p = self.procs.get(slot)
-        if p is None or p.channel.closed:
-            assert self.center is not None
-            self.center.call_soon(lambda: on_result(False))
-            return
-        xid = self.next_xid
-        self.next_xid += 1
-        self.deliveries[xid] = (slot, on_result)
-        p.channel.send(Kind.CONN, xid=xid, payload=meta, fds=[fd])
+        if p is None or (generation is not None and p.generation != generation):
+            return None
+        return p.channel
 
-    def _relay(self, source: int, gen: int, msg: Message) -> None:
-        """A draining worker hands a connection to ``msg.arg``: forward it, report back."""
+    def _call_soon(self, cb: Callable[[], None]) -> None:
+        assert self.center is not None
+        self.center.call_soon(cb)
 
-        def reply(ok: bool) -> None:
-            p = self.procs.get(source)
-            if p is not None and p.generation == gen:
-                p.channel.send(Kind.HANDOFF_RESULT, xid=msg.xid, arg=1 if ok else 0)
-            self.stats["relayed" if ok else "relay_failures"] += 1
-
-        if not msg.fds or msg.arg == Channel.TRUNCATED:
-            for fd in msg.fds:
-                os.close(fd)
-            reply(False)
-            return
-        fd = msg.fds[0]
-        for extra in msg.fds[1:]:
-            os.close(extra)
-        target = msg.arg
-        if target == source or target >= len(self.slots) or self.slots[target].state is not State.ACCEPTING:
-            os.close(fd)
-            reply(False)
-            return
-
-        def done(ok: bool) -> None:
-            os.close(fd)
-            reply(ok)
-
-        self.deliver(target, fd, msg.payload, done)
+    def _is_accepting(self, slot: int) -> bool:
+        return slot < len(self.slots) and self.slots[slot].state is State.ACCEPTING
 
     def _on_accept(self, conn: ConnectedSocket) -> None:
         assert self.processor is not None and self.accept_loop is not None
@@ -709,62 +595,3 @@ class Supervisor:
         if self.processor.backlog:
             # No accepting worker: leave further connections in the kernel's queue.
             self.accept_loop.pause()
-
-    # -- admin commands --------------------------------------------------------------------
-
-    def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        assert self.page is not None
-        now_ns = time.monotonic_ns()
-        workers = []
-        for ws in self.slots:
-            if ws.generation == 0 and ws.state is State.EXITED:
-                continue
-            v = self.page.slot(ws.slot).snapshot()
-            hb = v["heartbeat_ns"]
-            workers.append({
-                "slot": ws.slot, "pid": ws.pid, "state": ws.state.name,
-                "connections": v["connections"] if ws.pid else 0,
-                "msgs_in": v["msgs_in"], "msgs_out": v["msgs_out"],
-                "bytes_in": v["bytes_in"], "bytes_out": v["bytes_out"],
-                **{k: v[k] if ws.pid else 0 for k in RETENTION_FIELDS},
-                "restarts": ws.restarts, "generation": ws.generation,
-                "heartbeat_age": round((now_ns - hb) / 1e9, 3) if hb and ws.pid else None,
-                "loop_count": v["loop_count"], "last_exit": ws.last_exit,
-                "listeners": self.reuseport.owned_by(ws.slot) if self.reuseport else [],
-            })
-        rings = sorted(list(pair) for pair in self.mesh.rings) if self.mesh is not None else []
-        return {"pid": os.getpid(), "desired": self.desired, "accept": self.cfg.accept,
-                "bind": list(self.address), "stopping": self.stopping,
-                "accepting": sum(1 for ws in self.slots if ws.state is State.ACCEPTING),
-                "control_page": self.page.name, "workers": workers,
-                "rings": rings, "peer_map": {"version": self.peer_version, "slots": self.peer_slots}}
-
-    def cmd_perf(self, args: dict[str, Any]) -> dict[str, Any]:
-        status = self.cmd_status({})
-        keys = ("msgs_in", "msgs_out", "bytes_in", "bytes_out", *RETENTION_FIELDS)
-        totals = {k: sum(w[k] for w in status["workers"]) for k in keys}
-        perf: dict[str, Any] = {"totals": totals, "supervisor": dict(self.stats)}
-        if self.processor is not None and self.accept_loop is not None:
-            st = self.accept_loop.statistics()
-            perf["processor"] = {"accepted": st.accepted, "assigned": self.processor.assigned,
-                                 "naks": self.processor.naks, "dropped": self.processor.dropped,
-                                 "backlog": len(self.processor.backlog), "accept_backoffs": st.backoffs,
-                                 "inflight": dict(self.processor.inflight)}
-        cols = ("slot", "state", "connections", "loop_count", *keys)
-        perf["workers"] = [{k: w[k] for k in cols} for w in status["workers"]]
-        return perf
-
-    def cmd_scale(self, args: dict[str, Any]) -> dict[str, Any]:
-        n = args.get("n")
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.cfg.max_slots:
-            raise ValueError(f"n must be an integer 1..{self.cfg.max_slots}, got {n!r} "
-                             "(e.g. {\"cmd\": \"scale\", \"n\": 4})")
-        if self.stopping:
-            raise ValueError("the pool is stopping")
-        self._set_desired(n, "admin scale")
-        return {"desired": n}
-
-    def cmd_stop(self, args: dict[str, Any]) -> dict[str, Any]:
-        assert self.center is not None
-        self.center.call_soon(lambda: self.begin_stop("admin stop"))
-        return {"stopping": True, "pid": os.getpid()}

@@ -32,6 +32,8 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
+from pool.control.states import State
+
 __all__ = [
     "LIVE_STATES",
     "TRANSITIONS",
@@ -42,21 +44,6 @@ __all__ = [
     "State",
     "WorkerSlot",
 ]
-
-
-class State(enum.IntEnum):
-    """Slot states; the integer values are what the control page stores."""
-
-    EXITED = 0  # no process; also the initial state of a never-used slot
-    SPAWNING = 1  # process started, READY not yet received
-    READY = 2  # READY received, not yet told to accept
-    ACCEPTING = 3  # takes new connections
-    DRAINING = 4  # retiring: migrating its connections away
-    STOPPING = 5  # pool shutdown: SIGTERM sent
-    STALLED = 6  # missed its heartbeat deadline: being killed
-    BACKOFF = 7  # died; a replacement is scheduled
-    FAILED = 8  # flap guard tripped: no more restarts
-    QUIESCED = 9  # retiring, owns nothing any more (DRAINED received), exiting
 
 
 class Event(enum.Enum):

@@ -13,39 +13,34 @@ them share one EventCenter in this process.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
-import json
-import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from pool.api import (
-    AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, HandshakeFailure, Message,
-    Messenger, Policy,
+    AsyncConnection,
+    Backoff,
+    Dispatcher,
+    EntityType,
+    EventCenter,
+    HandshakeFailure,
+    Message,
+    Messenger,
+    Policy,
 )
 from pool.apps import make_stack
-from pool.auth import AuthSettings, KeyringError, load_keyring
+from pool.auth import AuthSettings
 
-__all__ = ["register", "run", "ChaosConfig", "StressConfig", "StressResult", "run_stress"]
+from .common import Chaos, ChaosConfig, p50_p99_us
+
+__all__ = ["StressConfig", "StressResult", "format_summary", "run_stress"]
 
 PING = 1
-
-
-def parse_target(text: str) -> tuple[str, int] | str:
-    """HOST:PORT (IPv6 as [::1]:PORT) or a Unix socket path."""
-    if text.startswith("/") or text.startswith("\0"):
-        return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"target {text!r} must be HOST:PORT or a socket path")
-    return (host.strip("[]") or "127.0.0.1", int(port))
 
 
 @dataclass
@@ -71,63 +66,6 @@ class StressConfig:
     connect_timeout: float = 10.0
     #: "strict" / "record" (None: the client default, record; see protocol.identity)
     identity_check: str | None = None
-
-
-@dataclass
-class ChaosConfig:
-    """Faults applied to the pool behind ``admin`` during the run (issue: long mode)."""
-
-    admin: str
-    kill_every: float = 0.0          # SIGKILL a random accepting worker this often
-    scale_every: float = 0.0         # change the worker count this often
-    scale_min: int = 1
-    scale_max: int = 4
-    final_workers: int = 0           # scale back to this at the end (0 = as found)
-
-
-class _Chaos:
-    def __init__(self, cfg: ChaosConfig, rng: random.Random, result: StressResult) -> None:
-        from pool.admin import AdminClient
-        self.cfg = cfg
-        self.rng = rng
-        self.r = result
-        self.admin = AdminClient(cfg.admin, timeout=10.0)
-        now = time.monotonic()
-        self.next_kill = now + cfg.kill_every if cfg.kill_every > 0 else float("inf")
-        self.next_scale = now + cfg.scale_every if cfg.scale_every > 0 else float("inf")
-        self.initial = self.admin.call("status").get("desired", 0)
-
-    def step(self, now: float) -> None:
-        if now >= self.next_kill:
-            self.next_kill = now + self.cfg.kill_every
-            st = self.admin.call("status")
-            live = [w for w in st["workers"] if w["state"] == "ACCEPTING" and w["pid"]]
-            if live:
-                victim = self.rng.choice(live)
-                try:
-                    # The pool's own worker, named by the pool's admin socket.
-                    os.kill(int(victim["pid"]), signal.SIGKILL)
-                    self.r.chaos_kills += 1
-                except ProcessLookupError:
-                    pass
-        if now >= self.next_scale:
-            self.next_scale = now + self.cfg.scale_every
-            n = self.rng.randint(self.cfg.scale_min, self.cfg.scale_max)
-            self.admin.call("scale", n=n, check=False)
-            self.r.chaos_scales += 1
-
-    def finish(self, timeout: float = 60.0) -> None:
-        """Scale back and wait until the pool has exactly that many accepting workers."""
-        want = self.cfg.final_workers or self.initial
-        self.admin.call("scale", n=want, check=False)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self.admin.call("status")
-            if st.get("accepting") == want and not any(
-                    w["state"] in ("SPAWNING", "READY", "DRAINING") for w in st["workers"]):
-                self.r.pool_back_to_n = True
-                return
-            time.sleep(0.1)  # polling the pool, bounded by the deadline
 
 
 @dataclass
@@ -259,7 +197,7 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
             m.add_dispatcher(checker)
             msgrs.append(m)
             conns.append(m.connect(targets[i % len(targets)]))
-        chaos = _Chaos(cfg.chaos, rng, result) if cfg.chaos else None
+        chaos = Chaos(cfg.chaos, rng, result) if cfg.chaos else None
         start = time.monotonic()
         end_send = start + cfg.duration if cfg.duration > 0 else float("inf")
         cap = cfg.messages if cfg.messages > 0 else (1 << 62)
@@ -311,10 +249,8 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
         result.last_error = next((c.last_error for c in reversed(conns) if c.last_error), "")
         result.lost = sum(len(q) for q in checker.pending.values())
         result.msgs_per_s = result.received / result.elapsed_s if result.elapsed_s else 0.0
-        lat = sorted(checker.latencies)
-        if lat:
-            result.p50_us = lat[len(lat) // 2] / 1000
-            result.p99_us = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000
+        if checker.latencies:
+            result.p50_us, result.p99_us = p50_p99_us(checker.latencies)
         for m in msgrs:
             st = m.stats
             result.connection_resets += st["econnreset"]
@@ -371,129 +307,3 @@ def format_summary(r: StressResult) -> str:
     if r.last_error and not r.ok:
         notes.append(f"  last connection error: {r.last_error}")
     return "\n".join(lines + [verdict] + notes[:5] + [f"  note: {e}" for e in r.errors[:5]])
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("stress", help="verify a live pool under load (Ceph SyntheticWorkload)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", type=parse_target, default=("127.0.0.1", 6800),
-                   help="HOST:PORT of the pool (default 127.0.0.1:6800)")
-    p.add_argument("--conns", type=int, default=8)
-    p.add_argument("--messages", type=int, default=None,
-                   help="messages to send (default 10000; with --duration: no cap unless "
-                        "given)")
-    p.add_argument("--size-min", type=int, default=32)
-    p.add_argument("--size-max", type=int, default=4096)
-    p.add_argument("--window", type=int, default=64, help="messages in flight at most")
-    p.add_argument("--policy", choices=["lossless", "lossy"], default="lossless")
-    p.add_argument("--inject-socket-failures", type=int, default=0, metavar="N",
-                   help="shut the socket down with probability 1/N per I/O (client side)")
-    p.add_argument("--duration", type=float, default=0.0, help="seconds to keep sending")
-    p.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds to wait for the last replies")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
-                   help="give up, saying why, if no connection completes a handshake in S")
-    p.add_argument("--identity", choices=["strict", "record"], default=None,
-                   help="strict: refuse a server whose SERVER_IDENT does not name the "
-                        "--target (Ceph); record (default for clients): accept and record "
-                        "it, as a client behind port forwarding needs")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-resets", action="store_true",
-                   help="also fail if any session was reset (scale tests)")
-    p.add_argument("--auth", choices=["none", "secret"], default="none")
-    p.add_argument("--keyring", metavar="FILE", help="TOML keyring (mode 0600) for --auth secret")
-    p.add_argument("--name", default="client.admin", help="our entity name in the keyring")
-    p.add_argument("--mode", choices=["crc", "secure"], default="crc",
-                   help="secure = AES-128-GCM on every frame (needs --auth secret)")
-    p.add_argument("--stack", choices=["posix", "dpdk", "rdma"], default="posix",
-                   help="dpdk (memif) and rdma: --target is the pool's --stack-path; "
-                        "sessions spread over its per-worker endpoints")
-    p.add_argument("--memif-mode", choices=["interrupt", "poll"], default="interrupt",
-                   help="dpdk: busy-poll our memif connections (poll) or sleep until kicked")
-    p.add_argument("--chaos-admin", metavar="PATH",
-                   help="admin socket of the pool under test: enables --kill-every/--scale-every")
-    p.add_argument("--kill-every", type=float, default=0.0, metavar="S",
-                   help="SIGKILL a random worker of that pool every S seconds")
-    p.add_argument("--scale-every", type=float, default=0.0, metavar="S",
-                   help="rescale that pool to a random size in --scale-range every S seconds")
-    p.add_argument("--scale-range", default="1-4", metavar="MIN-MAX")
-    p.add_argument("--json", metavar="FILE", help="write the result as JSON")
-    p.add_argument("--app", choices=["echo", "kv"], default="echo",
-                   help="kv: write then read back keys of a `serve --app kv` pool "
-                        "(tools.stress_kv; --messages = operations, half writes, half reads)")
-    p.set_defaults(func=run)
-
-
-def _message_cap(args: argparse.Namespace) -> int:
-    """--messages as given; unset: no cap with --duration, else 10,000."""
-    if args.messages is not None:
-        return int(args.messages)
-    return 0 if args.duration > 0 else 10_000
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.conns < 1 or args.window < 1:
-        print("msgr stress: --conns and --window must be at least 1", file=sys.stderr)
-        return 2
-    if getattr(args, "app", "echo") == "kv":
-        from tools.stress_kv import run_cli
-        return run_cli(args)
-    try:
-        keyring = load_keyring(args.keyring) if args.keyring else {}
-        auth = AuthSettings(args.auth, args.mode, args.name, keyring)
-    except (KeyringError, ValueError) as err:
-        print(f"msgr stress: {err}", file=sys.stderr)
-        return 2
-    target = args.target
-    if args.stack != "posix":
-        target = args.target if isinstance(args.target, str) else f"{args.target[0]}"
-    chaos = None
-    if args.chaos_admin:
-        lo, _, hi = args.scale_range.partition("-")
-        if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
-            print("msgr stress: --scale-range must look like 2-4", file=sys.stderr)
-            return 2
-        chaos = ChaosConfig(args.chaos_admin, args.kill_every, args.scale_every,
-                            int(lo), int(hi))
-    elif args.kill_every or args.scale_every:
-        print("msgr stress: --kill-every/--scale-every need --chaos-admin PATH",
-              file=sys.stderr)
-        return 2
-    cfg = StressConfig(
-        chaos=chaos,
-        stack=args.stack,
-        memif_mode=args.memif_mode,
-        auth=auth,
-        target=target, conns=args.conns, messages=_message_cap(args),
-        connect_timeout=args.connect_timeout, identity_check=args.identity,
-        size_min=args.size_min, size_max=args.size_max, window=args.window,
-        policy=args.policy, inject_socket_failures=args.inject_socket_failures,
-        duration=args.duration, timeout=args.timeout, seed=args.seed,
-        progress=sys.stderr.isatty())
-    stop = {"flag": False}
-
-    def on_signal(_s: int, _f: object) -> None:
-        stop["flag"] = True
-
-    old = signal.signal(signal.SIGINT, on_signal)
-    try:
-        result = run_stress(cfg, lambda: stop["flag"])
-    except ValueError as err:
-        print(f"msgr stress: {err}", file=sys.stderr)
-        return 2
-    finally:
-        signal.signal(signal.SIGINT, old)
-    print(format_summary(result))
-    if args.json:
-        data = asdict(result)
-        data["ok"] = result.ok
-        data["target"] = str(args.target)
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2)
-    ok = result.ok and not (args.no_resets and (result.session_resets or result.connection_resets
-                                                or result.connection_refused))
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(os.EX_USAGE)
