@@ -31,7 +31,6 @@ from protocol.connection import (
 )
 from protocol.control import EntityAddr
 from protocol.errors import LocalProtocolError, ProtocolError
-from protocol.features import ASYNCMSGR
 from protocol.message import Message, check_outgoing
 from protocol.policy import Policy
 from protocol.session import Session, SessionView
@@ -122,8 +121,7 @@ class AsyncConnection:
         be encoded (a header field out of range, a front msgpack cannot encode) or when it
         is an asyncmsgr message and the peer is a Ceph daemon."""
         wire = self.wire
-        check_outgoing(msg, ceph_peer=wire is not None and wire.peer_features != 0
-                       and not wire.peer_features & ASYNCMSGR)
+        check_outgoing(msg, wire is not None and wire.ceph_peer)
         if self.state is ConnState.CLOSED:
             log.debug("send on closed %r dropped", self)
             self.msgr.stats["dropped_closed"] += 1

@@ -193,7 +193,6 @@ class Config:
 
 
 # (role, state, tag) -> (handler name, state after the handler unless it sets another)
-#: the banner bit of asyncmsgr peers, read on every MESSAGE (a global, not feat.X)
 _ASYNCMSGR = feat.ASYNCMSGR
 
 _C, _S = Role.CLIENT, Role.SERVER
@@ -244,6 +243,11 @@ class Connection:
         self.peer_type = 0
         self.peer_addrs: tuple[EntityAddr, ...] = ()
         self.peer_features = 0
+        #: the peer's family, from its banner (read per message, so kept as two flags):
+        #: asyncmsgr takes msgpack messages; a Ceph peer (banner known, no asyncmsgr
+        #: bit) must never be sent one
+        self.asyncmsgr_peer = False
+        self.ceph_peer = False
         self.seen_peer_addr = seen_peer_addr or EntityAddr(0, "", 0)
         self.target_addr = target_addr or EntityAddr(0, "", 0)
         self.learned_addr: EntityAddr | None = None
@@ -408,6 +412,11 @@ class Connection:
         else:
             self._out.extend(bufs)
 
+    def _set_peer_features(self, bits: int) -> None:
+        self.peer_features = bits
+        self.asyncmsgr_peer = bits & _ASYNCMSGR != 0
+        self.ceph_peer = bits != 0 and not self.asyncmsgr_peer
+
     # -- handshake handlers -------------------------------------------------------------
     def _on_banner(self, banner: Banner) -> None:
         cfg = self.config
@@ -421,7 +430,7 @@ class Connection:
                 "that this build does not support", "features")
         if not banner.supported & feat.REVISION_1:
             raise RemoteProtocolError("peer does not speak msgr2.1 (REVISION_1)", "features")
-        self.peer_features = banner.supported
+        self._set_peer_features(banner.supported)
         self.state = State.HELLO
         peer = self.target_addr if self.role is Role.CLIENT else self.seen_peer_addr
         self._send_control(Hello(int(cfg.entity_type), peer))
@@ -655,7 +664,7 @@ class Connection:
 
     # -- READY ----------------------------------------------------------------------------
     def _on_message_frame(self, segments: Sequence[memoryview]) -> Event | None:
-        msg = decode_message(segments, MAX_FRONT, (self.peer_features & _ASYNCMSGR) != 0)
+        msg = decode_message(segments, MAX_FRONT, self.asyncmsgr_peer)
         s = self.session
         assert s is not None
         sent = s.sent
@@ -689,7 +698,7 @@ class Connection:
         assert s is not None
         sec = self._secure
         batch = s.take_outgoing(max_messages)
-        encode_messages(batch, (self.peer_features & _ASYNCMSGR) != 0, self._out,
+        encode_messages(batch, self.asyncmsgr_peer, self._out,
                         None if sec is None else sec.seal)
         n = len(batch)
         if n == 0 and s.ack_pending:
@@ -738,7 +747,7 @@ class Connection:
 
     def _import_stream(self, state: dict[str, Any]) -> None:
         key = bytes(state.get("session_key") or b"") or None
-        self.peer_features = int(state["peer_features"])
+        self._set_peer_features(int(state["peer_features"]))
         self.auth = AuthResult(int(state["global_id"]), int(state["con_mode"]), key)
         if state.get("pending"):
             self.decoder.feed(state["pending"])
