@@ -65,3 +65,11 @@ def test_text_chart_scales_bars_to_the_fastest() -> None:
     lines = bench_tcp.text_chart(rows, width=20).splitlines()
     assert lines[0] == "requests/s, window 128, 64 B"
     assert lines[1].count("#") == 5 and lines[2].count("#") == 20
+
+
+def test_echo_instructions_workload_runs_and_checks_its_arguments(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.bench import echo_instructions
+    assert echo_instructions.main(["64", "300"]) == 0  # every echo came back (else it hangs)
+    assert echo_instructions.main(["64"]) == 2
+    assert "usage:" in capsys.readouterr().err
