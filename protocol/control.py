@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn, Self
+from typing import Any, ClassVar, NoReturn, Self, TypeVar
 
 from .ceph.addr import EntityAddr, decode_addr, decode_addrvec, encode_addr, encode_addrvec
 from .ceph.encoding import Decoder, Encoder
@@ -131,27 +131,29 @@ class _Reader:
             _bad(self.frame, "end", f"followed by {extra} trailing bytes")
 
 
-def _read_addr(r: _Reader, field: str) -> EntityAddr:
-    """entity_addr_t at the cursor (Ceph's encoding, ENCODE_START honoured)."""
+_T = TypeVar("_T")
+
+
+def _read_ceph(r: _Reader, field: str, decode: Callable[[Decoder, str], _T]) -> _T:
+    """A Ceph-encoded value at the cursor (ENCODE_START honoured), its errors worded as
+    this frame's bad payload."""
     dec = Decoder(r.buf, f"{r.frame} payload")
     dec.pos = r.pos
     try:
-        addr = decode_addr(dec, field)
+        value = decode(dec, field)
     except RemoteProtocolError as exc:
         raise RemoteProtocolError(exc.reason, "bad_payload") from None
     r.pos = dec.pos
-    return addr
+    return value
+
+
+def _read_addr(r: _Reader, field: str) -> EntityAddr:
+    """entity_addr_t at the cursor."""
+    return _read_ceph(r, field, decode_addr)
 
 
 def _read_addrvec(r: _Reader, field: str) -> tuple[EntityAddr, ...]:
-    dec = Decoder(r.buf, f"{r.frame} payload")
-    dec.pos = r.pos
-    try:
-        addrs = decode_addrvec(dec, field)
-    except RemoteProtocolError as exc:
-        raise RemoteProtocolError(exc.reason, "bad_payload") from None
-    r.pos = dec.pos
-    return addrs
+    return _read_ceph(r, field, decode_addrvec)
 
 
 # -- per-kind codecs ------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pool.auth import AuthSettings, KeyringError, load_keyring
 from tools.common import parse_target
 
 from . import echo, kv
-from .common import ChaosConfig, parse_scale_range
+from .common import DEFAULT_MESSAGES, ChaosConfig, parse_scale_range
 
 __all__ = ["register", "run"]
 
@@ -70,10 +70,10 @@ def register(sub: Any) -> None:
 
 
 def _message_cap(args: argparse.Namespace) -> int:
-    """--messages as given; unset: no cap with --duration, else 10,000."""
+    """--messages as given; unset: no cap with --duration, else DEFAULT_MESSAGES."""
     if args.messages is not None:
         return int(args.messages)
-    return 0 if args.duration > 0 else 10_000
+    return 0 if args.duration > 0 else DEFAULT_MESSAGES
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,11 @@ from typing import Any, Protocol
 from pool.supervisor.admin import AdminClient
 from tools.common import NotReady, percentile, wait_status
 
-__all__ = ["Chaos", "ChaosConfig", "ChaosCounts", "ChaosTally", "p50_p99_us", "parse_scale_range"]
+__all__ = ["DEFAULT_MESSAGES", "Chaos", "ChaosConfig", "ChaosCounts", "ChaosTally", "p50_p99_us",
+           "parse_scale_range"]
+
+#: --messages when it is not given (and, for the echo workload, no --duration either)
+DEFAULT_MESSAGES = 10_000
 
 
 def parse_scale_range(text: str) -> tuple[int, int] | None:

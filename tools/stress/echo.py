@@ -246,7 +246,7 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
             sys.stderr.write("\n")
         result.sent = seq
         result.connected = len(checker.connected)
-        result.last_error = next((c.last_error for c in reversed(conns) if c.last_error), "")
+        result.last_error = _last_error(conns)
         result.lost = sum(len(q) for q in checker.pending.values())
         result.msgs_per_s = result.received / result.elapsed_s if result.elapsed_s else 0.0
         if checker.latencies:
@@ -267,6 +267,11 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
         center.close()
 
 
+def _last_error(conns: list[AsyncConnection]) -> str:
+    """The latest connection fault among ``conns``, in words ("" if none faulted)."""
+    return next((c.last_error for c in reversed(conns) if c.last_error), "")
+
+
 def _hopeless(checker: _Checker, conns: list[AsyncConnection], elapsed: float,
               cfg: StressConfig) -> str:
     """Why waiting longer cannot help (in words), or "" while it still can."""
@@ -277,7 +282,7 @@ def _hopeless(checker: _Checker, conns: list[AsyncConnection], elapsed: float,
         return f"every connection failed its handshake: {reasons[-1]}"
     if elapsed >= cfg.connect_timeout:
         refused = sum(c.msgr.stats["econnrefused"] for c in conns)
-        last = next((c.last_error for c in reversed(conns) if c.last_error), "none")
+        last = _last_error(conns) or "none"
         return (f"nothing could connect to {cfg.target} within {cfg.connect_timeout:g}s: "
                 f"{refused} attempts refused (ECONNREFUSED); last error: {last}")
     return ""

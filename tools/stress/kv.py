@@ -29,7 +29,9 @@ from pool.api import (
     Policy,
 )
 
-from .common import Chaos, ChaosConfig, ChaosCounts, p50_p99_us, parse_scale_range
+from .common import (
+    DEFAULT_MESSAGES, Chaos, ChaosConfig, ChaosCounts, p50_p99_us, parse_scale_range,
+)
 
 __all__ = ["KV_MSG", "KvStressConfig", "KvStressResult", "format_kv_summary", "run_kv_stress"]
 
@@ -269,7 +271,6 @@ def run_cli(args: Any) -> int:
     import sys
     from dataclasses import asdict
 
-
     if not isinstance(args.target, tuple):
         print("msgr stress --app kv: --target must be HOST:PORT", file=sys.stderr)
         return 2
@@ -282,7 +283,8 @@ def run_cli(args: Any) -> int:
             return 2
         chaos = Chaos(ChaosConfig(args.chaos_admin, args.kill_every, args.scale_every, *scale_range),
                       random.Random(args.seed), chaos_result)
-    cfg = KvStressConfig(target=args.target, conns=args.conns, keys=max(1, (10_000 if args.messages is None else args.messages) // 2),
+    operations = DEFAULT_MESSAGES if args.messages is None else args.messages
+    cfg = KvStressConfig(target=args.target, conns=args.conns, keys=max(1, operations // 2),
                          rounds=1, size_min=max(1, args.size_min),
                          size_max=min(max(args.size_min, args.size_max), 60 * 1024),
                          window=args.window, timeout=args.timeout, seed=args.seed, chaos=chaos)
