@@ -35,7 +35,7 @@ from protocol.message import Message
 from protocol.policy import Backoff, Policy
 from protocol.retention import DEFAULT_CAPS, RetentionCaps
 from protocol.session import Session
-from transport.posix import PosixConnectedSocket
+from transport.stacks import make_stack
 from transport.stack import ConnectedSocket
 
 from .app import AppFactory, WorkerApp, WorkerContext, import_factory
@@ -247,7 +247,7 @@ class MessengerApp(WorkerApp):
             return False  # ours, or the owner died with it: answer here (RESET if unknown)
         wire = conn.wire
         sock = conn.sock
-        if wire is None or not isinstance(sock, PosixConnectedSocket) or conn.pending_output():
+        if wire is None or sock is None or not sock.can_detach_fd or conn.pending_output():
             return False
         try:
             state = wire.export_handshake()
@@ -304,7 +304,7 @@ class MessengerApp(WorkerApp):
         for conn in msgr.connections():
             if conn.migrating:
                 busy = True
-            elif conn.state is ConnState.READY and isinstance(conn.sock, PosixConnectedSocket):
+            elif conn.state is ConnState.READY and conn.sock is not None and conn.sock.can_detach_fd:
                 if conn.pending_output():
                     conn._set_reading(False)  # stop at a frame boundary, let output drain
                 else:
@@ -473,29 +473,6 @@ def _auth_settings(cfg: Mapping[str, Any]) -> AuthSettings | None:
         return None
     return AuthSettings(str(cfg["auth"]), str(cfg.get("mode", "crc")),
                         str(cfg.get("name", "osd.0")), load_keyring(str(cfg["keyring"])))
-
-
-def make_stack(name: str, *, memif_mode: str = "interrupt") -> Any:
-    """The NetworkStack called ``name`` (posix, dpdk = memif, rdma). ``memif_mode``
-    ``poll`` busy-polls each memif connection on the center the stack is bound to (no
-    kicks, no syscalls per message; a core per polling process), ``interrupt`` sleeps
-    on eventfd kicks. A Messenger binds its stack to its center (``bind_center``)."""
-    if memif_mode not in ("interrupt", "poll"):
-        raise ValueError(f"unknown memif mode {memif_mode!r}: choose interrupt or poll")
-    if name == "posix":
-        from transport.posix import PosixStack
-        return PosixStack()
-    if name == "dpdk":
-        from dataclasses import replace
-
-        from transport.memif import MemifStack, StackConfig
-        cfg = StackConfig()
-        return MemifStack(replace(cfg, memif=replace(cfg.memif,
-                                                     interrupt=memif_mode != "poll")))
-    if name == "rdma":
-        from transport.rdma import RdmaStack
-        return RdmaStack()
-    raise ValueError(f"unknown stack {name!r}: choose posix, dpdk or rdma")
 
 
 def _dispatcher_app(cls: Callable[[], Dispatcher], config: Mapping[str, Any]) -> WorkerApp:

@@ -41,7 +41,7 @@ from protocol.session import (
 )
 from transport.event_center import EventCenter
 from transport.listener import AcceptLoop
-from transport.posix import PosixStack
+from transport.stacks import make_stack
 from transport.stack import Address, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
 
 from .auth import AuthSettings
@@ -88,7 +88,7 @@ class Messenger:
         self.center = center
         self.entity_type = entity_type
         self.name = name
-        self.stack = stack or PosixStack()
+        self.stack = stack or make_stack("posix")
         self.stack.bind_center(center)
         self.socket_options = SocketOptions()
         self.default_policy = policy or Policy.lossless_client()

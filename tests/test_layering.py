@@ -217,12 +217,7 @@ def test_cycle_checker_sees_function_level_imports(tmp_path: Path) -> None:
 # -- pool/ and the concrete stacks -----------------------------------------------------------
 
 #: pool/ files that still name a concrete stack class, with the reason
-STACK_NAME_ALLOWLIST: dict[str, str] = {
-    "pool/apps.py": "make_stack and the fd-detach checks (isinstance PosixConnectedSocket) "
-                    "move to transport/ with the msgr2 branch's rewrite (issue 15)",
-    "pool/messenger.py": "defaults to PosixStack(); the stack factory moves to transport/ "
-                         "with the msgr2 branch's rewrite (issue 15)",
-}
+STACK_NAME_ALLOWLIST: dict[str, str] = {}
 _STACK_BASES = {"NetworkStack", "ServerSocket", "ConnectedSocket"}
 
 

@@ -52,7 +52,17 @@ class SocketOptions:
 
 
 class ConnectedSocket(abc.ABC):
-    """A full-duplex byte stream between two endpoints."""
+    """A full-duplex byte stream between two endpoints.
+
+    Capabilities are class attributes that the messenger reads instead of testing the
+    concrete class: ``can_detach_fd`` says :meth:`detach` yields a kernel fd that another
+    process can adopt (SCM_RIGHTS); ``write_fileno() is None`` says the stack reports
+    send space on ``fileno()`` itself.
+    """
+
+    #: True where :meth:`detach` hands over a kernel socket (posix); memif and rdma
+    #: connections live in this process's memory and verbs context and cannot move.
+    can_detach_fd: bool = False
 
     @abc.abstractmethod
     def fileno(self) -> int:

@@ -64,7 +64,7 @@ def test_errors_are_explained(tmp_path: Path) -> None:
 
 
 def test_memif_mode_reaches_the_stack() -> None:
-    from pool.apps import make_stack
+    from transport.stacks import make_stack
     from transport.event_center import EventCenter
 
     with EventCenter() as center:

@@ -168,7 +168,7 @@ _SERVER_CPU, _CLIENT_CPU = 1, 0
 
 
 def _stack(kind: str) -> Any:
-    from pool.apps import make_stack
+    from transport.stacks import make_stack
 
     if kind.startswith("memif"):
         return make_stack("dpdk", memif_mode="poll" if kind == "memif-poll" else "interrupt")

@@ -33,7 +33,7 @@ from pool.api import (
     Messenger,
     Policy,
 )
-from pool.apps import make_stack
+from transport.stacks import make_stack
 from pool.auth import AuthSettings
 
 from .common import Chaos, ChaosConfig, p50_p99_us

@@ -114,6 +114,8 @@ def _closed_io(*_args: object) -> int:
 class PosixConnectedSocket(ConnectedSocket):
     """A connected (or connecting) non-blocking stream socket."""
 
+    can_detach_fd = True  # a kernel socket: SCM_RIGHTS moves it to another process
+
     def __init__(self, sock: socket.socket, *, connected: bool = True) -> None:
         self._sock = sock
         self._fd = sock.fileno()
