@@ -9,8 +9,8 @@ import sys
 
 __all__ = ["MODULES", "build_parser", "main"]
 
-#: Subcommand modules, in help order. A module that does not exist (yet) is skipped;
-#: any other import failure, including a missing module *it* imports, is raised.
+#: Subcommand modules, in help order. Every one must import: a missing or broken module is
+#: an installation error, raised, never a subcommand that silently disappears.
 MODULES = ["tools.serve", "tools.admin_cmds", "tools.stress.cli", "tools.demo", "tools.bench.cli",
            "tools.ceph_cmds"]
 
@@ -19,13 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msgr", description="asyncmsgr worker pool")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

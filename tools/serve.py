@@ -4,38 +4,27 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import json
 import os
 import sys
 from typing import Any
 
-from pool.apps import DEFAULT_RETENTION as DEFAULT_CAPS
+from pool.apps import DEFAULT_RETENTION as DEFAULT_CAPS, load_app
 from pool.auth import load_keyring
 from pool.control.exit_codes import ExitCode
 from pool.supervisor.admin import AdminError, default_admin_path
 from pool.supervisor.arbiter import Supervisor
 from pool.supervisor.config import ACCEPT_MODES, START_METHODS, PoolConfig
 from pool.supervisor.lifecycle import Backoff
-from pool.worker.app import AppFactory, import_factory
+from pool.worker.app import AppFactory
 from tools.common import parse_bind
 
 __all__ = ["load_factory", "register", "run"]
 
 
 def load_factory(spec: str, config: dict[str, Any]) -> AppFactory:
-    """Resolve ``--app`` through ``pool.apps.load_app``; ``MODULE:CLASS`` also works
-    before that module exists."""
-    try:
-        apps = importlib.import_module("pool.apps")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pool.apps":
-            raise
-        if ":" in spec:
-            return import_factory(spec)
-        raise ValueError(f"--app {spec}: the built-in apps come with pool/apps.py, which is not "
-                         "installed here; pass MODULE:CLASS") from None
-    factory: AppFactory = apps.load_app(spec, config)
+    """Resolve ``--app``: a built-in name or MODULE:NAME (``pool.apps.load_app``)."""
+    factory: AppFactory = load_app(spec, config)
     return factory
 
 
