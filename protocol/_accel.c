@@ -1,0 +1,322 @@
+/* protocol._accel: the compiled twin of the per-message msgr2.1 frame path.
+ *
+ * Same bytes and the same decisions as the pure-Python reference in protocol/frames.py
+ * (FrameDecoder.next_message, encode_message_frame) and protocol/crc.py; the differential
+ * tests in tests/protocol/test_accel.py hold the two to that. Python stays the reference:
+ * everything rare (control frames, big frames, errors and their wording) is left to it.
+ *
+ * CRC-32C: the SSE4.2 crc32 instruction where the CPU has it (checked once at import with
+ * __builtin_cpu_supports), else slicing-by-8 tables built at import. Raw semantics, as
+ * Ceph's ceph_crc32c: the seed is the register's start value and the register is
+ * returned without inversion.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PREAMBLE_SIZE 32
+#define EPILOGUE_SIZE 13
+#define TAG_MESSAGE 17
+#define LATE_STATUS_COMPLETE 0x0E
+#define ALIGN_DEFAULT 8
+#define ALIGN_DATA 4096
+#define SMALL_DATA 4096 /* data up to this size is joined into the frame buffer */
+#define MASK32 0xFFFFFFFFu
+
+/* -- CRC-32C -------------------------------------------------------------------------- */
+
+static uint32_t crc_table[8][256];
+static int have_sse42;
+
+static void crc_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    have_sse42 = __builtin_cpu_supports("sse4.2");
+#endif
+}
+
+static uint32_t crc_sw(uint32_t crc, const unsigned char *p, size_t n) {
+    while (n && ((uintptr_t)p & 7)) { crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8); n--; }
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        w ^= crc; /* little-endian hosts only: setup.py builds this for them */
+        crc = crc_table[7][w & 0xFF] ^ crc_table[6][(w >> 8) & 0xFF] ^
+              crc_table[5][(w >> 16) & 0xFF] ^ crc_table[4][(w >> 24) & 0xFF] ^
+              crc_table[3][(w >> 32) & 0xFF] ^ crc_table[2][(w >> 40) & 0xFF] ^
+              crc_table[1][(w >> 48) & 0xFF] ^ crc_table[0][w >> 56];
+        p += 8; n -= 8;
+    }
+    while (n--) crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return crc;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("sse4.2")))
+static uint32_t crc_hw(uint32_t crc, const unsigned char *p, size_t n) {
+    uint64_t c = crc;
+    while (n && ((uintptr_t)p & 7)) { c = __builtin_ia32_crc32qi((uint32_t)c, *p++); n--; }
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        c = __builtin_ia32_crc32di(c, w);
+        p += 8; n -= 8;
+    }
+    while (n--) c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
+    return (uint32_t)c;
+}
+#define CRC(seed, p, n) (have_sse42 ? crc_hw((seed), (p), (n)) : crc_sw((seed), (p), (n)))
+#else
+#define CRC(seed, p, n) crc_sw((seed), (p), (n))
+#endif
+
+static inline uint32_t rd32(const unsigned char *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline void wr32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24);
+}
+
+static inline void wr16(unsigned char *p, uint16_t v) {
+    p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8);
+}
+
+/* crc32c(data, seed) -> int: raw CRC-32C of data from register value seed. */
+static PyObject *py_crc32c(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    unsigned long seed;
+    if (!PyArg_ParseTuple(args, "y*k:crc32c", &buf, &seed)) return NULL;
+    if (seed > MASK32) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "crc32c seed must fit in 32 bits");
+        return NULL;
+    }
+    uint32_t c;
+    Py_BEGIN_ALLOW_THREADS
+    c = CRC((uint32_t)seed, (const unsigned char *)buf.buf, (size_t)buf.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    return PyLong_FromUnsignedLong(c);
+}
+
+/* -- receive: one whole, valid MESSAGE frame ------------------------------------------ */
+
+static PyObject *empty_view; /* memoryview(b"") for the empty middle segment */
+
+static PyObject *slice(PyObject *mv, Py_ssize_t a, Py_ssize_t b) {
+    return PySequence_GetSlice(mv, a, b);
+}
+
+/* scan_message(mv, start, end, segment_max, data_max) -> (new_start, segments) | None
+ *
+ * The validation of FrameDecoder.next_message: a MESSAGE frame of 1, 2 or 4 segments
+ * (empty middle) lying whole in mv[start:end], every CRC correct. None means "not on
+ * the fast path": the caller's general decoder then decides, and words any error. */
+static PyObject *py_scan_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "scan_message(mv, start, end, segment_max, data_max)");
+        return NULL;
+    }
+    PyObject *mv = args[0];
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t end_avail = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t seg_max = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t data_max = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    if (!PyMemoryView_Check(mv)) {
+        PyErr_SetString(PyExc_TypeError, "scan_message needs a memoryview");
+        return NULL;
+    }
+    Py_buffer *view = PyMemoryView_GET_BUFFER(mv);
+    if (start < 0 || end_avail > view->len || start > end_avail) {
+        PyErr_SetString(PyExc_ValueError, "scan_message: start/end outside the buffer");
+        return NULL;
+    }
+    if (end_avail - start < PREAMBLE_SIZE) Py_RETURN_NONE;
+    const unsigned char *p = (const unsigned char *)view->buf + start;
+    unsigned tag = p[0], nseg = p[1];
+    uint64_t l0 = rd32(p + 2), l1 = rd32(p + 8), l2 = rd32(p + 14), l3 = rd32(p + 20);
+    if (tag != TAG_MESSAGE || l2 || !l0 || l0 > (uint64_t)seg_max) Py_RETURN_NONE;
+    uint64_t total;
+    if (nseg == 1) {
+        if (l1 || l3) Py_RETURN_NONE;
+        total = PREAMBLE_SIZE + 4 + l0;
+    } else if (nseg == 2) {
+        if (l3 || !l1 || l1 > (uint64_t)seg_max) Py_RETURN_NONE;
+        total = PREAMBLE_SIZE + 4 + l0 + l1 + EPILOGUE_SIZE;
+    } else if (nseg == 4) {
+        if (!l3 || l1 > (uint64_t)seg_max || l3 > (uint64_t)data_max) Py_RETURN_NONE;
+        total = PREAMBLE_SIZE + 4 + l0 + l1 + l3 + EPILOGUE_SIZE;
+    } else {
+        Py_RETURN_NONE;
+    }
+    if (total > (uint64_t)(end_avail - start)) Py_RETURN_NONE;
+    if (CRC(0, p, 28) != rd32(p + 28)) Py_RETURN_NONE;
+    const unsigned char *s0 = p + PREAMBLE_SIZE;
+    if (CRC(MASK32, s0, l0) != rd32(s0 + l0)) Py_RETURN_NONE;
+    const unsigned char *s1 = s0 + l0 + 4;
+    if (nseg == 2) {
+        const unsigned char *e = s1 + l1;
+        if (e[0] != LATE_STATUS_COMPLETE || rd32(e + 5) || rd32(e + 9) ||
+            CRC(MASK32, s1, l1) != rd32(e + 1))
+            Py_RETURN_NONE;
+    } else if (nseg == 4) {
+        const unsigned char *s3 = s1 + l1, *e = s3 + l3;
+        if (e[0] != LATE_STATUS_COMPLETE || rd32(e + 5) != MASK32 ||
+            (l1 ? CRC(MASK32, s1, l1) : MASK32) != rd32(e + 1) || CRC(MASK32, s3, l3) != rd32(e + 9))
+            Py_RETURN_NONE;
+    }
+    Py_ssize_t o0 = start + PREAMBLE_SIZE;
+    Py_ssize_t o1 = o0 + (Py_ssize_t)l0 + 4;
+    PyObject *segs = PyTuple_New(nseg == 4 ? 4 : nseg);
+    if (!segs) return NULL;
+    PyObject *v = slice(mv, o0, o0 + (Py_ssize_t)l0);
+    if (!v) goto fail;
+    PyTuple_SET_ITEM(segs, 0, v);
+    if (nseg > 1) {
+        v = slice(mv, o1, o1 + (Py_ssize_t)l1);
+        if (!v) goto fail;
+        PyTuple_SET_ITEM(segs, 1, v);
+    }
+    if (nseg == 4) {
+        Py_INCREF(empty_view);
+        PyTuple_SET_ITEM(segs, 2, empty_view);
+        Py_ssize_t o3 = o1 + (Py_ssize_t)l1;
+        v = slice(mv, o3, o3 + (Py_ssize_t)l3);
+        if (!v) goto fail;
+        PyTuple_SET_ITEM(segs, 3, v);
+    }
+    PyObject *res = Py_BuildValue("(nN)", start + (Py_ssize_t)total, segs);
+    return res;
+fail:
+    Py_DECREF(segs);
+    return NULL;
+}
+
+/* -- send: one MESSAGE frame --------------------------------------------------------- */
+
+static void put_preamble(unsigned char *b, unsigned nseg, uint32_t l0, uint32_t l1, uint32_t l3) {
+    memset(b, 0, PREAMBLE_SIZE);
+    b[0] = TAG_MESSAGE;
+    b[1] = (unsigned char)nseg;
+    wr32(b + 2, l0); wr16(b + 6, ALIGN_DEFAULT);
+    if (nseg > 1) { wr32(b + 8, l1); wr16(b + 12, ALIGN_DEFAULT); }
+    if (nseg == 4) { wr16(b + 18, ALIGN_DEFAULT); wr32(b + 20, l3); wr16(b + 24, ALIGN_DATA); }
+    wr32(b + 28, CRC(0, b, 28));
+}
+
+static void put_epilogue(unsigned char *e, uint32_t c1, uint32_t c2, uint32_t c3) {
+    e[0] = LATE_STATUS_COMPLETE;
+    wr32(e + 1, c1); wr32(e + 5, c2); wr32(e + 9, c3);
+}
+
+/* encode_message_frame(header, front, data) -> list of buffers
+ *
+ * The frame of a message without a middle segment, byte for byte what
+ * protocol.frames.encode_message_frame returns: one bytes object, or for data over
+ * SMALL_DATA [head bytes, data itself (not copied), epilogue bytes]. */
+static PyObject *py_encode_message_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode_message_frame(header, front, data)");
+        return NULL;
+    }
+    Py_buffer h, f, d;
+    if (PyObject_GetBuffer(args[0], &h, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &f, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&h); return NULL; }
+    if (PyObject_GetBuffer(args[2], &d, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&h); PyBuffer_Release(&f); return NULL;
+    }
+    PyObject *out = NULL, *head = NULL, *epi = NULL;
+    if (h.len > MASK32 || f.len > MASK32 || d.len > MASK32) {
+        PyErr_SetString(PyExc_OverflowError, "a frame segment is limited to 4 GiB - 1");
+        goto done;
+    }
+    uint32_t l0 = (uint32_t)h.len, l1 = (uint32_t)f.len, l3 = (uint32_t)d.len;
+    unsigned nseg = l3 ? 4 : (l1 ? 2 : 1);
+    int split = l3 > SMALL_DATA;
+    Py_ssize_t size = PREAMBLE_SIZE + l0 + 4 + (nseg > 1 ? l1 : 0);
+    if (nseg > 1 && !split) size += l3 + EPILOGUE_SIZE;
+    head = PyBytes_FromStringAndSize(NULL, size);
+    if (!head) goto done;
+    unsigned char *b = (unsigned char *)PyBytes_AS_STRING(head);
+    put_preamble(b, nseg, l0, l1, l3);
+    unsigned char *q = b + PREAMBLE_SIZE;
+    memcpy(q, h.buf, l0);
+    wr32(q + l0, CRC(MASK32, (const unsigned char *)h.buf, l0));
+    q += l0 + 4;
+    uint32_t c1 = 0, c3 = 0;
+    if (nseg > 1) {
+        memcpy(q, f.buf, l1);
+        q += l1;
+        c1 = l1 ? CRC(MASK32, (const unsigned char *)f.buf, l1) : MASK32;
+    }
+    if (nseg == 4) c3 = CRC(MASK32, (const unsigned char *)d.buf, l3);
+    if (nseg == 2) {
+        put_epilogue(q, c1, 0, 0);
+    } else if (nseg == 4 && !split) {
+        memcpy(q, d.buf, l3);
+        put_epilogue(q + l3, c1, MASK32, c3);
+    } else if (nseg == 4) {
+        epi = PyBytes_FromStringAndSize(NULL, EPILOGUE_SIZE);
+        if (!epi) goto done;
+        put_epilogue((unsigned char *)PyBytes_AS_STRING(epi), c1, MASK32, c3);
+    }
+    if (epi) {
+        out = PyList_New(3);
+        if (!out) goto done;
+        PyList_SET_ITEM(out, 0, head);
+        Py_INCREF(args[2]);
+        PyList_SET_ITEM(out, 1, args[2]);
+        PyList_SET_ITEM(out, 2, epi);
+        head = epi = NULL;
+    } else {
+        out = PyList_New(1);
+        if (!out) goto done;
+        PyList_SET_ITEM(out, 0, head);
+        head = NULL;
+    }
+done:
+    Py_XDECREF(head);
+    Py_XDECREF(epi);
+    PyBuffer_Release(&h); PyBuffer_Release(&f); PyBuffer_Release(&d);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"crc32c", py_crc32c, METH_VARARGS,
+     "crc32c(data, seed) -> int: raw CRC-32C (Ceph's ceph_crc32c) of data from seed."},
+    {"scan_message", (PyCFunction)(void (*)(void))py_scan_message, METH_FASTCALL,
+     "scan_message(mv, start, end, segment_max, data_max) -> (new_start, segments) | None"},
+    {"encode_message_frame", (PyCFunction)(void (*)(void))py_encode_message_frame, METH_FASTCALL,
+     "encode_message_frame(header, front, data) -> list: one MESSAGE frame, no middle."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "protocol._accel",
+    "Compiled twin of the per-message msgr2.1 frame path (see protocol/accel.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__accel(void) {
+    crc_init();
+    empty_view = PyMemoryView_FromMemory((char *)"", 0, PyBUF_READ);
+    if (!empty_view) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddStringConstant(m, "CRC_IMPL", have_sse42 ? "sse4.2" : "table") < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

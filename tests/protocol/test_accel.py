@@ -1,0 +1,176 @@
+"""The compiled frame path (protocol._accel) against the pure-Python reference.
+
+Differential: every input goes through both, and both must give the same bytes (encode,
+CRC) or the same decision (scan: the same segments and end offset, or both "not on the
+fast path"). Inputs: random segment sizes and buffer types, every truncation, every
+single-bit flip, and preambles with hostile lengths whose CRC is recomputed so that
+only the length checks stand between them and a read past the buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from protocol import accel
+from protocol.crc import crc32c
+from protocol.frames import (
+    FrameDecoder,
+    FrameLimits,
+    encode_banner,
+    encode_message_frame,
+)
+
+from ..fuzzing import examples
+
+if accel.ACCEL is None and os.environ.get("ASYNCMSGR_REQUIRE_EXTENSIONS") == "1":
+    pytest.fail(f"the compiled path is required here and missing: {accel.REASON}",
+                pytrace=False)
+pytestmark = pytest.mark.skipif(accel.ACCEL is None,
+                                reason=f"no compiled path: {accel.REASON}")
+A = accel.ACCEL
+BANNER = encode_banner(0, 0)
+LIMITS = FrameLimits(segment_max=1 << 16, data_max=1 << 20)
+
+
+def _join(bufs: list[bytes | bytearray | memoryview]) -> bytes:
+    return b"".join(bytes(b) for b in bufs)
+
+
+def _reference_scan(stream: bytes, limits: FrameLimits = LIMITS
+                    ) -> tuple[int, list[bytes]] | None:
+    """Pure Python: the decoder's fast path on ``stream`` (after a banner)."""
+    dec = FrameDecoder(limits)
+    dec.feed(BANNER + stream)
+    assert dec.next_banner() is not None
+    before = dec.buffered
+    segs = dec.next_message()
+    if segs is None:
+        return None
+    return before - dec.buffered, [bytes(s) for s in segs]
+
+
+def _compiled_scan(stream: bytes, limits: FrameLimits = LIMITS
+                   ) -> tuple[int, list[bytes]] | None:
+    assert A is not None
+    # offset by a prefix, as in a real receive buffer where earlier frames were consumed
+    pad = 7
+    mv = memoryview(bytearray(b"\xaa" * pad + stream + b"\x55" * 5))
+    r = A.scan_message(mv, pad, pad + len(stream), limits.segment_max, limits.data_max)
+    if r is None:
+        return None
+    end, segs = r
+    return end - pad, [bytes(s) for s in segs]
+
+
+sizes = st.sampled_from([0, 1, 3, 8, 40, 63, 64, 65, 4095, 4096, 4097, 9000])
+
+
+@given(st.binary(max_size=9000), st.integers(0, 0xFFFFFFFF))
+@settings(max_examples=examples(300), deadline=None)
+@example(b"", 0).via("empty data returns the seed")
+@example(b"123456789", 0xFFFFFFFF).via("the check value")
+def test_crc32c_matches(data: bytes, seed: int) -> None:
+    assert A is not None
+    assert A.crc32c(data, seed) == crc32c(data, seed)
+    assert A.crc32c(memoryview(data)[1:], seed) == crc32c(data[1:], seed)
+
+
+def test_crc32c_refuses_a_seed_over_32_bits() -> None:
+    assert A is not None
+    with pytest.raises((ValueError, OverflowError)):
+        A.crc32c(b"x", 1 << 32)
+
+
+@given(sizes, sizes, sizes, st.sampled_from([bytes, bytearray, memoryview]), st.randoms())
+@settings(max_examples=examples(200), deadline=None)
+def test_encode_message_frame_matches(hl: int, fl: int, dl: int, kind: type,
+                                      rnd: object) -> None:
+    assert A is not None
+    header, front, data = (os.urandom(n) for n in (hl, fl, dl))
+    typed = kind(data) if kind is not memoryview else memoryview(bytearray(data))
+    ref = encode_message_frame(header, front, typed)
+    got = A.encode_message_frame(header, front, typed)
+    assert [bytes(b) for b in got] == [bytes(b) for b in ref]
+    if len(got) == 3:
+        assert got[1] is typed  # big data is sent from the caller's buffer, not copied
+
+
+@given(st.integers(1, 200), sizes, sizes)
+@settings(max_examples=examples(100), deadline=None)
+def test_scan_agrees_on_whole_frames_and_every_truncation(hl: int, fl: int, dl: int) -> None:
+    frame = _join(encode_message_frame(os.urandom(hl), os.urandom(fl), os.urandom(dl)))
+    full = _reference_scan(frame)
+    assert full is not None and full[0] == len(frame)
+    assert _compiled_scan(frame) == full
+    assert _compiled_scan(frame + b"trailing") == full  # stops at the frame's end
+    for cut in range(len(frame)):
+        assert _compiled_scan(frame[:cut]) is None is _reference_scan(frame[:cut])
+
+
+@given(st.integers(1, 64), st.sampled_from([0, 5, 64]), st.sampled_from([0, 9, 300]),
+       st.data())
+@settings(max_examples=examples(100), deadline=None)
+def test_scan_agrees_on_every_bit_flip(hl: int, fl: int, dl: int, data: st.DataObject) -> None:
+    frame = bytearray(_join(encode_message_frame(os.urandom(hl), os.urandom(fl),
+                                                 os.urandom(dl))))
+    bits = data.draw(st.lists(st.integers(0, len(frame) * 8 - 1), min_size=1, max_size=40,
+                              unique=True))
+    for bit in bits:
+        frame[bit // 8] ^= 1 << (bit % 8)
+        assert _compiled_scan(bytes(frame)) == _reference_scan(bytes(frame)), bit
+        frame[bit // 8] ^= 1 << (bit % 8)
+
+
+_PRE = struct.Struct("<BBIHIHIHIHBB")
+hostile = st.sampled_from([0, 1, 35, 4096, 1 << 16, (1 << 16) + 1, 1 << 20, (1 << 20) + 1,
+                           (1 << 31) - 1, 1 << 31, 0xFFFFFFFF])
+
+
+@given(st.integers(0, 255), st.integers(0, 255), hostile, hostile, hostile, hostile,
+       st.binary(max_size=300))
+@settings(max_examples=examples(300), deadline=None)
+@example(17, 4, 0xFFFFFFFF, 0xFFFFFFFF, 0, 0xFFFFFFFF, b"").via("lengths that wrap 32 bits")
+@example(17, 1, 1 << 16, 0, 0, 0, b"x" * 40).via("a header at the cap, body missing")
+def test_scan_agrees_on_hostile_preambles(tag: int, nseg: int, l0: int, l1: int, l2: int,
+                                          l3: int, body: bytes) -> None:
+    pre = _PRE.pack(tag, nseg, l0, 8, l1, 8, l2, 8, l3, 4096, 0, 0)
+    stream = pre + struct.pack("<I", crc32c(pre, 0)) + body
+    assert _compiled_scan(stream) == _reference_scan(stream)
+
+
+@pytest.mark.parametrize("limits", [FrameLimits(segment_max=40, data_max=8),
+                                    FrameLimits(segment_max=39, data_max=8),
+                                    FrameLimits(segment_max=40, data_max=7)])
+def test_scan_honours_the_limits(limits: FrameLimits) -> None:
+    frame = _join(encode_message_frame(os.urandom(40), os.urandom(10), os.urandom(8)))
+    assert _compiled_scan(frame, limits) == _reference_scan(frame, limits)
+
+
+def test_scan_refuses_offsets_outside_the_buffer() -> None:
+    assert A is not None
+    mv = memoryview(bytearray(64))
+    for start, end in ((0, 65), (-1, 10), (20, 10)):
+        with pytest.raises(ValueError, match="outside the buffer"):
+            A.scan_message(mv, start, end, 100, 100)
+    with pytest.raises(TypeError):
+        A.scan_message(b"not a memoryview", 0, 0, 1, 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value, expect", [("1", "python"), ("0", None), ("", None)])
+def test_the_environment_can_force_the_pure_python_path(value: str, expect: str | None) -> None:
+    env = dict(os.environ, ASYNCMSGR_NO_EXTENSIONS=value)
+    out = subprocess.run([sys.executable, "-c",
+                          "from protocol import accel; print(accel.IMPLEMENTATION, "
+                          "accel.describe())"],
+                         env=env, capture_output=True, text=True, timeout=60, check=True)
+    impl = out.stdout.split()[0]
+    assert impl == (expect or accel.IMPLEMENTATION)
+    if expect == "python":
+        assert "ASYNCMSGR_NO_EXTENSIONS" in out.stdout
