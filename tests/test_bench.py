@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,8 @@ def test_target_lines_say_met_or_not() -> None:
 def test_bench_tcp_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     args = argparse.Namespace(servers="asyncmsgr,epoll", payloads="64", duration=0.3,
-                              repeat=2, json=str(out), plot=None)
+                              repeat=2, json=str(out), plot=None, instructions=False,
+                              requests="2000,10000")
     assert bench_tcp.run(args) == 0
     data = json.loads(out.read_text())
     assert len(data["rounds"]) == 2 and data["meta"]["repeat"] == 2
@@ -73,3 +77,49 @@ def test_echo_instructions_workload_runs_and_checks_its_arguments(
     assert echo_instructions.main(["64", "300"]) == 0  # every echo came back (else it hangs)
     assert echo_instructions.main(["64"]) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["epoll", "asyncmsgr", "pyzmq", "grpc-stream", "grpc-unary"])
+def test_clients_stop_at_their_request_limit(kind: str) -> None:
+    """The instruction counts need an exact request count from every client."""
+    from tools.bench.common import fork_server
+    from tools.bench.tcp_peers import SERVERS
+    from tools.common import free_port
+
+    if bench_tcp.available(kind):  # the bench extra is part of the test install
+        pytest.fail(f"{kind}: {bench_tcp.available(kind)}")
+    serve, client, _ = SERVERS[kind]
+    port = free_port()
+    pid = fork_server(lambda ready: serve(port, ready), kind)
+    try:
+        assert client(port, 16, b"x" * 64, 30.0, None, 37) == 37
+        lat: list[int] = []
+        assert client(port, 4, b"y", 30.0, lat, 9) == 9 and len(lat) == 9
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+    assert status == 0  # each server exits cleanly on SIGTERM (callgrind needs that)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_bench_tcp_instructions_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "instr.json"
+    args = argparse.Namespace(servers="epoll", payloads="64", duration=1.0, repeat=1,
+                              json=str(out), plot=None, instructions=True, requests="40,200")
+    assert bench_tcp.run(args) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["server"] == "epoll" and row["requests"] == [40, 200]
+    i1, i2 = row["instructions"]
+    assert 0 < i1 < i2  # more requests, more instructions
+    assert 1_000 < row["instr_per_req"] < 2_000_000
+    assert "instr/request" in capsys.readouterr().out
+
+
+def test_instructions_mode_refuses_bad_request_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    args = argparse.Namespace(servers="epoll", payloads="64", duration=1.0, repeat=1,
+                              json=None, plot=None, instructions=True, requests="500,100")
+    assert bench_tcp.run(args) == 2
+    assert "0 < N1 < N2" in capsys.readouterr().err

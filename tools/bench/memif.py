@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tools.bench.common import ForkedCall, fork_server, latency_us, proc_cpu
-from tools.bench.tcp import messenger_client, serve_messenger
+from tools.bench.tcp_peers import messenger_client, serve_messenger
 from transport.hugepages import hugepage_info, reserved_hugepages
 from transport.memif import MemifConfig, MemifInterface, connect
 
