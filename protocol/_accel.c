@@ -94,6 +94,7 @@ static inline void wr16(unsigned char *p, uint16_t v) {
 
 /* crc32c(data, seed) -> int: raw CRC-32C of data from register value seed. */
 static PyObject *py_crc32c(PyObject *self, PyObject *args) {
+    (void)self;
     Py_buffer buf;
     unsigned long seed;
     if (!PyArg_ParseTuple(args, "y*k:crc32c", &buf, &seed)) return NULL;
@@ -124,6 +125,7 @@ static PyObject *slice(PyObject *mv, Py_ssize_t a, Py_ssize_t b) {
  * (empty middle) lying whole in mv[start:end], every CRC correct. None means "not on
  * the fast path": the caller's general decoder then decides, and words any error. */
 static PyObject *py_scan_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "scan_message(mv, start, end, segment_max, data_max)");
         return NULL;
@@ -221,12 +223,59 @@ static void put_epilogue(unsigned char *e, uint32_t c1, uint32_t c2, uint32_t c3
     wr32(e + 1, c1); wr32(e + 5, c2); wr32(e + 9, c3);
 }
 
-/* encode_message_frame(header, front, data) -> list of buffers
- *
- * The frame of a message without a middle segment, byte for byte what
+/* The frame of a message without a middle segment, byte for byte what
  * protocol.frames.encode_message_frame returns: one bytes object, or for data over
  * SMALL_DATA [head bytes, data itself (not copied), epilogue bytes]. */
+static PyObject *build_frame(const unsigned char *hdr, Py_ssize_t hlen, const Py_buffer *f,
+                             const Py_buffer *d, PyObject *data_obj) {
+    if (hlen > MASK32 || f->len > MASK32 || d->len > MASK32) {
+        PyErr_SetString(PyExc_OverflowError, "a frame segment is limited to 4 GiB - 1");
+        return NULL;
+    }
+    uint32_t l0 = (uint32_t)hlen, l1 = (uint32_t)f->len, l3 = (uint32_t)d->len;
+    unsigned nseg = l3 ? 4 : (l1 ? 2 : 1);
+    int split = l3 > SMALL_DATA;
+    Py_ssize_t size = PREAMBLE_SIZE + l0 + 4 + (nseg > 1 ? l1 : 0);
+    if (nseg > 1 && !split) size += l3 + EPILOGUE_SIZE;
+    PyObject *head = PyBytes_FromStringAndSize(NULL, size), *epi = NULL, *out;
+    if (!head) return NULL;
+    unsigned char *b = (unsigned char *)PyBytes_AS_STRING(head);
+    put_preamble(b, nseg, l0, l1, l3);
+    unsigned char *q = b + PREAMBLE_SIZE;
+    if (l0) memcpy(q, hdr, l0);
+    wr32(q + l0, CRC(MASK32, hdr, l0));
+    q += l0 + 4;
+    uint32_t c1 = 0, c3 = 0;
+    if (nseg > 1) {
+        if (l1) memcpy(q, f->buf, l1);
+        q += l1;
+        c1 = l1 ? CRC(MASK32, (const unsigned char *)f->buf, l1) : MASK32;
+    }
+    if (nseg == 4) c3 = CRC(MASK32, (const unsigned char *)d->buf, l3);
+    if (nseg == 2) {
+        put_epilogue(q, c1, 0, 0);
+    } else if (nseg == 4 && !split) {
+        memcpy(q, d->buf, l3);
+        put_epilogue(q + l3, c1, MASK32, c3);
+    } else if (nseg == 4) {
+        epi = PyBytes_FromStringAndSize(NULL, EPILOGUE_SIZE);
+        if (!epi) { Py_DECREF(head); return NULL; }
+        put_epilogue((unsigned char *)PyBytes_AS_STRING(epi), c1, MASK32, c3);
+    }
+    out = PyList_New(epi ? 3 : 1);
+    if (!out) { Py_DECREF(head); Py_XDECREF(epi); return NULL; }
+    PyList_SET_ITEM(out, 0, head);
+    if (epi) {
+        Py_INCREF(data_obj);
+        PyList_SET_ITEM(out, 1, data_obj);
+        PyList_SET_ITEM(out, 2, epi);
+    }
+    return out;
+}
+
+/* encode_message_frame(header, front, data) -> list of buffers */
 static PyObject *py_encode_message_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "encode_message_frame(header, front, data)");
         return NULL;
@@ -237,59 +286,61 @@ static PyObject *py_encode_message_frame(PyObject *self, PyObject *const *args, 
     if (PyObject_GetBuffer(args[2], &d, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&h); PyBuffer_Release(&f); return NULL;
     }
-    PyObject *out = NULL, *head = NULL, *epi = NULL;
-    if (h.len > MASK32 || f.len > MASK32 || d.len > MASK32) {
-        PyErr_SetString(PyExc_OverflowError, "a frame segment is limited to 4 GiB - 1");
-        goto done;
-    }
-    uint32_t l0 = (uint32_t)h.len, l1 = (uint32_t)f.len, l3 = (uint32_t)d.len;
-    unsigned nseg = l3 ? 4 : (l1 ? 2 : 1);
-    int split = l3 > SMALL_DATA;
-    Py_ssize_t size = PREAMBLE_SIZE + l0 + 4 + (nseg > 1 ? l1 : 0);
-    if (nseg > 1 && !split) size += l3 + EPILOGUE_SIZE;
-    head = PyBytes_FromStringAndSize(NULL, size);
-    if (!head) goto done;
-    unsigned char *b = (unsigned char *)PyBytes_AS_STRING(head);
-    put_preamble(b, nseg, l0, l1, l3);
-    unsigned char *q = b + PREAMBLE_SIZE;
-    memcpy(q, h.buf, l0);
-    wr32(q + l0, CRC(MASK32, (const unsigned char *)h.buf, l0));
-    q += l0 + 4;
-    uint32_t c1 = 0, c3 = 0;
-    if (nseg > 1) {
-        memcpy(q, f.buf, l1);
-        q += l1;
-        c1 = l1 ? CRC(MASK32, (const unsigned char *)f.buf, l1) : MASK32;
-    }
-    if (nseg == 4) c3 = CRC(MASK32, (const unsigned char *)d.buf, l3);
-    if (nseg == 2) {
-        put_epilogue(q, c1, 0, 0);
-    } else if (nseg == 4 && !split) {
-        memcpy(q, d.buf, l3);
-        put_epilogue(q + l3, c1, MASK32, c3);
-    } else if (nseg == 4) {
-        epi = PyBytes_FromStringAndSize(NULL, EPILOGUE_SIZE);
-        if (!epi) goto done;
-        put_epilogue((unsigned char *)PyBytes_AS_STRING(epi), c1, MASK32, c3);
-    }
-    if (epi) {
-        out = PyList_New(3);
-        if (!out) goto done;
-        PyList_SET_ITEM(out, 0, head);
-        Py_INCREF(args[2]);
-        PyList_SET_ITEM(out, 1, args[2]);
-        PyList_SET_ITEM(out, 2, epi);
-        head = epi = NULL;
-    } else {
-        out = PyList_New(1);
-        if (!out) goto done;
-        PyList_SET_ITEM(out, 0, head);
-        head = NULL;
-    }
-done:
-    Py_XDECREF(head);
-    Py_XDECREF(epi);
+    PyObject *out = build_frame((const unsigned char *)h.buf, h.len, &f, &d, args[2]);
     PyBuffer_Release(&h); PyBuffer_Release(&f); PyBuffer_Release(&d);
+    return out;
+}
+
+#define HEADER2_SIZE 41 /* ceph_msg_header2, packed: "<QQHHHIHQBHH" */
+
+static int get_uint(PyObject *o, unsigned long long max, unsigned long long *v) {
+    if (!PyLong_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "message header fields are ints");
+        return -1;
+    }
+    *v = PyLong_AsUnsignedLongLong(o);
+    if (*v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (*v > max) {
+        PyErr_SetString(PyExc_OverflowError, "message header field out of range");
+        return -1;
+    }
+    return 0;
+}
+
+/* encode_message(seq, tid, type, priority, version, ack_seq, flags, compat, front, data)
+ *
+ * ceph_msg_header2 packed as protocol.message packs it, then its frame (no middle).
+ * A field out of range raises OverflowError (TypeError for a non-int): the caller then
+ * asks the Python packer, which names the field. */
+static PyObject *py_encode_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "encode_message(seq, tid, type, priority, version, "
+                                         "ack_seq, flags, compat, front, data)");
+        return NULL;
+    }
+    static const unsigned long long max[8] = {
+        0xFFFFFFFFFFFFFFFFull, 0xFFFFFFFFFFFFFFFFull, 0xFFFF, 0xFFFF, 0xFFFF,
+        0xFFFFFFFFFFFFFFFFull, 0xFF, 0xFFFF};
+    unsigned long long v[8];
+    for (int i = 0; i < 8; i++)
+        if (get_uint(args[i], max[i], &v[i]) < 0) return NULL;
+    unsigned char hdr[HEADER2_SIZE];
+    memset(hdr, 0, sizeof hdr);
+    for (int i = 0; i < 8; i++) { hdr[i] = (unsigned char)(v[0] >> (8 * i)); hdr[8 + i] = (unsigned char)(v[1] >> (8 * i)); }
+    wr16(hdr + 16, (uint16_t)v[2]);
+    wr16(hdr + 18, (uint16_t)v[3]);
+    wr16(hdr + 20, (uint16_t)v[4]);
+    /* data_pre_padding_len (u32 @22) and data_off (u16 @26) are 0 */
+    for (int i = 0; i < 8; i++) hdr[28 + i] = (unsigned char)(v[5] >> (8 * i));
+    hdr[36] = (unsigned char)v[6];
+    wr16(hdr + 37, (uint16_t)v[7]);
+    /* reserved (u16 @39) is 0 */
+    Py_buffer f, d;
+    if (PyObject_GetBuffer(args[8], &f, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[9], &d, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&f); return NULL; }
+    PyObject *out = build_frame(hdr, HEADER2_SIZE, &f, &d, args[9]);
+    PyBuffer_Release(&f); PyBuffer_Release(&d);
     return out;
 }
 
@@ -300,6 +351,9 @@ static PyMethodDef methods[] = {
      "scan_message(mv, start, end, segment_max, data_max) -> (new_start, segments) | None"},
     {"encode_message_frame", (PyCFunction)(void (*)(void))py_encode_message_frame, METH_FASTCALL,
      "encode_message_frame(header, front, data) -> list: one MESSAGE frame, no middle."},
+    {"encode_message", (PyCFunction)(void (*)(void))py_encode_message, METH_FASTCALL,
+     "encode_message(seq, tid, type, priority, version, ack_seq, flags, compat, front, data)"
+     " -> list: ceph_msg_header2 and its MESSAGE frame, no middle."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,6 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from protocol import accel
+from protocol.ceph.header import HEADER2
 from protocol.crc import crc32c
 from protocol.frames import (
     FrameDecoder,
@@ -174,3 +175,32 @@ def test_the_environment_can_force_the_pure_python_path(value: str, expect: str 
     assert impl == (expect or accel.IMPLEMENTATION)
     if expect == "python":
         assert "ASYNCMSGR_NO_EXTENSIONS" in out.stdout
+
+
+u64 = st.integers(0, (1 << 64) - 1)
+u16 = st.integers(0, 0xFFFF)
+
+
+@given(u64, u64, u16, u16, u16, u64, st.integers(0, 0xFF), u16, sizes, sizes)
+@settings(max_examples=examples(200), deadline=None)
+def test_encode_message_matches_header_pack_and_frame(seq: int, tid: int, t: int, prio: int,
+                                                      version: int, ack: int, flags: int,
+                                                      compat: int, fl: int, dl: int) -> None:
+    assert A is not None
+    front, data = os.urandom(fl), os.urandom(dl)
+    header = HEADER2.pack(seq, tid, t, prio, version, 0, 0, ack, flags, compat, 0)
+    ref = encode_message_frame(header, front, data)
+    got = A.encode_message(seq, tid, t, prio, version, ack, flags, compat, front, data)
+    assert [bytes(b) for b in got] == [bytes(b) for b in ref]
+
+
+@pytest.mark.parametrize("field, value", [(0, -1), (0, 1 << 64), (2, 1 << 16), (3, -1),
+                                          (6, 256), (7, 1 << 16), (1, 1.5), (5, None)])
+def test_encode_message_refuses_what_the_header_cannot_hold(field: int, value: object) -> None:
+    assert A is not None
+    args: list[object] = [1, 2, 3, 4, 5, 6, 7, 8, b"", b""]
+    args[field] = value
+    with pytest.raises((OverflowError, TypeError)):
+        A.encode_message(*args)  # type: ignore[arg-type]
+    with pytest.raises(struct.error):  # the Python packer refuses the same values
+        HEADER2.pack(*args[:5], 0, 0, *args[5:8], 0)  # type: ignore[arg-type]
