@@ -39,10 +39,10 @@ from transport.stacks import make_stack
 from transport.stack import ConnectedSocket
 
 from .app import AppFactory, WorkerApp, WorkerContext, import_factory
-from .auth import AuthSettings, load_keyring
-from .connection import AsyncConnection, ConnState
-from .dispatcher import Dispatcher
-from .messenger import Messenger
+from .messenger.auth import AuthSettings, load_keyring
+from .messenger.connection import AsyncConnection, ConnState
+from .messenger.dispatcher import Dispatcher
+from .messenger.messenger import Messenger
 
 __all__ = ["APPS", "DEFAULT_RETENTION", "EchoDispatcher", "MessengerApp", "load_app",
            "retention_caps"]

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from pool.apps import DEFAULT_RETENTION as DEFAULT_CAPS
-from pool.auth import load_keyring
+from pool.api import load_keyring
 from pool.control.exit_codes import ExitCode
 from pool.supervisor.admin import AdminError, default_admin_path
 from pool.supervisor.arbiter import Supervisor

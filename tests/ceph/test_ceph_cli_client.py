@@ -16,9 +16,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from pool.connection import AsyncConnection
-from pool.dispatcher import Dispatcher
-from pool.messenger import Messenger
+from pool.api import AsyncConnection
+from pool.api import Dispatcher
+from pool.api import Messenger
 from protocol.ceph.messages import MMonSubscribe, message_name
 from protocol.features import ASYNCMSGR, EntityType
 from protocol.message import Message

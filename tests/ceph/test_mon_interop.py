@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pool.auth import AuthSettings
-from pool.connection import AsyncConnection, ConnState
-from pool.dispatcher import Dispatcher
-from pool.messenger import Messenger
-from pool.monclient import MonClient, MonError
+from pool.api import AuthSettings
+from pool.api import AsyncConnection, ConnState
+from pool.api import Dispatcher
+from pool.api import Messenger
+from pool.api import MonClient, MonError
 from protocol.ceph import features as cf
 from protocol.errors import LocalProtocolError
 from protocol.features import ASYNCMSGR, EntityType

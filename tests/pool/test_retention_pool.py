@@ -15,9 +15,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pool.connection import AsyncConnection
-from pool.dispatcher import Dispatcher
-from pool.messenger import Messenger
+from pool.api import AsyncConnection
+from pool.api import Dispatcher
+from pool.api import Messenger
 from protocol.connection import Ready, ResetReceived
 from protocol.features import EntityType
 from protocol.message import Message

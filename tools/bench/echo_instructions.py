@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from pool.api import Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
-from pool.connection import AsyncConnection
+from pool.api import AsyncConnection
 
 WINDOW = 128
 

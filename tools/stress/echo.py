@@ -34,7 +34,7 @@ from pool.api import (
     Policy,
 )
 from transport.stacks import make_stack
-from pool.auth import AuthSettings
+from pool.api import AuthSettings
 
 from .common import Chaos, ChaosConfig, p50_p99_us
 

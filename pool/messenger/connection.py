@@ -18,7 +18,6 @@ to STANDBY (server policy; standby policy with nothing queued).
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 from collections.abc import Sequence
@@ -38,14 +37,15 @@ from transport.event_center import READABLE, WRITABLE
 from transport.stack import Address, Buffer, ConnectedSocket
 
 from .dispatcher import UNRETRYABLE, HandshakeFailure
-from .iovec import coalesce
+from .iovec import Outbox
+from .states import ConnState
 
 if TYPE_CHECKING:
     from .messenger import Messenger
 
 __all__ = ["AsyncConnection", "ConnState"]
 
-log = logging.getLogger("pool.connection")
+log = logging.getLogger("pool.messenger.connection")
 
 _READS_PER_WAKEUP = 16
 #: While a large batch of received messages is dispatched, replies queued so far are
@@ -54,16 +54,6 @@ _READS_PER_WAKEUP = 16
 #: Measured at window 128, 64 B echo, two processes: TCP 42k -> 90k req/s, memif
 #: poll mode 36k -> 97k (BENCHMARKS.md has the runs).
 _FLUSH_EVERY = 32
-
-
-class ConnState(enum.Enum):
-    CONNECTING = "connecting"
-    ACCEPTING = "accepting"
-    HANDSHAKE = "handshake"
-    READY = "ready"
-    BACKOFF = "backoff"
-    STANDBY = "standby"
-    CLOSED = "closed"
 
 
 class AsyncConnection:
@@ -87,8 +77,7 @@ class AsyncConnection:
         self.backoff = 0.0
         self._was_ready = False
         self._wait_received = False
-        self._out: list[Buffer] = []
-        self._out_bytes = 0
+        self._out = Outbox()
         self._flush_scheduled = False
         self._reading = False
         self._writing = False
@@ -242,7 +231,6 @@ class AsyncConnection:
         sock = self.sock
         assert sock is not None
         self._out.clear()
-        self._out_bytes = 0
         fd = sock.fileno()
         self._read_fd = fd
         self._reading = True
@@ -458,13 +446,10 @@ class AsyncConnection:
             return
         msgr.msgs_out += wire.messages_out - before
         new = wire.data_to_send()
-        out = self._out
+        outbox = self._out
         if new:
-            for b in new:
-                self._out_bytes += len(b)
-            if len(new) > 1:
-                new = coalesce(new)
-            out.extend(new)
+            outbox.add(new)
+        out = outbox.bufs
         if not out:
             return
         inject = msgr.inject_socket_failures
@@ -476,7 +461,7 @@ class AsyncConnection:
             while out:
                 n = sock.send(out)
                 total += n
-                self._consume(n)
+                outbox.consume(n)
         except BlockingIOError:
             pass
         except OSError as err:
@@ -489,9 +474,9 @@ class AsyncConnection:
         self._want_write(bool(out))
         # Send-side bound: a peer that does not read what we write must not make us
         # buffer without limit. Stop reading its requests until the backlog drains.
-        if self._out_bytes > msgr.out_high_water:
+        if outbox.nbytes > msgr.out_high_water:
             self._hold_input_for_output()
-        elif self._write_blocked and self._out_bytes <= msgr.out_high_water // 2:
+        elif self._write_blocked and outbox.nbytes <= msgr.out_high_water // 2:
             self._write_blocked = False
             if not self._throttled:
                 self._set_reading(True)
@@ -519,23 +504,9 @@ class AsyncConnection:
         if sock is None or wire is None or not wire.has_data_to_send():
             return
         try:
-            sock.send(self._out + wire.data_to_send())
+            sock.send(self._out.bufs + wire.data_to_send())
         except OSError:
             pass
-
-    def _consume(self, n: int) -> None:
-        out = self._out
-        self._out_bytes -= n
-        i = 0
-        while n and i < len(out):
-            ln = len(out[i])
-            if n >= ln:
-                n -= ln
-                i += 1
-            else:
-                out[i] = memoryview(out[i])[n:]
-                n = 0
-        del out[:i]
 
     def _want_write(self, on: bool) -> None:
         if on == self._writing or self.sock is None:
@@ -660,7 +631,6 @@ class AsyncConnection:
             self.sock.close()
             self.sock = None
         self._out.clear()
-        self._out_bytes = 0
 
     def detach_socket(self) -> tuple[ConnectedSocket | None, Connection | None]:
         """Give up the socket and wire without closing them (handoff, reuse)."""
@@ -671,4 +641,4 @@ class AsyncConnection:
         return sock, wire
 
     def pending_output(self) -> Sequence[Buffer]:
-        return self._out
+        return self._out.bufs

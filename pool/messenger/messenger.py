@@ -45,13 +45,14 @@ from transport.stacks import make_stack
 from transport.stack import Address, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
 
 from .auth import AuthSettings
-from .connection import AsyncConnection, ConnState
+from .connection import AsyncConnection
+from .states import ConnState
 from .dispatcher import Dispatcher, HandshakeFailure
 from .throttle import Throttle
 
 __all__ = ["Messenger"]
 
-log = logging.getLogger("pool.messenger")
+log = logging.getLogger("pool.messenger.messenger")
 
 #: route_request(conn, event) -> True when the request was handed to another owner
 RouteHook = Callable[[AsyncConnection, "IdentRequest | ReconnectRequest"], bool]

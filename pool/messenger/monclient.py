@@ -34,7 +34,8 @@ from protocol.policy import Policy
 from transport.event_center import EventCenter
 
 from .auth import AuthSettings
-from .connection import AsyncConnection, ConnState
+from .connection import AsyncConnection
+from .states import ConnState
 from .dispatcher import Dispatcher
 from .messenger import Messenger
 
