@@ -396,7 +396,7 @@ class KvApp(MessengerApp):
         # arrives after the move would go to a dead connection object.
         if self.per_conn.get(conn):
             if not standby:
-                conn._set_reading(False)
+                conn.pause_reading()
             return
         super()._migrate(conn, standby)
 

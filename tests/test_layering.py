@@ -115,10 +115,6 @@ CYCLE_ALLOWLIST: dict[frozenset[str], str] = {
     frozenset({"pool.apps", "pool.kv"}):
         "KvApp inherits MessengerApp and apps.py imports kv lazily for its factory; "
         "both files are being rewritten on the msgr2 branch (issue 15: app registry)",
-    frozenset({"pool.messenger.connection", "pool.messenger.dispatcher",
-               "pool.messenger.messenger"}):
-        "AsyncConnection and Messenger know each other (TYPE_CHECKING imports); being "
-        "rewritten on the msgr2 branch (issue 15: a narrow connection/owner interface)",
 }
 
 
@@ -276,12 +272,8 @@ def test_pool_names_no_concrete_stack_class() -> None:
 #: ``obj._x`` outside ``obj``'s own class, allowed: "file" (whole file) or "file:expr".
 PRIVATE_ALLOWLIST: dict[str, str] = {
     # files being rewritten on the msgr2 branch (issue 15 names these reaches)
-    "pool/apps.py": "calls AsyncConnection._set_reading/_schedule_flush (public "
-                    "pause_reading/resume_reading come with the msgr2 rewrite)",
     "pool/kv.py": "KvApp overrides MessengerApp._drain_step/_migrate (composition comes "
                   "with the msgr2 rewrite)",
-    "pool/messenger/messenger.py": "calls AsyncConnection._stop/_fault/_start_connect (close(notify=) "
-                         "comes with the msgr2 rewrite)",
     "protocol/connection.py": "the handshake reaches into its sessions' state; protocol/ is "
                               "being rewritten on the msgr2 branch",
     "protocol/control.py": "schema classes read each other's _SCHEMA/_FIXED tables "

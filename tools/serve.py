@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             **({"advertise": advertise} if advertise else {}),
             "stack": args.stack, "stack_path": args.stack_path, "memif_mode": args.memif_mode,
             "max_connections": args.max_connections,
-            "handshake_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
+            "ready_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
             "throttle_messages": args.throttle_messages, "throttle_bytes": args.throttle_bytes,
             "max_standby_sessions": args.max_standby_sessions,
             "max_standby_session_bytes": args.max_standby_session_bytes,

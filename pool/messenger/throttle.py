@@ -4,7 +4,12 @@ reaches the sender); the Messenger resumes it when the holder releases."""
 
 from __future__ import annotations
 
-__all__ = ["Throttle"]
+from collections.abc import Callable
+
+from protocol.message import Message
+from transport.event_center import EventCenter
+
+__all__ = ["ReceiveThrottle", "Throttle", "throttle_cost"]
 
 
 class Throttle:
@@ -33,3 +38,58 @@ class Throttle:
         self.current -= n
         if self.current < 0:
             raise RuntimeError(f"throttle {self.name} released more than it held")
+
+
+def throttle_cost(msg: Message) -> int:
+    """What a received message charges the byte throttle: its data segment plus a fixed
+    allowance for the header and front."""
+    return len(msg.data) + 64
+
+
+class ReceiveThrottle:
+    """A Messenger's two receive throttles (messages, bytes) and the connections that
+    were refused and wait for a release (each called once, FIFO, from the loop)."""
+
+    def __init__(self, center: EventCenter, messages: int, nbytes: int) -> None:
+        self.messages = Throttle("messages", messages)
+        self.bytes = Throttle("bytes", nbytes)
+        #: with no limits configured the per-message throttle work is skipped entirely
+        self.enabled = bool(messages or nbytes)
+        self._center = center
+        self._waiters: dict[Callable[[], None], None] = {}
+        self._resume_scheduled = False
+
+    def take(self, size: int) -> bool:
+        """One message of ``size`` bytes, or nothing (False) when either is full."""
+        if not self.messages.get_or_fail(1):
+            return False
+        if not self.bytes.get_or_fail(size):
+            self.messages.put(1)
+            return False
+        return True
+
+    def put(self, size: int) -> None:
+        self.bytes.put(size)
+        self.messages.put(1)
+        if self._waiters and not self._resume_scheduled:
+            # Resume from the loop, not from inside whatever released (possibly a
+            # dispatch callback): no re-entrant delivery.
+            self._resume_scheduled = True
+            self._center.call_soon(self._resume)
+
+    def wait(self, cb: Callable[[], None]) -> None:
+        """Call ``cb`` (on the loop, FIFO, once) after the next release of either throttle."""
+        self._waiters[cb] = None
+
+    def cancel(self, cb: Callable[[], None]) -> None:
+        self._waiters.pop(cb, None)
+
+    def _resume(self) -> None:
+        self._resume_scheduled = False
+        waiters = self._waiters
+        while waiters:
+            cb = next(iter(waiters))
+            del waiters[cb]
+            cb()
+            if cb in waiters:  # still refused: no capacity left, wait for the next put
+                break

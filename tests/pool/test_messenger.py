@@ -13,9 +13,7 @@ from typing import Any
 
 import pytest
 
-from pool.api import AsyncConnection, ConnState
-from pool.api import Dispatcher
-from pool.api import Messenger
+from pool.api import AsyncConnection, ConnState, Dispatcher, Messenger, MessengerConfig
 from protocol.features import EntityType
 from protocol.errors import LocalProtocolError
 from protocol.message import Message
@@ -77,7 +75,9 @@ class Harness:
         if self.stack == "rdma":
             from transport.rdma import RdmaStack
             kw.setdefault("stack", RdmaStack("softverbs"))
-        m = Messenger(self.center, entity_type=entity, policy=policy, backoff=FAST, **kw)
+        knobs = {k: kw.pop(k) for k in list(kw) if k in MessengerConfig.__dataclass_fields__}
+        m = Messenger(self.center, MessengerConfig(**{"backoff": FAST, **knobs}),
+                      entity_type=entity, policy=policy, **kw)
         m.add_dispatcher(dispatcher)
         if bind:
             if self.stack == "rdma":
