@@ -2,7 +2,7 @@
 
 ``msgr serve --app echo`` (replies to every message with the same type, front and data),
 ``--app kv`` (the sharded key-value store) or ``--app MODULE:NAME`` naming a
-:class:`~pool.dispatcher.Dispatcher` subclass (run inside a :class:`MessengerApp`) or a
+:class:`~pool.messenger.dispatcher.Dispatcher` subclass (run inside a :class:`MessengerApp`) or a
 :class:`~pool.app.WorkerApp` factory.
 
 Sessions across processes (DESIGN.md, Processes):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 from protocol.connection import (
@@ -25,12 +24,12 @@ from protocol.connection import (
     MessageReceived, Ready, ReconnectRequest, ResetReceived, RetryReceived, WaitReceived,
 )
 from protocol.control import EntityAddr
-from protocol.errors import LocalProtocolError, ProtocolError
+from protocol.errors import ProtocolError
 from protocol.message import Message, check_outgoing
 from protocol.policy import Policy
 from protocol.session import Session, SessionView
 from transport.event_center import READABLE, WRITABLE
-from transport.stack import Address, Buffer, ConnectedSocket
+from transport.stack import Address, ConnectedSocket
 
 from .failure import UNRETRYABLE, HandshakeFailure
 from .owner import ConnectionOwner

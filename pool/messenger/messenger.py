@@ -6,7 +6,10 @@ One Messenger lives on one EventCenter (one worker). It owns:
   ``conns``); a server looks up an existing session here on CLIENT_IDENT and
   SESSION_RECONNECT and applies the decision table in :mod:`protocol.session`;
 * the policies per peer entity type, and the receive throttles (messages, bytes);
-* dispatch to the registered :class:`~pool.dispatcher.Dispatcher` objects.
+* dispatch to the registered :class:`~pool.messenger.dispatcher.Dispatcher` objects.
+
+Its knobs are one frozen :class:`~pool.messenger.config.MessengerConfig`. To its
+connections it is a :class:`~pool.messenger.owner.ConnectionOwner` and nothing more.
 
 Not thread-safe: call it from its EventCenter's thread, or hop there with
 ``center.dispatch_event_external``. In the pool, a hook (``route_request``) lets the

@@ -1,7 +1,7 @@
 """asyncmsgr's Messenger against a real ceph-mon 16.2.15: the mon is the oracle.
 
 Each test talks msgr2.1 (crc mode, auth none) to the module's mon through
-:class:`pool.monclient.MonClient` (a Messenger with Ceph's lossy_client policy), or to a
+:class:`pool.messenger.monclient.MonClient` (a Messenger with Ceph's lossy_client policy), or to a
 mon of its own when it restarts it or needs other auth settings.
 """
 
