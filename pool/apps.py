@@ -80,24 +80,6 @@ def cookie_owner(cookie: int) -> tuple[int, int] | None:
     return ((tag >> 16) - 1, tag & 0xFFFF) if tag >> 16 else None
 
 
-def _pack_message(m: Message) -> list[Any]:
-    return [m.type, m.priority, m.tid, m.flags, m.seq, m.ack_seq, m.encoded_front(),
-            bytes(m.data), m.raw, bytes(m.middle), m.version, m.compat_version]
-
-
-def _unpack_message(v: list[Any]) -> Message:
-    raw = bool(v[8])
-    # An empty encoded front of an asyncmsgr message is front=None (the empty segment),
-    # not a msgpack value; a Ceph message's front is its raw bytes.
-    front = bytes(v[6]) if raw else (
-        msgpack.unpackb(v[6], raw=False, strict_map_key=False) if v[6] else None)
-    m = Message(int(v[0]), front, data=v[7], priority=int(v[1]), tid=int(v[2]),
-                flags=int(v[3]), raw=raw, middle=bytes(v[9]), version=int(v[10]),
-                compat_version=int(v[11]))
-    m.seq, m.ack_seq = int(v[4]), int(v[5])
-    return m
-
-
 def export_session(conn: AsyncConnection, stream: dict[str, Any],
                    standby: bool = False) -> bytes:
     """Serialize a READY server connection's session for another worker."""
@@ -106,13 +88,7 @@ def export_session(conn: AsyncConnection, stream: dict[str, Any],
     packed: bytes = msgpack.packb({
         "kind": _SESSION, "key": conn.key, "peer_type": conn.peer_type,
         "peer_addrs": [a.encode() for a in conn.peer_addrs],
-        "out_seq": s.out_seq, "in_seq": s.in_seq, "client_cookie": s.client_cookie,
-        "server_cookie": s.server_cookie, "connect_seq": s.connect_seq,
-        "global_seq": s.global_seq, "peer_global_seq": s.peer_global_seq,
-        "ack_pending": s.ack_pending,
-        "sent": [_pack_message(m) for m in s.sent],
-        "queued": [_pack_message(m) for m in s.queued_messages()],
-        "requeued": len(s.requeued),
+        "session": s.export_state(),
         "stream": stream,
         "standby": standby,
         # how long the client has been away: eviction order (idle longest first) must
@@ -425,23 +401,7 @@ class MessengerApp(WorkerApp):
         msgr = self.msgr
         assert msgr is not None
         policy = msgr.policy_for(int(state["peer_type"]))
-        s = Session(policy)
-        s.out_seq = int(state["out_seq"])
-        s.in_seq = int(state["in_seq"])
-        s.client_cookie = int(state["client_cookie"])
-        s.server_cookie = int(state["server_cookie"])
-        s.connect_seq = int(state["connect_seq"])
-        s.global_seq = int(state["global_seq"])
-        s.peer_global_seq = int(state["peer_global_seq"])
-        s.ack_pending = int(state["ack_pending"])
-        for v in state["sent"]:
-            s.sent.append(_unpack_message(v))
-        queued = [_unpack_message(v) for v in state["queued"]]
-        nreq = int(state["requeued"])
-        for m in queued[:nreq]:
-            s.requeued.append(m)
-        for m in queued[nreq:]:
-            s.queue(m)
+        s = Session.from_state(policy, state["session"])
         peer_addrs = tuple(EntityAddr.decode(memoryview(a)) for a in state["peer_addrs"])
         if state.get("standby"):
             sock.close()  # the placeholder; the client reconnects to us via the redirect
