@@ -9,7 +9,9 @@ Sharding (:mod:`pool.apps.kv.shards`): ``zlib.crc32(key) % 1024`` picks a virtua
 the shard's owner is chosen among the ACCEPTING workers of the supervisor's versioned peer
 map by rendezvous hashing, so a scale change moves only the shards whose winner changed.
 A request that lands on a non-owner is forwarded with ``submit_to`` and
-the reply goes back to the client's connection.
+the reply goes back to the client's connection; the key and value cross the ring as raw
+bytes (:mod:`pool.apps.kv.records`), decoded from msgpack once by the worker that received
+the request and encoded once into the reply to the client.
 
 Consistency: the data of a shard exists in exactly one place — held by one worker, or in
 flight on one ring — and a worker serves a shard only if it holds it *and* is its owner in
@@ -36,8 +38,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import msgpack
-
 from protocol.message import Message
 from transport.stack import ConnectedSocket
 
@@ -46,6 +46,17 @@ from pool.worker.app import AppFactory, PeerMap, ReplyCallback, WorkerApp, Worke
 from pool.worker.config import DEFAULT_CAPACITY
 
 from ..messenger_app import MessengerApp
+from .records import (
+    MIG_TAG,
+    OP_TAG,
+    Reply,
+    decode_migration,
+    decode_op,
+    decode_reply,
+    encode_migration,
+    encode_op,
+    encode_reply,
+)
 from .shards import NSHARDS, owners_for, shard_of
 
 __all__ = ["KvApp", "kv_app_factory"]
@@ -54,7 +65,6 @@ _MIG_CHUNK = 64 * 1024  # bytes of shard data per ring record (rings hold >= 256
 _MAX_HOPS = 8
 _TICK = 0.05
 
-Reply = dict[str, Any]
 
 
 class KvApp(WorkerApp, Dispatcher):
@@ -140,23 +150,31 @@ class KvApp(WorkerApp, Dispatcher):
         self._retry_parked()
 
     def handle_submit(self, src_slot: int, payload: bytes, reply: ReplyCallback) -> None:
-        req = msgpack.unpackb(payload, raw=False)
         self.last_rx = time.monotonic()
-        t = req.get("t")
-        if t == "op":
-            self.serving += 1
-            self.kv_stats["served_remote"] += 1
-
-            def done(r: Reply) -> None:
-                self.serving -= 1
-                reply(msgpack.packb(r, use_bin_type=True))
-
-            self._handle(req["op"], req["k"], req.get("v"), int(req["rv"]), int(req["h"]), done)
-        elif t == "mig":
-            self._on_migration(int(req["s"]), int(req["v"]), req["d"], bool(req["last"]))
+        tag = payload[0] if payload else None
+        try:
+            if tag == OP_TAG:
+                op, key, val, rv, hops = decode_op(payload)
+            elif tag == MIG_TAG:
+                mig = decode_migration(payload)
+            else:
+                raise ValueError(f"unknown kv record tag {tag!r}")
+        except ValueError as exc:
+            reply(exc)
+            return
+        if tag == MIG_TAG:
+            shard, ver, last, chunk = mig
+            self._on_migration(shard, ver, chunk, last)
             reply(b"ok")
-        else:
-            reply(ValueError(f"unknown kv request {t!r}"))
+            return
+        self.serving += 1
+        self.kv_stats["served_remote"] += 1
+
+        def done(r: Reply) -> None:
+            self.serving -= 1
+            reply(encode_reply(r))
+
+        self._handle(op, key, val, rv, hops, done)
 
     def adopt(self, conn: ConnectedSocket, meta: bytes) -> bool:
         return self.msgr_app.adopt(conn, meta)
@@ -240,14 +258,17 @@ class KvApp(WorkerApp, Dispatcher):
             done({"ok": False, "v": None, "err": f"shard {s}: too many forwarding hops"})
             return
         self.kv_stats["forwarded"] += 1
-        payload = msgpack.packb({"t": "op", "op": op, "k": key, "v": val, "rv": self.version,
-                                 "h": hops + 1}, use_bin_type=True)
+        # The key and value travel raw (records.py): nothing re-encodes the value.
+        payload = encode_op(op, key, val, self.version, hops + 1)
 
         def on_reply(r: bytes | Exception) -> None:
-            if isinstance(r, Exception):
-                done({"ok": False, "v": None, "err": f"worker {owner}: {type(r).__name__}: {r}"})
-            else:
-                done(msgpack.unpackb(r, raw=False))
+            if not isinstance(r, Exception):
+                try:
+                    done(decode_reply(r))
+                    return
+                except ValueError as exc:
+                    r = exc
+            done({"ok": False, "v": None, "err": f"worker {owner}: {type(r).__name__}: {r}"})
 
         ctx.submit_to(owner, payload, on_reply)
 
@@ -338,8 +359,7 @@ class KvApp(WorkerApp, Dispatcher):
             chunks[-1][k] = v
             size += len(k) + len(v) + 16
         for i, chunk in enumerate(chunks):
-            payload = msgpack.packb({"t": "mig", "s": s, "v": self.version, "d": chunk,
-                                     "last": i == len(chunks) - 1}, use_bin_type=True)
+            payload = encode_migration(s, self.version, i == len(chunks) - 1, chunk)
             self.mig_out += 1
 
             def acked(r: bytes | Exception, s: int = s) -> None:
