@@ -73,3 +73,14 @@ def test_echo_instructions_workload_runs_and_checks_its_arguments(
     assert echo_instructions.main(["64", "300"]) == 0  # every echo came back (else it hangs)
     assert echo_instructions.main(["64"]) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_kv_instructions_workload_runs_and_checks_its_arguments(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.bench import kv_instructions
+    # every GET came back with its value, from the worker the kind says (asserted inside)
+    assert kv_instructions.main(["cross", "100"]) == 0
+    assert kv_instructions.main(["local", "100"]) == 0
+    assert kv_instructions.main(["sideways", "1"]) == 2
+    assert "usage:" in capsys.readouterr().err
