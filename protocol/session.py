@@ -21,9 +21,11 @@ import enum
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from .control import ClientIdent, EntityAddr, SessionReconnect
-from .message import Message
+from .errors import RemoteProtocolError
+from .message import Message, decode_message, message_segments
 from .policy import Policy
 
 __all__ = [
@@ -35,6 +37,9 @@ __all__ = [
     "decide_reconnect",
     "addr_key",
     "MESSAGE_OVERHEAD",
+    "MAX_STATE_MESSAGES",
+    "STATE_VERSION",
+    "SessionStateError",
     "retained_cost",
 ]
 
@@ -51,6 +56,51 @@ def retained_cost(msg: Message) -> int:
     if type(data) is not bytes:
         data = msg.data = bytes(data)
     return len(data) + len(msg.encoded_front()) + MESSAGE_OVERHEAD
+
+
+#: the format of :meth:`Session.export_state`; :meth:`Session.from_state` takes no other
+STATE_VERSION = 1
+#: most messages (sent + queued) one exported state may carry
+MAX_STATE_MESSAGES = 1 << 16
+_U64 = 1 << 64
+_STATE_INTS = ("out_seq", "in_seq", "client_cookie", "server_cookie", "connect_seq",
+               "global_seq", "peer_global_seq", "ack_pending")
+_STATE_KEYS = frozenset(("v", *_STATE_INTS, "sent", "queued", "requeued"))
+
+
+class SessionStateError(ValueError):
+    """An exported session state that :meth:`Session.from_state` refuses (it crossed a
+    process boundary, so it is checked like any input from outside)."""
+
+
+def _export_message(msg: Message) -> list[Any]:
+    # A message travels as its MESSAGE frame segments (header with seq/ack, front,
+    # middle, data) so that import reuses the bounded wire decoder.
+    return [msg.raw, *(bytes(seg) for seg in message_segments(msg, msg.seq, msg.ack_seq))]
+
+
+def _import_message(v: object, where: str) -> Message:
+    if not isinstance(v, list) or not 2 <= len(v) <= 5 or type(v[0]) is not bool \
+            or not all(type(seg) is bytes for seg in v[1:]):
+        raise SessionStateError(f"{where}: a message is [raw: bool, 1 to 4 segments: bytes]")
+    raw = v[0]
+    try:
+        msg = decode_message([memoryview(seg) for seg in v[1:]], asyncmsgr=not raw)
+    except RemoteProtocolError as exc:
+        raise SessionStateError(f"{where}: {exc.reason}") from exc
+    if len(v) == 5:
+        msg.data = v[4]  # the bytes object itself, not a view of it
+    return msg
+
+
+def _import_messages(items: list[Any], key: str) -> list[Message]:
+    return [_import_message(v, f"session state {key}[{i}]") for i, v in enumerate(items)]
+
+
+def _check_ascending(msgs: list[Message], what: str) -> None:
+    for a, b in zip(msgs, msgs[1:]):
+        if b.seq <= a.seq:
+            raise SessionStateError(f"session state {what}: seq {b.seq} follows {a.seq}")
 
 
 def addr_key(addr: EntityAddr) -> tuple[str, int, int]:
@@ -85,6 +135,60 @@ class Session:
         self.keepalive_pending = False
         self.duplicates_dropped = 0
         self.queued_count = 0
+
+    # -- state across processes -----------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """This session as a plain msgpack-able value (for another process's
+        :meth:`from_state`): sequence numbers, cookies, the unacknowledged ``sent`` list
+        and the out-queue in sending order (requeued messages first). The policy is not
+        part of it: the importer decides it from the peer type."""
+        out: dict[str, Any] = {"v": STATE_VERSION}
+        for name in _STATE_INTS:
+            out[name] = getattr(self, name)
+        out["sent"] = [_export_message(m) for m in self.sent]
+        out["queued"] = [_export_message(m) for m in self.queued_messages()]
+        out["requeued"] = len(self.requeued)
+        return out
+
+    @classmethod
+    def from_state(cls, policy: Policy, state: object) -> Session:
+        """Rebuild a session from :meth:`export_state`'s value. Anything else (wrong
+        version, keys or types, out-of-range numbers, malformed messages, too many of
+        them, sequence numbers out of order) raises :class:`SessionStateError`."""
+        if not isinstance(state, dict) or set(state) != _STATE_KEYS:
+            keys = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise SessionStateError(f"session state must be a map with keys "
+                                    f"{sorted(_STATE_KEYS)}, got {keys}")
+        if state["v"] != STATE_VERSION:
+            raise SessionStateError(f"session state version {state['v']!r}, "
+                                    f"this side reads {STATE_VERSION}")
+        for name in (*_STATE_INTS, "requeued"):
+            n = state[name]
+            if type(n) is not int or not 0 <= n < _U64:
+                raise SessionStateError(f"session state {name!r} must be an unsigned 64-bit "
+                                        f"int, got {n!r:.40}")
+        for key in ("sent", "queued"):
+            if not isinstance(state[key], list):
+                raise SessionStateError(f"session state {key!r} must be a list of messages")
+        if len(state["sent"]) + len(state["queued"]) > MAX_STATE_MESSAGES:
+            raise SessionStateError(f"session state carries more than {MAX_STATE_MESSAGES} "
+                                    "messages")
+        sent = _import_messages(state["sent"], "sent")
+        queued = _import_messages(state["queued"], "queued")
+        nreq = state["requeued"]
+        if nreq > len(queued):
+            raise SessionStateError(f"session state requeued={nreq} but only {len(queued)} "
+                                    "queued messages")
+        _check_ascending(sent, "sent")
+        _check_ascending(queued[:nreq], "requeued")
+        s = cls(policy)
+        for name in _STATE_INTS:
+            setattr(s, name, state[name])
+        s.sent.extend(sent)
+        s.requeued.extend(queued[:nreq])
+        for m in queued[nreq:]:
+            s.queue(m)
+        return s
 
     # -- sending ---------------------------------------------------------------------
     def queue(self, msg: Message) -> None:

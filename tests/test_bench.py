@@ -123,3 +123,14 @@ def test_instructions_mode_refuses_bad_request_counts(capsys: pytest.CaptureFixt
                               json=None, plot=None, instructions=True, requests="500,100")
     assert bench_tcp.run(args) == 2
     assert "0 < N1 < N2" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_kv_instructions_workload_runs_and_checks_its_arguments(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.bench import kv_instructions
+    # every GET came back with its value, from the worker the kind says (asserted inside)
+    assert kv_instructions.main(["cross", "100"]) == 0
+    assert kv_instructions.main(["local", "100"]) == 0
+    assert kv_instructions.main(["sideways", "1"]) == 2
+    assert "usage:" in capsys.readouterr().err

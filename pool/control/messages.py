@@ -272,7 +272,7 @@ class RingDel(ControlMessage):
 
 @dataclass
 class Peers(ControlMessage):
-    """S->W: the versioned peer map (see :class:`pool.app.PeerMap`)."""
+    """S->W: the versioned peer map (see :class:`pool.worker.app.PeerMap`)."""
 
     KIND: ClassVar[Kind] = Kind.PEERS
     version: int = 0

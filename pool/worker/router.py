@@ -249,7 +249,7 @@ class Router:
             peer.queue.append((rid, payload, on_reply))
             return
         peer.pending[rid] = on_reply
-        self._send(peer, _HDR.pack(_REQ, rid) + payload)
+        self._send(peer, _REQ, rid, payload)
         if self.reply_spin > 0.0:
             self._start_spin()
 
@@ -288,20 +288,30 @@ class Router:
         while peer.queue and len(peer.pending) < self.inflight_limit:
             rid, payload, cb = peer.queue.popleft()
             peer.pending[rid] = cb
-            self._send(peer, _HDR.pack(_REQ, rid) + payload)
+            self._send(peer, _REQ, rid, payload)
 
-    def _send(self, peer: _Peer, rec: bytes) -> None:
+    def _send(self, peer: _Peer, kind: int, rid: int, payload: bytes) -> None:
+        """Write one record: header and payload straight into a reserved ring slot (the
+        payload's only copy), or into the backlog while the ring is full."""
         prod = peer.prod
         if prod is None:
             return  # closed meanwhile: the callbacks were failed by drop_peer
         self.stats["sent"] += 1
         if peer.backlog:
-            peer.backlog.append(rec)  # keep order behind what already waits for space
+            # keep order behind what already waits for space
+            peer.backlog.append(_HDR.pack(kind, rid) + payload)
             return
+        n = _HDR.size + len(payload)
         try:
-            if not prod.send(rec):
+            view = prod.try_reserve(n)
+            if view is None:
                 self.stats["backlogged"] += 1
-                peer.backlog.append(rec)
+                peer.backlog.append(_HDR.pack(kind, rid) + payload)
+                return
+            _HDR.pack_into(view, 0, kind, rid)
+            view[_HDR.size:] = payload
+            prod.commit(n)
+            prod.publish()
         except BrokenResourceError as exc:
             self._on_broken(peer, exc)
 
@@ -385,10 +395,9 @@ class Router:
             if self.peers.get(peer.slot) is not peer:
                 return  # the requester is gone: nobody to answer
             if isinstance(result, Exception):
-                rec = _HDR.pack(_ERR, rid) + str(result).encode()[:4096]
+                self._send(peer, _ERR, rid, str(result).encode()[:4096])
             else:
-                rec = _HDR.pack(_REP, rid) + result
-            self._send(peer, rec)
+                self._send(peer, _REP, rid, result)
 
         try:
             self.on_request(peer.slot, payload, reply)

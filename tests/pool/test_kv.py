@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pool.kv import NSHARDS, owners_for, shard_of
+from pool.apps.kv import NSHARDS, owners_for, shard_of
 from tools.stress.kv import KvStressConfig, format_kv_summary, run_kv_stress
 from transport import shmname
 

@@ -5,11 +5,13 @@ Requests are Messenger messages whose front is ``{"op": "put"|"get"|"del", "k": 
 ``{"id", "ok", "v", "err"?, "w", "at"}`` (``w``: the worker that executed it, ``at``: the
 one owning the connection). Replies may come back out of request order (match ``id``).
 
-Sharding: ``zlib.crc32(key) % 1024`` picks a virtual shard; the shard's owner is chosen
-among the ACCEPTING workers of the supervisor's versioned peer map by rendezvous hashing
-(highest ``crc32(f"{shard}:{slot}")``), so a scale change moves only the shards whose
-winner changed. A request that lands on a non-owner is forwarded with ``submit_to`` and
-the reply goes back to the client's connection.
+Sharding (:mod:`pool.apps.kv.shards`): ``zlib.crc32(key) % 1024`` picks a virtual shard;
+the shard's owner is chosen among the ACCEPTING workers of the supervisor's versioned peer
+map by rendezvous hashing, so a scale change moves only the shards whose winner changed.
+A request that lands on a non-owner is forwarded with ``submit_to`` and
+the reply goes back to the client's connection; the key and value cross the ring as raw
+bytes (:mod:`pool.apps.kv.records`), decoded from msgpack once by the worker that received
+the request and encoded once into the reply to the client.
 
 Consistency: the data of a shard exists in exactly one place — held by one worker, or in
 flight on one ring — and a worker serves a shard only if it holds it *and* is its owner in
@@ -25,71 +27,55 @@ as lost; the new owners start them empty) — replication is out of scope.
 
 Drain: a retiring worker waits until the map excludes it and every shard it held was
 acknowledged by its new owner, answers what it was serving for peers, and only then lets
-:class:`~pool.apps.MessengerApp` migrate its connections (each one once the requests it
-has in flight were answered).
+the :class:`~pool.apps.messenger_app.MessengerApp` it composes migrate its connections
+(each one once the requests it has in flight were answered: its drain hooks).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import msgpack
-
 from protocol.message import Message
+from transport.stack import ConnectedSocket
 
-from .app import AppFactory, PeerMap, ReplyCallback, WorkerContext
-from .apps import MessengerApp
-from .messenger.connection import AsyncConnection
-from .messenger.dispatcher import Dispatcher
-from .rings import DEFAULT_CAPACITY
+from pool.api import AsyncConnection, Dispatcher
+from pool.worker.app import AppFactory, PeerMap, ReplyCallback, WorkerApp, WorkerContext
+from pool.worker.config import DEFAULT_CAPACITY
 
-__all__ = ["NSHARDS", "KvApp", "kv_app_factory", "owners_for", "shard_of"]
+from ..messenger_app import MessengerApp
+from .records import (
+    MIG_TAG,
+    OP_TAG,
+    Reply,
+    decode_migration,
+    decode_op,
+    decode_reply,
+    encode_migration,
+    encode_op,
+    encode_reply,
+)
+from .shards import NSHARDS, owners_for, shard_of
 
-NSHARDS = 1024
+__all__ = ["KvApp", "kv_app_factory"]
+
 _MIG_CHUNK = 64 * 1024  # bytes of shard data per ring record (rings hold >= 256 KiB)
 _MAX_HOPS = 8
 _TICK = 0.05
 
-Reply = dict[str, Any]
 
 
-def shard_of(key: str) -> int:
-    """The virtual shard of ``key`` (stable across processes and runs)."""
-    return zlib.crc32(key.encode()) % NSHARDS
-
-
-def owners_for(slots: tuple[int, ...] | list[int]) -> list[int] | None:
-    """Rendezvous (highest random weight) owner of every shard among ``slots``."""
-    if not slots:
-        return None
-    out = []
-    for s in range(NSHARDS):
-        best, best_w = -1, -1
-        for slot in slots:
-            w = zlib.crc32(f"{s}:{slot}".encode())
-            if w > best_w or (w == best_w and slot < best):
-                best, best_w = slot, w
-        out.append(best)
-    return out
-
-
-class _KvDispatcher(Dispatcher):
-    def __init__(self, app: KvApp) -> None:
-        self.app = app
-
-    def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
-        self.app.on_client(conn, msg)
-
-
-class KvApp(MessengerApp):
-    """MessengerApp whose dispatcher serves the sharded store."""
+class KvApp(WorkerApp, Dispatcher):
+    """The sharded store: a WorkerApp that composes a :class:`MessengerApp` and is its
+    dispatcher (client requests arrive in :meth:`ms_dispatch`)."""
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
-        super().__init__(lambda: _KvDispatcher(self), config)
+        self.config = dict(config or {})
+        self.msgr_app = MessengerApp(lambda: self, self.config, holds_worker=self._holds_worker,
+                                     holds_connection=self._holds_connection)
+        self.ctx: WorkerContext | None = None
         self.move_timeout = float(self.config.get("move_timeout", 5.0))
         self.max_value = int(self.config.get("max_value", 60 * 1024))
         self.mig_chunk = _MIG_CHUNK
@@ -115,7 +101,8 @@ class KvApp(MessengerApp):
     # -- seam -------------------------------------------------------------------------------
 
     def start(self, ctx: WorkerContext) -> None:
-        super().start(ctx)
+        self.msgr_app.start(ctx)
+        self.ctx = ctx
         # Every ring record must fit the ring (max record = capacity / 2): keep shard
         # chunks and values well below it, whatever ``ring_capacity`` the pool uses.
         cap = int({**self.config, **dict(ctx.config)}.get("ring_capacity", DEFAULT_CAPACITY))
@@ -163,27 +150,50 @@ class KvApp(MessengerApp):
         self._retry_parked()
 
     def handle_submit(self, src_slot: int, payload: bytes, reply: ReplyCallback) -> None:
-        req = msgpack.unpackb(payload, raw=False)
         self.last_rx = time.monotonic()
-        t = req.get("t")
-        if t == "op":
-            self.serving += 1
-            self.kv_stats["served_remote"] += 1
-
-            def done(r: Reply) -> None:
-                self.serving -= 1
-                reply(msgpack.packb(r, use_bin_type=True))
-
-            self._handle(req["op"], req["k"], req.get("v"), int(req["rv"]), int(req["h"]), done)
-        elif t == "mig":
-            self._on_migration(int(req["s"]), int(req["v"]), req["d"], bool(req["last"]))
+        tag = payload[0] if payload else None
+        try:
+            if tag == OP_TAG:
+                op, key, val, rv, hops = decode_op(payload)
+            elif tag == MIG_TAG:
+                mig = decode_migration(payload)
+            else:
+                raise ValueError(f"unknown kv record tag {tag!r}")
+        except ValueError as exc:
+            reply(exc)
+            return
+        if tag == MIG_TAG:
+            shard, ver, last, chunk = mig
+            self._on_migration(shard, ver, chunk, last)
             reply(b"ok")
-        else:
-            reply(ValueError(f"unknown kv request {t!r}"))
+            return
+        self.serving += 1
+        self.kv_stats["served_remote"] += 1
+
+        def done(r: Reply) -> None:
+            self.serving -= 1
+            reply(encode_reply(r))
+
+        self._handle(op, key, val, rv, hops, done)
+
+    def adopt(self, conn: ConnectedSocket, meta: bytes) -> bool:
+        return self.msgr_app.adopt(conn, meta)
+
+    def connection_count(self) -> int:
+        return self.msgr_app.connection_count()
+
+    def counters(self) -> tuple[int, int, int, int]:
+        return self.msgr_app.counters()
+
+    def retention_counters(self) -> tuple[int, int, int]:
+        return self.msgr_app.retention_counters()
+
+    def stop(self) -> None:
+        self.msgr_app.stop()
 
     # -- client requests ----------------------------------------------------------------------
 
-    def on_client(self, conn: AsyncConnection, msg: Message) -> None:
+    def ms_dispatch(self, conn: AsyncConnection, msg: Message) -> None:
         front = msg.front
         if not isinstance(front, dict):
             conn.send_message(Message(msg.type, {"id": None, "ok": False, "v": None,
@@ -248,14 +258,17 @@ class KvApp(MessengerApp):
             done({"ok": False, "v": None, "err": f"shard {s}: too many forwarding hops"})
             return
         self.kv_stats["forwarded"] += 1
-        payload = msgpack.packb({"t": "op", "op": op, "k": key, "v": val, "rv": self.version,
-                                 "h": hops + 1}, use_bin_type=True)
+        # The key and value travel raw (records.py): nothing re-encodes the value.
+        payload = encode_op(op, key, val, self.version, hops + 1)
 
         def on_reply(r: bytes | Exception) -> None:
-            if isinstance(r, Exception):
-                done({"ok": False, "v": None, "err": f"worker {owner}: {type(r).__name__}: {r}"})
-            else:
-                done(msgpack.unpackb(r, raw=False))
+            if not isinstance(r, Exception):
+                try:
+                    done(decode_reply(r))
+                    return
+                except ValueError as exc:
+                    r = exc
+            done({"ok": False, "v": None, "err": f"worker {owner}: {type(r).__name__}: {r}"})
 
         ctx.submit_to(owner, payload, on_reply)
 
@@ -346,8 +359,7 @@ class KvApp(MessengerApp):
             chunks[-1][k] = v
             size += len(k) + len(v) + 16
         for i, chunk in enumerate(chunks):
-            payload = msgpack.packb({"t": "mig", "s": s, "v": self.version, "d": chunk,
-                                     "last": i == len(chunks) - 1}, use_bin_type=True)
+            payload = encode_migration(s, self.version, i == len(chunks) - 1, chunk)
             self.mig_out += 1
 
             def acked(r: bytes | Exception, s: int = s) -> None:
@@ -363,12 +375,12 @@ class KvApp(MessengerApp):
 
     def begin_drain(self) -> None:
         """Hand off shards first (the map that excludes us was sent before DRAIN), then
-        let MessengerApp migrate the connections."""
+        let the MessengerApp migrate the connections."""
         self.kv_draining = True
         self._maybe_drained()
 
     def _maybe_drained(self) -> None:
-        if not self.kv_draining or self.draining:
+        if not self.kv_draining or self.msgr_app.draining:
             return
         ctx = self.ctx
         assert ctx is not None
@@ -381,27 +393,16 @@ class KvApp(MessengerApp):
             ctx.center.create_time_event(_TICK, self._maybe_drained)
             return
         ctx.log(f"kv: shards handed off (map v{self.version}); migrating connections")
-        super().begin_drain()
+        self.msgr_app.begin_drain()
 
-    def _drain_step(self) -> None:
+    def _holds_worker(self) -> bool:
         # Keep answering forwarded requests for peers before the worker may exit.
-        if self.serving or self.parked:
-            assert self.ctx is not None
-            self.ctx.center.create_time_event(_TICK, self._drain_step)
-            return
-        super()._drain_step()
+        return bool(self.serving or self.parked)
 
-    def _migrate(self, conn: AsyncConnection, standby: bool = False) -> None:
+    def _holds_connection(self, conn: AsyncConnection) -> bool:
         # A connection moves only once every request it sent was answered: a reply that
         # arrives after the move would go to a dead connection object.
-        if self.per_conn.get(conn):
-            if not standby:
-                conn.pause_reading()
-            return
-        super()._migrate(conn, standby)
-
-    def counters(self) -> tuple[int, int, int, int]:
-        return super().counters()
+        return bool(self.per_conn.get(conn))
 
 
 def kv_app_factory(cfg: Mapping[str, Any]) -> AppFactory:
