@@ -35,18 +35,25 @@ from typing import Any
 
 from .event_driver import READABLE, WRITABLE
 
-__all__ = ["UVLOOP_MISSING", "AsyncioDriver", "new_uvloop"]
+__all__ = ["UVLOOP_MISSING", "AsyncioDriver", "new_uvloop", "require_uvloop"]
 
 #: What a caller that asked for uvloop is told when it is not installed.
 UVLOOP_MISSING = "--loop uvloop needs the uvloop package: pip install uvloop"
 
 
-def new_uvloop() -> asyncio.AbstractEventLoop:
-    """A new uvloop event loop; ImportError with :data:`UVLOOP_MISSING` without uvloop."""
+def require_uvloop() -> None:
+    """ImportError with :data:`UVLOOP_MISSING` unless uvloop can be imported (a start-up check)."""
     try:
-        import uvloop
+        import uvloop  # noqa: F401
     except ImportError as exc:
         raise ImportError(UVLOOP_MISSING) from exc
+
+
+def new_uvloop() -> asyncio.AbstractEventLoop:
+    """A new uvloop event loop; ImportError with :data:`UVLOOP_MISSING` without uvloop."""
+    require_uvloop()
+    import uvloop
+
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
 
