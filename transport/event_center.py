@@ -6,7 +6,9 @@ worker. One iteration (:meth:`EventCenter.process_events`) does, in order:
 1. compute the wait: ``min(timeout, next timer)`` rounded *up* to the driver's
    resolution, or 0 when external events, ``call_soon`` callbacks or busy pollers are
    pending;
-2. wait in the driver (epoll, or the ``selectors`` fallback);
+2. wait in the driver (:mod:`transport.event_driver`: epoll, or the ``selectors``
+   fallback; :mod:`transport.asyncio_driver`: an asyncio or uvloop loop, where
+   :meth:`EventCenter.serve` runs the center inside the running loop);
 3. fired file events: the read callback, then the write callback of each fd;
 4. due time events (earliest first);
 5. external events and ``call_soon`` callbacks queued before this step began;
@@ -489,9 +491,12 @@ class EventCenter:
         """Loop until :meth:`stop`; the calling thread becomes the owner.
 
         ``max_wait`` bounds each wait so loop hooks run at least that often even when
-        idle. A :meth:`stop` that came before ``run`` makes it return at once.
+        idle. A :meth:`stop` that came before ``run`` makes it return at once. On an
+        asyncio driver: run its loop (not yet running) with :meth:`serve` until stop.
         """
-        if self._aio is not None and not self._aio.loop.is_running():
+        if self._aio is not None:
+            if self._aio.loop.is_running():
+                raise RuntimeError("run() inside the center's running loop: await serve() instead")
             self._aio.run(self.serve(max_wait=max_wait))
             return
         self._owner = threading.get_ident()

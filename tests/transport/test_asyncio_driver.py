@@ -19,10 +19,6 @@ import uvloop
 from transport.asyncio_driver import UVLOOP_MISSING, AsyncioDriver, new_uvloop
 from transport.event_center import READABLE, WRITABLE, EventCenter
 
-# libuv's per-process signal-lock pipe: open it before the fd accounting (see
-# test_event_center.py).
-uvloop.new_event_loop().close()
-
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,

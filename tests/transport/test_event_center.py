@@ -19,13 +19,6 @@ from transport.event_center import READABLE, WRITABLE, CenterStatistics, EventCe
 
 DRIVERS = ["epoll", "select", "asyncio", "uvloop"]
 
-# libuv opens one pipe pair per process at its first loop (uv__signal_global_once_init,
-# its signal lock) and keeps it: open it before any test counts fds, or the first
-# uvloop test would be blamed for it.
-import uvloop  # noqa: E402
-
-uvloop.new_event_loop().close()
-
 
 @pytest.fixture(params=DRIVERS)
 def center(request: pytest.FixtureRequest) -> Iterator[EventCenter]:
