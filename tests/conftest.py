@@ -18,6 +18,16 @@ os.environ.setdefault("ASYNCMSGR_SHM_PREFIX", f"amsgrt{os.getpid()}")
 from tests import fuzzing  # noqa: E402,F401  (loads the hypothesis profile)
 from transport import shmname  # noqa: E402
 
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop comes with the bench extra
+    pass
+else:
+    # libuv opens one pipe pair per process at its first loop (uv__signal_global_once_init,
+    # its signal lock) and keeps it for the life of the process: open it before any test
+    # counts fds, or the first test that makes a uvloop loop would be blamed for it.
+    uvloop.new_event_loop().close()
+
 
 def _fds() -> dict[int, str]:
     out = {}

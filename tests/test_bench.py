@@ -75,7 +75,10 @@ def test_echo_instructions_workload_runs_and_checks_its_arguments(
         capsys: pytest.CaptureFixture[str]) -> None:
     from tools.bench import echo_instructions
     assert echo_instructions.main(["64", "300"]) == 0  # every echo came back (else it hangs)
+    for driver in echo_instructions.DRIVERS:  # the same echo as a worker runs it, per driver
+        assert echo_instructions.main(["64", "300", driver]) == 0
     assert echo_instructions.main(["64"]) == 2
+    assert echo_instructions.main(["64", "300", "kqueue"]) == 2
     assert "usage:" in capsys.readouterr().err
 
 

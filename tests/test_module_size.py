@@ -17,12 +17,6 @@ PACKAGES = ("protocol", "transport", "pool", "tools", "tests")
 OVERSIZE_ALLOWLIST: dict[str, str] = {
     "protocol/connection.py": "the handshake table and its halves split out (issue 15)",
     "protocol/frames.py": "encoding and decoding split (issue 15)",
-    "transport/shm/ring.py": "split by what it holds (issue 15)",
-    "transport/event_center.py": "the drivers split out (issues 15, 17)",
-    "transport/memif/stream.py": "split by what it holds (issue 15)",
-    "transport/memif/interface.py": "split by what it holds (issue 15)",
-    "transport/rdma/stack.py": "split by what it holds (issue 15)",
-    "transport/rdma/softverbs.py": "split by what it holds (issue 15)",
     "tests/transport/test_event_center.py": "split with the drivers (issue 17)",
     "tests/transport/test_rdma_stack.py": "split with the stack (issue 15)",
 }

@@ -17,7 +17,7 @@ import pytest
 
 from transport.event_center import READABLE, WRITABLE, CenterStatistics, EventCenter
 
-DRIVERS = ["epoll", "select"]
+DRIVERS = ["epoll", "select", "asyncio", "uvloop"]
 
 
 @pytest.fixture(params=DRIVERS)
@@ -548,7 +548,8 @@ def test_drivers_hand_the_kernel_exactly_the_milliseconds(ms: int) -> None:
     import math
     import selectors
 
-    from transport.event_center import _EpollDriver, _SelectorsDriver
+    from transport.event_driver import EpollDriver as _EpollDriver
+    from transport.event_driver import SelectorsDriver as _SelectorsDriver
 
     ep = _EpollDriver(8)
     fake = _RecordingPoll()

@@ -22,7 +22,16 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pool.api import AsyncConnection, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
+from pool.api import (
+    AsyncConnection,
+    Dispatcher,
+    EntityType,
+    EventCenter,
+    Message,
+    Messenger,
+    MessengerConfig,
+    Policy,
+)
 from pool.apps.kv import KvApp, owners_for, shard_of
 from pool.supervisor.ring_mesh import RingMesh
 from pool.worker.app import PeerMap, ReplyCallback, WorkerContext
@@ -95,8 +104,8 @@ def run(kind: str, n: int) -> None:
             keys.append(k)
     server = apps[0].msgr_app.msgr
     assert server is not None
-    client = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
-                       seed=2, nonce=2)
+    client = Messenger(center, MessengerConfig(seed=2, nonce=2), entity_type=EntityType.CLIENT,
+                       policy=Policy.lossless_client())
     rx = _Rx()
     client.add_dispatcher(rx)
     try:
