@@ -291,14 +291,9 @@ PRIVATE_ALLOWLIST: dict[str, str] = {
     "protocol/frames.py:Tag._value2member_map_": "a frame tag lookup without raising; "
                                                  "protocol/ is being rewritten on the msgr2 branch",
     # transport: classes of one module that form one device, friends by design
-    "transport/rdma/softverbs.py": "the emulated device, CQs and QPs are one NIC in one "
-                                   "module; they share their private queues as hardware does",
+    "transport/rdma/softqp.py": "the emulated CQs and QPs are one NIC's queues in one module; "
+                                "they share their private queues as hardware does",
     "transport/rdma/pyverbs_provider.py": "wraps pyverbs CQ objects it created itself",
-    "transport/rdma/stack.py": "RdmaStack and its sockets share the endpoint table",
-    "transport/memif/interface.py": "the interface drives its rings' cursors",
-    "transport/shm/ring.py": "producer/consumer ends read the ring's mapped words directly "
-                             "(the hot path: no property call per record)",
-    "transport/shm/doorbell.py": "a Doorbell's ring and wait share one eventfd",
     # the standard library's and multiprocess's own underscore names
     "pool/supervisor/arbiter.py:p.proc._popen": "multiprocess keeps the exit status in "
                                                  "Popen.returncode; the reaper stores it there "

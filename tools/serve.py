@@ -17,7 +17,9 @@ from pool.supervisor.arbiter import Supervisor
 from pool.supervisor.config import ACCEPT_MODES, START_METHODS, PoolConfig
 from pool.supervisor.lifecycle import Backoff
 from pool.worker.app import AppFactory
+from pool.worker.config import LOOPS
 from tools.common import parse_bind
+from transport.asyncio_driver import require_uvloop
 
 __all__ = ["load_factory", "register", "run"]
 
@@ -41,6 +43,9 @@ def register(sub: Any) -> None:
                    help="processor: the supervisor accepts and hands fds out (default); "
                         "reuseport: one SO_REUSEPORT listener per worker")
     p.add_argument("--app", default="echo", help="echo, kv or MODULE:CLASS (default echo)")
+    p.add_argument("--loop", choices=LOOPS, default="epoll",
+                   help="what each worker's event loop runs on: epoll (default), or a running "
+                        "asyncio or uvloop loop that apps can await on")
     p.add_argument("--admin", default=None, help=f"admin socket path (default {default_admin_path()})")
     p.add_argument("--start-method", choices=START_METHODS, default="fork")
     p.add_argument("--inject-socket-failures", type=int, default=0, metavar="N",
@@ -106,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
         extra = json.loads(args.app_config)
         if not isinstance(extra, dict):
             raise ValueError("--app-config must be a JSON object")
+        if args.loop == "uvloop":
+            try:
+                require_uvloop()  # now, with the reason, not a crash loop of workers
+            except ImportError as exc:
+                raise ValueError(str(exc)) from None
         if args.stack != "posix" and not args.stack_path:
             raise ValueError(f"--stack {args.stack} needs --stack-path PATH")
         if args.memif_mode != "interrupt" and args.stack != "dpdk":
@@ -126,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
             "inject_socket_failures": args.inject_socket_failures,
             **({"advertise": advertise} if advertise else {}),
             "stack": args.stack, "stack_path": args.stack_path, "memif_mode": args.memif_mode,
+            "loop": args.loop,
             "max_connections": args.max_connections,
             "handshake_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
             "throttle_messages": args.throttle_messages, "throttle_bytes": args.throttle_bytes,

@@ -14,25 +14,8 @@ worker. One iteration (:meth:`EventCenter.process_events`) does, in order:
 
 Facts this module relies on:
 
-* **Level-triggered epoll.** Ceph uses EPOLLET and makes every reader drain to EAGAIN.
-  We use the default level-triggered mode (epoll(7), "Level-triggered and
-  edge-triggered"): a callback may stop reading early (a receive throttle) without
-  losing the wake-up, and the owner *unregisters* READABLE while it throttles, so a
-  readable fd nobody wants to read never makes the loop spin.
-* **ERR/HUP.** ``epoll_wait`` always reports EPOLLERR and EPOLLHUP even when not asked
-  for (epoll_ctl(2), "EPOLLERR ... epoll_wait(2) will always wait for this event").
-  Like Ceph we map them to READABLE|WRITABLE so whichever callback is registered runs
-  and sees the error on its next syscall.
-* **Closed fds leave the epoll set by themselves** once their last reference is closed
-  (epoll(7), Q6), so :meth:`EventCenter.delete_file_event` after ``close()`` tolerates
-  ENOENT/EBADF.
-* **Timeout rounding.** ``epoll_wait`` and ``poll`` take milliseconds. Ceph truncated a
-  sub-millisecond timer remainder to 0 and spun at 95-99 % CPU (PR #53477, tracker
-  62512), so every wait is rounded *up* to whole milliseconds here, and the drivers
-  take an integer. CPython then converts our float seconds back with two ceilings
-  (seconds -> ns, ns -> ms in ``select.epoll.poll``; ``math.ceil(t * 1e3)`` in
-  ``selectors.PollSelector``), which turns e.g. 0.009 s (9000000.000000002 ns) into
-  10 ms; the drivers pass ``ms / 1000 - 1e-7`` so the kernel gets exactly ``ms``.
+* The epoll facts (level-triggered mode, ERR/HUP, closed fds, millisecond rounding)
+  are in :mod:`transport.event_driver`.
 * **Sleep handshake** for external events (Seastar's, also Ceph's 0->1 pipe write): the
   loop sets ``_sleeping``, re-checks the external queue, then blocks. A producer appends
   first and reads ``_sleeping`` second, so either the loop's re-check sees the new item
@@ -47,19 +30,20 @@ import heapq
 import logging
 import math
 import os
-import select
-import selectors
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Self
 
-__all__ = ["READABLE", "WRITABLE", "CenterStatistics", "EventCenter"]
+from .event_driver import DRIVERS, READABLE, WRITABLE, EventDriver, default_driver
 
-READABLE = 1
-WRITABLE = 2
+if TYPE_CHECKING:
+    from .asyncio_driver import AsyncioDriver
+
+__all__ = ["READABLE", "WRITABLE", "CenterStatistics", "EventCenter", "EventDriver"]
 
 logger = logging.getLogger("transport.event_center")
 
@@ -81,114 +65,6 @@ class CenterStatistics:
     empty_wakeups: int
     #: time spent outside the driver wait, summed over iterations
     busy_seconds: float
-
-
-class _Driver(Protocol):
-    """What the center needs from an I/O multiplexer."""
-
-    #: bits of a returned event mask that fire the read / the write callback
-    rbits: int
-    wbits: int
-
-    def add(self, fd: int, mask: int) -> None: ...
-    def modify(self, fd: int, mask: int) -> None: ...
-    def remove(self, fd: int) -> None: ...
-    def poll(self, timeout_ms: int, maxevents: int) -> list[tuple[int, int]]: ...
-    def close(self) -> None: ...
-
-
-class _EpollDriver:
-    """``select.epoll`` (close-on-exec: CPython passes EPOLL_CLOEXEC), level-triggered."""
-
-    rbits = select.EPOLLIN | select.EPOLLPRI | select.EPOLLERR | select.EPOLLHUP
-    wbits = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
-
-    def __init__(self, sizehint: int) -> None:
-        self._ep = select.epoll(sizehint)
-
-    @staticmethod
-    def _bits(mask: int) -> int:
-        return (select.EPOLLIN if mask & READABLE else 0) | (select.EPOLLOUT if mask & WRITABLE else 0)
-
-    def add(self, fd: int, mask: int) -> None:
-        try:
-            self._ep.register(fd, self._bits(mask))
-        except FileExistsError:
-            # The fd number is still in the set under an older registration (a dup of a
-            # closed fd keeps the epoll entry alive, epoll(7) Q6): take it over.
-            self._ep.modify(fd, self._bits(mask))
-
-    def modify(self, fd: int, mask: int) -> None:
-        try:
-            self._ep.modify(fd, self._bits(mask))
-        except FileNotFoundError:
-            # The old fd was closed without delete_file_event and this number was
-            # reused: the kernel already dropped the entry, so register afresh.
-            self._ep.register(fd, self._bits(mask))
-
-    def remove(self, fd: int) -> None:
-        try:
-            self._ep.unregister(fd)
-        except OSError:
-            pass  # ENOENT/EBADF: already closed: the kernel removed it (epoll(7) Q6)
-
-    def poll(self, timeout_ms: int, maxevents: int) -> list[tuple[int, int]]:
-        # See "Timeout rounding" in the module doc for the 1e-7.
-        return self._ep.poll(timeout_ms / 1000 - 1e-7 if timeout_ms > 0 else 0, maxevents)
-
-    def close(self) -> None:
-        self._ep.close()
-
-
-class _SelectorsDriver:
-    """Portable fallback on :mod:`selectors`: poll(2) where it exists, else select(2)."""
-
-    rbits = selectors.EVENT_READ
-    wbits = selectors.EVENT_WRITE
-
-    def __init__(self, sizehint: int) -> None:
-        cls = getattr(selectors, "PollSelector", selectors.SelectSelector)
-        self._sel: selectors.BaseSelector = cls()
-
-    @staticmethod
-    def _bits(mask: int) -> int:
-        return (selectors.EVENT_READ if mask & READABLE else 0) | (
-            selectors.EVENT_WRITE if mask & WRITABLE else 0)
-
-    def add(self, fd: int, mask: int) -> None:
-        try:
-            self._sel.register(fd, self._bits(mask))
-        except KeyError:
-            self._sel.modify(fd, self._bits(mask))
-
-    def modify(self, fd: int, mask: int) -> None:
-        try:
-            self._sel.modify(fd, self._bits(mask))
-        except KeyError:
-            self._sel.register(fd, self._bits(mask))
-
-    def remove(self, fd: int) -> None:
-        try:
-            self._sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-
-    def poll(self, timeout_ms: int, maxevents: int) -> list[tuple[int, int]]:
-        timeout = timeout_ms / 1000 - 1e-7 if timeout_ms > 0 else 0
-        return [(key.fd, ev) for key, ev in self._sel.select(timeout)]
-
-    def close(self) -> None:
-        self._sel.close()
-
-
-_DRIVERS: dict[str, Callable[[int], _Driver]] = {
-    "epoll": _EpollDriver,
-    "select": _SelectorsDriver,
-}
-
-
-def _default_driver() -> str:
-    return "epoll" if hasattr(select, "epoll") else "select"
 
 
 class EventCenter:
@@ -216,19 +92,24 @@ class EventCenter:
     #: often; with no pollers every iteration polls them.
     KERNEL_POLL_INTERVAL = 20e-6  # seconds
 
-    def __init__(self, *, driver: str | None = None, nevent: int = 5000, name: str = "",
-                 poller_idle_spins: int | None = None) -> None:
-        kind = driver or _default_driver()
-        if kind not in _DRIVERS:
-            raise ValueError(f"unknown event driver {kind!r} (have {sorted(_DRIVERS)})")
+    def __init__(self, *, driver: str | EventDriver | None = None, nevent: int = 5000,
+                 name: str = "", poller_idle_spins: int | None = None) -> None:
         if nevent < 1:
             raise ValueError("nevent must be >= 1")
+        driver_obj = _make_driver(driver, nevent)
         self.name = name
-        self.driver_name = kind
         self.poller_idle_spins = (self.POLLER_IDLE_SPINS if poller_idle_spins is None
                                   else poller_idle_spins)
-        driver_obj: _Driver = _DRIVERS[kind](nevent)
         self._driver = driver_obj
+        # An asyncio driver waits in its loop and wakes it with call_soon_threadsafe; the
+        # others block in the kernel and are woken through an eventfd in their set.
+        # (an AsyncioDriver exists only once its module is imported: no asyncio import
+        # for epoll centers.)
+        aio_module = sys.modules.get("transport.asyncio_driver")
+        self._aio: AsyncioDriver | None = (
+            driver_obj if aio_module is not None and isinstance(driver_obj, aio_module.AsyncioDriver)
+            else None)
+        self.driver_name = self._aio.name if self._aio is not None else str(driver or default_driver())
         self._nevent = nevent
         self._rcb: dict[int, FileCallback] = {}
         self._wcb: dict[int, FileCallback] = {}
@@ -252,9 +133,13 @@ class EventCenter:
         self._stopping = False
         self._closed = False
         self._owner = threading.get_ident()
+        self._wake_r = self._wake_w = -1
         # Wake-up fd: an eventfd (one fd, an 8-byte counter) or a pipe where none exists.
         try:
-            if hasattr(os, "eventfd"):
+            if self._aio is not None:
+                self._aio.attach(self.fire_file_event, self.fire_write_event)
+                self._wake: Callback = self._aio.wake
+            elif hasattr(os, "eventfd"):
                 self._wake_r = self._wake_w = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             else:  # pragma: no cover - non-Linux
                 self._wake_r, self._wake_w = os.pipe()
@@ -263,7 +148,9 @@ class EventCenter:
         except BaseException:
             driver_obj.close()  # EMFILE here must not leak the epoll fd
             raise
-        self._driver.add(self._wake_r, READABLE)
+        if self._wake_r >= 0:
+            self._wake = self._ring_wake_fd
+            self._driver.add(self._wake_r, READABLE)
         self.loop_count = 0
         self._file_callbacks = 0
         self._time_callbacks = 0
@@ -309,6 +196,19 @@ class EventCenter:
         an ``epoll_wait`` round trip (Ceph's DPDK stack does the same with its
         ``UserspaceEventManager``, src/msg/async/dpdk/UserspaceEvent.h)."""
         cb = self._rcb.get(fd)
+        if cb is None:
+            return False
+        self._file_callbacks += 1
+        try:
+            cb(fd)
+        except Exception:  # noqa: BLE001 - logged; the loop must go on
+            self._callback_failed(cb)
+        return True
+
+    def fire_write_event(self, fd: int) -> bool:
+        """Run ``fd``'s WRITABLE callback now, from the owner thread; False when none is
+        registered (how an asyncio driver dispatches while its loop runs)."""
+        cb = self._wcb.get(fd)
         if cb is None:
             return False
         self._file_callbacks += 1
@@ -547,12 +447,53 @@ class EventCenter:
         self._busy += monotonic() - woke
         return n
 
+    def _work_pending(self) -> bool:
+        return bool(self._external or self._soon or (
+            self._pollers and self._poll_idle < self.poller_idle_spins))
+
+    async def serve(self, *, max_wait: float = 1.0) -> None:
+        """Loop until :meth:`stop` inside the running loop of this center's
+        :class:`~transport.asyncio_driver.AsyncioDriver` (await it from a task on that
+        loop); other tasks of the loop run while the center waits. The awaiting thread
+        becomes the owner."""
+        aio = self._aio
+        if aio is None:
+            raise TypeError(f"serve() needs an AsyncioDriver; this center runs {self.driver_name}")
+        self._owner = threading.get_ident()
+        heap = self._heap
+        try:
+            while not self._stopping:
+                # One pass; the driver notes the wait it computed instead of blocking, so
+                # the epoll path's process_events stays exactly as it was.
+                self.process_events(max_wait)
+                wait_ms, aio.planned_wait_ms = aio.planned_wait_ms, 0  # 0 if it did not poll
+                if wait_ms:
+                    # That wait was computed before this pass's callbacks ran: redo the
+                    # sleep handshake (process_events cleared the flag) and pass again at
+                    # once if they queued work or an earlier timer.
+                    self._sleeping = True
+                    if self._work_pending() or (
+                            heap and heap[0][0] <= time.monotonic() + wait_ms / 1000):  # type: ignore[operator]
+                        wait_ms = 0
+                await aio.wait(wait_ms)
+                self._sleeping = False
+        finally:
+            self._stopping = False
+
+    @property
+    def driver(self) -> EventDriver:
+        """The driver object (an :class:`~transport.asyncio_driver.AsyncioDriver` has the loop)."""
+        return self._driver
+
     def run(self, *, max_wait: float = 1.0) -> None:
         """Loop until :meth:`stop`; the calling thread becomes the owner.
 
         ``max_wait`` bounds each wait so loop hooks run at least that often even when
         idle. A :meth:`stop` that came before ``run`` makes it return at once.
         """
+        if self._aio is not None and not self._aio.loop.is_running():
+            self._aio.run(self.serve(max_wait=max_wait))
+            return
         self._owner = threading.get_ident()
         try:
             while not self._stopping:
@@ -581,9 +522,10 @@ class EventCenter:
             return
         self._closed = True
         self._driver.close()
-        os.close(self._wake_r)
-        if self._wake_w != self._wake_r:
-            os.close(self._wake_w)
+        if self._wake_r >= 0:
+            os.close(self._wake_r)
+            if self._wake_w != self._wake_r:
+                os.close(self._wake_w)
         self._rcb.clear()
         self._wcb.clear()
         self._mask.clear()
@@ -606,7 +548,7 @@ class EventCenter:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _wake(self) -> None:
+    def _ring_wake_fd(self) -> None:
         try:
             if self._wake_w == self._wake_r:
                 os.eventfd_write(self._wake_w, 1)
@@ -631,3 +573,23 @@ class EventCenter:
     def _callback_failed(self, cb: object) -> None:
         # Like asyncio's call_exception_handler: nobody can catch it, so log and go on.
         logger.exception("event center %r: callback %r raised", self.name, cb)
+
+
+#: Driver names besides :data:`~transport.event_driver.DRIVERS`: a new loop of each kind,
+#: owned (closed) by the center; ``msgr serve --loop`` takes these names.
+LOOP_DRIVERS = ("asyncio", "uvloop")
+
+
+def _make_driver(driver: str | EventDriver | None, nevent: int) -> EventDriver:
+    if driver is not None and not isinstance(driver, str):
+        return driver
+    kind = driver or default_driver()
+    if kind in LOOP_DRIVERS:
+        import asyncio
+
+        from .asyncio_driver import AsyncioDriver, new_uvloop
+        loop = asyncio.new_event_loop() if kind == "asyncio" else new_uvloop()
+        return AsyncioDriver(loop, own_loop=True)
+    if kind not in DRIVERS:
+        raise ValueError(f"unknown event driver {kind!r} (have {sorted([*DRIVERS, *LOOP_DRIVERS])})")
+    return DRIVERS[kind](nevent)

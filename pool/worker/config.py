@@ -6,9 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_CAPACITY", "WorkerConfig"]
+__all__ = ["DEFAULT_CAPACITY", "LOOPS", "WorkerConfig"]
 
 DEFAULT_CAPACITY = 1 << 19  # 512 KiB per ring: 12 rings for 4 workers = 6 MiB
+#: what a worker's EventCenter can run on (``msgr serve --loop``): its own epoll, or a
+#: running asyncio / uvloop loop that apps can also ``await`` on
+LOOPS = ("epoll", "asyncio", "uvloop")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,12 @@ class WorkerConfig:
     reply_spin_us: float = 0.0
     #: EventCenter idle iterations before pollers fall back to a short wait; None: its default
     poller_idle_spins: int | None = None
+    #: the EventCenter driver, one of ``LOOPS``
+    loop: str = "epoll"
+
+    def __post_init__(self) -> None:
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
 
     @classmethod
     def from_app_config(cls, cfg: Mapping[str, Any]) -> WorkerConfig:
@@ -41,7 +50,8 @@ class WorkerConfig:
                    submit_inflight=int(cfg.get("submit_inflight", 256)),
                    submit_queue=int(cfg.get("submit_queue", 8192)),
                    reply_spin_us=float(cfg.get("reply_spin_us", 0)),
-                   poller_idle_spins=None if idle is None else int(idle))
+                   poller_idle_spins=None if idle is None else int(idle),
+                   loop=str(cfg.get("loop", "epoll")))
 
     def spins_for(self, ncpus: int) -> int:
         """Busy-polling needs a free core per spinner (ipc-facts.md): with few cores a

@@ -165,7 +165,7 @@ class Worker(WorkerContext):
         # Connections and listeners arrive as fds from the supervisor: a stack that can adopt them.
         self.stack = fd_stack()
         self.worker_config = WorkerConfig.from_app_config(self.config)
-        self.center = EventCenter(name=f"worker{spec.slot}",
+        self.center = EventCenter(name=f"worker{spec.slot}", driver=self.worker_config.loop,
                                   poller_idle_spins=self.worker_config.poller_idle_spins)
         self.page = ControlPage.attach(spec.page_name)
         self.app: WorkerApp | None = None

@@ -370,7 +370,7 @@ def test_tcp_side_channel_framing() -> None:
     reassembles them from arbitrary splits."""
     import socket as _socket
 
-    from transport.rdma.stack import _Side
+    from transport.rdma.sidechannel import SideChannel as _Side
     a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)  # a stream, like TCP
     sa, sb = _Side(a), _Side(b)
     assert not sa.seqpacket and not sb.seqpacket

@@ -1,4 +1,6 @@
-"""memif connections: the client and server handshakes and :class:`MemifInterface`.
+"""One memif connection once its handshake is done (:class:`MemifInterface`) and its config.
+
+The handshakes that build one live in :mod:`.client` and :mod:`.server`.
 
 Protocol: shared/notes/memif.md §3 (DPDK ``memif_socket.c`` and ``rte_eth_memif.c``).
 
@@ -18,7 +20,6 @@ writer kicks the ring's eventfd after publishing unless MASK_INT is set.
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
@@ -30,13 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ClosedResourceError, TransportError
-from ..hugepages import Region, alloc_region
+from ..hugepages import Region
 from . import wire
-from .control import MemifDisconnected, is_abstract, recv_msg, send_msg, sockaddr
+from .control import MemifDisconnected, recv_msg, send_msg
 from .ring import Ring
 
-__all__ = ["MemifConfig", "MemifInterface", "MemifConnector", "MemifListener", "connect",
-           "MemifDisconnected", "MemifProtocolError"]
+__all__ = ["MemifConfig", "MemifDisconnected", "MemifInterface", "MemifProtocolError"]
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class MemifInterface:
         r = self.tx_rings[qid]
         if self.role == "client":
             return r.size - r.in_flight()
-        return (r.head - r._pos) & 0xFFFF
+        return r.posted_free()
 
     def ctrl_fileno(self) -> int:
         """The control socket: readable on DISCONNECT or when the peer goes away."""
@@ -236,7 +236,7 @@ class MemifInterface:
         return meta, fds
 
     @classmethod
-    def adopt(cls, meta: dict[str, Any], fds: list[int]) -> "MemifInterface":
+    def adopt(cls, meta: dict[str, Any], fds: list[int]) -> MemifInterface:
         """Rebuild an exported server-side connection; takes ownership of ``fds``."""
         nreg = len(meta["regions"])
         nq = int(meta["queues"])
@@ -259,9 +259,7 @@ class MemifInterface:
             for (reg, off, log2), efd in zip(meta["rings"], efds):
                 r = Ring(views[reg], off, log2, views, efd)
                 r.where = (reg, off)
-                # Our private counters are the tails we published (rx: consumed and
-                # released; tx: filled), both in shared memory.
-                r._pos = r._rel = r.tail
+                r.resume()
                 rings.append(r)
         except BaseException:
             for v in views:
@@ -307,500 +305,7 @@ class MemifInterface:
         self._regions = []
         self._maps = []
 
-    def __enter__(self) -> "MemifInterface":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# -- client --------------------------------------------------------------------------------
-class MemifConnector:
-    """Non-blocking client handshake: call :meth:`step` whenever the socket is readable.
-
-    HELLO → INIT/ACK → ADD_REGION(fd)/ACK → ADD_RING(fd)/ACK for every C2S then every
-    S2C ring → CONNECT/CONNECTED (§3.4). Lock-step by default (what DPDK expects; memory
-    and eventfds are created after HELLO, sized by the server's limits). ``pipelined``
-    sends every message at once, sized by our config, and checks HELLO when it comes:
-    the stream stack uses it so a connect needs no reply before the listener's owner
-    gets around to ``accept`` (as the kernel completes a TCP connect).
-    """
-
-    def __init__(self, address: str, config: MemifConfig = MemifConfig(),
-                 connect_timeout: float = 2.0, pipelined: bool = False) -> None:
-        self.address = address
-        self.config = config
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self._region: Region | None = None
-        self._eventfds: list[int] = []
-        self._queue: list[tuple[wire.Message, int | None]] = []
-        self._rings: list[tuple[bool, int, int]] = []  # (c2s, index, offset)
-        self._queues = 0
-        self._log2 = 0
-        self._hello = False
-        self.done: MemifInterface | None = None
-        try:
-            # A Unix connect only waits while the listen backlog is full, and a
-            # non-blocking one would fail with EAGAIN instead of completing later: connect
-            # with a short bound, then go non-blocking for the lock-step handshake.
-            self.sock.settimeout(connect_timeout)
-            self.sock.connect(sockaddr(address))
-            self.sock.setblocking(False)
-        except OSError:
-            self.sock.close()
-            raise
-        self.pipelined = pipelined
-        self._acks_due = 0
-        if pipelined:
-            # Announce everything now, sized by our own config; HELLO is checked when it
-            # arrives. The server reads one message at a time either way (DPDK does too),
-            # so a peer that answers later (ours, from its accept loop) is served in order.
-            try:
-                self._prepare(config.queues, config.log2_ring_size)
-                self._acks_due = len(self._queue) - 1  # every message but CONNECT is ACKed
-                while self._queue:
-                    self._send_next()
-            except BaseException:
-                self.abort()
-                raise
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def step(self) -> MemifInterface | None:
-        """Process available messages; the interface once CONNECTED, else None.
-
-        Raises :class:`MemifDisconnected` (e.g. "ID not found") or
-        :class:`MemifProtocolError`; resources are released on any error.
-        """
-        try:
-            while self.done is None:
-                try:
-                    msg, fd = recv_msg(self.sock)
-                except BlockingIOError:
-                    return None
-                if fd is not None:
-                    os.close(fd)  # the server never sends fds
-                self._on_message(msg)
-            return self.done
-        except BaseException:
-            self.abort()
-            raise
-
-    def _send_next(self) -> None:
-        msg, fd = self._queue.pop(0)
-        send_msg(self.sock, msg, fd)
-
-    def _on_message(self, msg: wire.Message) -> None:
-        if isinstance(msg, wire.Disconnect):
-            raise MemifDisconnected(msg.reason.decode(errors="replace"), msg.code)
-        if isinstance(msg, wire.Hello):
-            if self._hello:
-                raise self._fail("Unexpected message")
-            self._hello = True
-            if not msg.min_version <= wire.VERSION <= msg.max_version:
-                raise self._fail("Incompatible memif version")
-            # HELLO's max_* are the highest *numbers*, not counts (§3.3).
-            cfg = self.config
-            nq = min(cfg.queues, msg.max_c2s_ring + 1, msg.max_s2c_ring + 1)
-            log2 = min(cfg.log2_ring_size, msg.max_log2_ring_size)
-            if self.pipelined:
-                if (nq, log2) != (self._queues, self._log2):
-                    raise self._fail("Incompatible ring limits")
-                return
-            if nq < 1:
-                raise self._fail("server offers no rings")
-            self._prepare(nq, log2)
-            self._send_next()
-            return
-        if not self._hello:
-            raise self._fail("Unexpected message")
-        if isinstance(msg, wire.Ack):
-            if self.pipelined:
-                self._acks_due -= 1
-                if self._acks_due < 0:
-                    raise self._fail("Unexpected message")
-                return
-            if self._queue:
-                self._send_next()
-                return
-            raise self._fail("Unexpected message")
-        if type(msg) is wire.Connected and not self._queue and self._acks_due == 0:
-            self.done = self._build()
-            return
-        raise self._fail("Unexpected message")
-
-    def _fail(self, reason: str) -> MemifProtocolError:
-        try:
-            send_msg(self.sock, wire.Disconnect(0, reason.encode()))
-        except OSError:
-            pass
-        return MemifProtocolError(errno.EPROTO, reason)
-
-    def _prepare(self, nq: int, log2: int) -> None:
-        """Create region, rings and eventfds for ``nq`` queue pairs; queue the messages."""
-        cfg = self.config
-        self._queues, self._log2 = nq, log2
-        ring_stride = (wire.ring_bytes(log2) + 127) // 128 * 128
-        rings_size = 2 * nq * ring_stride
-        size = rings_size + 2 * nq * (1 << log2) * cfg.buffer_size
-        self._region = alloc_region(size, name="memif_region_0", hugepages=cfg.hugepages)
-        for k in range(2 * nq):
-            self._eventfds.append(os.eventfd(0, _EFD_FLAGS))
-        self._queue.append((wire.Init(wire.VERSION, cfg.id, wire.MODE_ETHERNET, cfg.secret,
-                                      cfg.name), None))
-        self._queue.append((wire.AddRegion(0, self._region.size), self._region.fd))
-        for k in range(2 * nq):
-            c2s = k < nq
-            idx = k if c2s else k - nq
-            off = k * ring_stride
-            self._rings.append((c2s, idx, off))
-            self._queue.append((wire.AddRing(wire.RING_FLAG_C2S if c2s else 0, idx, 0, off, log2, 0),
-                                self._eventfds[k]))
-        self._queue.append((wire.Connect(cfg.name), None))
-        # Initialise rings before anything is announced: the server checks cookies on CONNECT.
-        mv = memoryview(self._region.map)
-        self._mv = mv
-        self._ring_objs = []
-        for k, (c2s, idx, off) in enumerate(self._rings):
-            r = Ring(mv, off, log2, [mv], self._eventfds[k])
-            r.init_header()
-            r.set_buffers(0, rings_size + k * (1 << log2) * cfg.buffer_size, cfg.buffer_size)
-            self._ring_objs.append(r)
-
-    def _build(self) -> MemifInterface:
-        nq = self._queues
-        tx = self._ring_objs[:nq]
-        rx = self._ring_objs[nq:]
-        for r in rx:
-            # We read S2C: interrupt mode leaves MASK_INT clear so the server kicks us.
-            r.flags = 0 if self.config.interrupt else wire.RING_FLAG_MASK_INT
-            r.post_all()  # only after CONNECTED: CONNECT made the server zero head/tail
-        assert self._region is not None
-        iface = MemifInterface("client", self.sock, [self._mv], [self._region], rx, tx,
-                               self._eventfds, self.config.interrupt, b"", self.config.id)
-        self._region = None
-        self._eventfds = []
-        return iface
-
-    def abort(self) -> None:
-        """Release everything of an unfinished handshake."""
-        if self.done is not None:
-            return
-        self.sock.close()
-        for fd in self._eventfds:
-            os.close(fd)
-        self._eventfds = []
-        for r in getattr(self, "_ring_objs", []):
-            for v in (r.h16, r.h32, r.desc):
-                v.release()
-        self._ring_objs = []
-        if hasattr(self, "_mv"):
-            self._mv.release()
-        if self._region is not None:
-            self._region.close()
-            self._region = None
-
-
-def connect(address: str, config: MemifConfig = MemifConfig(), timeout: float = 10.0,
-            retry_not_found: bool = True) -> MemifInterface:
-    """Blocking client connect with a deadline.
-
-    Retries while the server is not there yet, answers "ID not found" (§5 trap 1: DPDK
-    answers that until the port is started) or hangs up before HELLO.
-    """
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        try:
-            conn = MemifConnector(address, config)
-        except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)  # waiting for an external process's listener: back off
-            delay = min(delay * 2, 0.1)
-            continue
-        try:
-            while True:
-                iface = conn.step()
-                if iface is not None:
-                    return iface
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"memif handshake with {address!r} timed out")
-                select.select([conn.fileno()], [], [], left)
-        except MemifDisconnected as e:
-            # Also retry a hang-up before HELLO: a DPDK server still tearing down the
-            # previous connection closes a new control socket without a word.
-            again = "ID not found" in e.reason or not conn._hello
-            if not (retry_not_found and again) or time.monotonic() + delay > deadline:
-                raise
-        except BaseException:
-            conn.abort()
-            raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-
-
-# -- server --------------------------------------------------------------------------------
-class _ServerHandshake:
-    """One accepted control connection until CONNECT (server side of §3.4)."""
-
-    def __init__(self, sock: socket.socket, listener: "MemifListener") -> None:
-        self.sock = sock
-        self.listener = listener
-        self.deadline = time.monotonic() + listener.handshake_timeout
-        self.init: wire.Init | None = None
-        self.region_fds: list[tuple[int, int]] = []  # (fd, size)
-        self.rings: list[tuple[wire.AddRing, int]] = []  # (msg, eventfd)
-        cfg = listener.config
-        send_msg(sock, wire.Hello(cfg.name, wire.VERSION, wire.VERSION, wire.MAX_REGIONS - 1,
-                                  cfg.queues - 1, cfg.queues - 1, cfg.log2_ring_size))
-
-    def step(self) -> MemifInterface | None:
-        while True:
-            try:
-                msg, fd = recv_msg(self.sock)
-            except BlockingIOError:
-                return None
-            try:
-                done = self._on_message(msg, fd)
-            except BaseException:
-                if fd is not None and fd not in [f for f, _ in self.region_fds] \
-                        and fd not in [e for _, e in self.rings]:
-                    os.close(fd)
-                raise
-            if done is not None:
-                return done
-
-    def _fail(self, reason: str) -> MemifProtocolError:
-        try:
-            send_msg(self.sock, wire.Disconnect(0, reason.encode()))
-        except OSError:
-            pass
-        return MemifProtocolError(errno.EPROTO, reason)
-
-    def _on_message(self, msg: wire.Message, fd: int | None) -> MemifInterface | None:
-        cfg = self.listener.config
-        if isinstance(msg, wire.Disconnect):
-            raise MemifDisconnected(msg.reason.decode(errors="replace"), msg.code)
-        if isinstance(msg, wire.Init):
-            if self.init is not None:
-                raise self._fail("Unexpected message")
-            if msg.version != wire.VERSION:
-                raise self._fail("Incompatible memif version")
-            if self.listener.ids is not None and msg.id not in self.listener.ids:
-                raise self._fail("ID not found")
-            if cfg.secret and msg.secret != cfg.secret:
-                raise self._fail("Incorrect secret" if msg.secret else "Secret required")
-            if msg.mode != wire.MODE_ETHERNET:
-                raise self._fail("Only ethernet mode supported")
-            self.init = msg
-            send_msg(self.sock, wire.Ack())
-            return None
-        if self.init is None:
-            raise self._fail("Unexpected message")
-        if isinstance(msg, wire.AddRegion):
-            if fd is None:
-                raise self._fail("Missing region fd")
-            if msg.index != len(self.region_fds):
-                raise self._fail("Invalid region index")
-            self.region_fds.append((fd, msg.size))
-            send_msg(self.sock, wire.Ack())
-            return None
-        if isinstance(msg, wire.AddRing):
-            if fd is None:
-                raise self._fail("Missing interrupt fd")
-            if msg.index >= cfg.queues or msg.log2_ring_size > cfg.log2_ring_size \
-                    or any(m.index == msg.index and m.c2s == msg.c2s for m, _ in self.rings):
-                raise self._fail("Invalid ring index")
-            self.rings.append((msg, fd))
-            send_msg(self.sock, wire.Ack())
-            return None
-        if type(msg) is wire.Connect:
-            iface = self._map(msg.if_name)
-            send_msg(self.sock, wire.Connected(cfg.name))
-            return iface
-        raise self._fail("Unexpected message")
-
-    def _map(self, peer_name: bytes) -> MemifInterface:
-        cfg = self.listener.config
-        c2s = sorted((m for m in self.rings if m[0].c2s), key=lambda x: x[0].index)
-        s2c = sorted((m for m in self.rings if not m[0].c2s), key=lambda x: x[0].index)
-        nq = len(c2s)
-        if nq == 0 or len(s2c) != nq or [m.index for m, _ in c2s] != list(range(nq)) \
-                or [m.index for m, _ in s2c] != list(range(nq)):
-            raise self._fail("Invalid ring index")
-        maps: list[mmap.mmap] = []
-        views: list[memoryview] = []
-        rings: list[Ring] = []
-        try:
-            for fd, size in self.region_fds:
-                m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                maps.append(m)
-                views.append(memoryview(m))
-            for msg, efd in c2s + s2c:
-                if msg.region >= len(views):
-                    raise self._fail("Invalid region index")
-                r = Ring(views[msg.region], msg.offset, msg.log2_ring_size, views, efd)
-                rings.append(r)
-                if r.cookie != wire.COOKIE:
-                    raise self._fail("Wrong cookie")
-        except BaseException as e:
-            for r in rings:
-                for v in (r.h16, r.h32, r.desc):
-                    v.release()
-            for v in views:
-                v.release()
-            for m in maps:
-                m.close()
-            if isinstance(e, (ValueError, OSError)) and not isinstance(e, MemifProtocolError):
-                raise self._fail(f"Invalid ring or region: {e}"[: wire.REASON_LEN]) from e
-            raise
-        # Region fds are kept (not needed for the mapping) so the connection can be
-        # handed to another process (MemifInterface.export).
-        region_fds = [fd for fd, _ in self.region_fds]
-        self.region_fds = []
-        for r, (msg, _) in zip(rings, c2s + s2c):
-            r.where = (msg.region, msg.offset)
-        rx, tx = rings[:nq], rings[nq:]
-        for r in rings:
-            r.reset()  # DPDK memif_connect zeroes head and tail of every ring
-        for r in rx:
-            r.flags = 0 if cfg.interrupt else wire.RING_FLAG_MASK_INT
-        efds = [e for _, e in c2s + s2c]
-        self.rings = []
-        return MemifInterface("server", self.sock, views, maps, rx, tx, efds, cfg.interrupt,
-                              peer_name, self.init.id if self.init else 0, region_fds)
-
-    def abort(self) -> None:
-        # Read what the client already queued (a pipelined client sends everything at
-        # once) before closing: closing a Unix socket with unread data resets the peer
-        # (ECONNRESET), which would hide the DISCONNECT reason we just sent.
-        for _ in range(2 * wire.MAX_QUEUES + 8):
-            try:
-                _, fd = recv_msg(self.sock)
-            except (OSError, ValueError):
-                break
-            if fd is not None:
-                os.close(fd)
-        self.sock.close()
-        for fd, _ in self.region_fds:
-            os.close(fd)
-        for _, efd in self.rings:
-            os.close(efd)
-        self.region_fds = []
-        self.rings = []
-
-
-class MemifListener:
-    """Server side: a control socket accepting memif clients, each one a MemifInterface.
-
-    :meth:`fileno` is an epoll fd covering the listening socket and every handshake in
-    progress, so one READABLE registration drives the whole thing; :meth:`accept` does
-    the non-blocking work and returns a finished interface or None.
-
-    ``ids``: interface ids served (None = any). Unlike a DPDK port (one peer per id, a
-    second gets "Already connected"), a listener serves many clients on the same id:
-    the stream stack makes each client one connection.
-    """
-
-    def __init__(self, address: str, config: MemifConfig = MemifConfig(),
-                 ids: set[int] | None = None, handshake_timeout: float = 5.0) -> None:
-        self.address = address
-        self.config = config
-        self.ids = ids
-        self.handshake_timeout = handshake_timeout
-        self._abstract = is_abstract(address)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            self.sock.bind(sockaddr(address))
-            self.sock.listen(64)
-            self.sock.setblocking(False)
-            self._ep = select.epoll(sizehint=8, flags=select.EPOLL_CLOEXEC)
-        except BaseException:
-            self.sock.close()
-            raise
-        self._ep.register(self.sock.fileno(), select.EPOLLIN)
-        self._pending: dict[int, _ServerHandshake] = {}
-        self._ready: list[MemifInterface] = []
-        self.closed = False
-        self.rejected: list[str] = []  # reasons of failed handshakes (diagnostics)
-
-    def fileno(self) -> int:
-        return self._ep.fileno()
-
-    def accept(self) -> MemifInterface | None:
-        """Advance all handshakes; return one connected interface or None."""
-        if self.closed:
-            raise ClosedResourceError("memif listener")
-        while True:
-            try:
-                s, _ = self.sock.accept()
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno in (errno.ECONNABORTED, errno.EINTR):
-                    continue
-                raise
-            s.setblocking(False)
-            try:
-                hs = _ServerHandshake(s, self)
-            except OSError:
-                s.close()
-                continue
-            self._pending[s.fileno()] = hs
-            self._ep.register(s.fileno(), select.EPOLLIN)
-        now = time.monotonic()
-        for fd, hs in list(self._pending.items()):
-            try:
-                iface = hs.step()
-                if iface is None and now > hs.deadline:
-                    raise MemifProtocolError(errno.ETIMEDOUT, "handshake timed out")
-            except (OSError, ValueError) as e:
-                self.rejected.append(str(e))
-                self._ep.unregister(fd)
-                del self._pending[fd]
-                hs.abort()
-                continue
-            if iface is not None:
-                self._ep.unregister(fd)
-                del self._pending[fd]
-                self._ready.append(iface)
-        return self._ready.pop(0) if self._ready else None
-
-    def accept_blocking(self, timeout: float) -> MemifInterface:
-        """Wait (bounded) for the next connected client."""
-        deadline = time.monotonic() + timeout
-        while True:
-            iface = self.accept()
-            if iface is not None:
-                return iface
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no memif client on {self.address!r}; rejected: {self.rejected}")
-            select.select([self.fileno()], [], [], min(left, 0.25))
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for hs in self._pending.values():
-            hs.abort()
-        self._pending.clear()
-        for iface in self._ready:
-            iface.close()
-        self._ready = []
-        self._ep.close()
-        self.sock.close()
-        if not self._abstract:
-            try:
-                os.unlink(self.address)
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self) -> "MemifListener":
+    def __enter__(self) -> MemifInterface:
         return self
 
     def __exit__(self, *exc: object) -> None:

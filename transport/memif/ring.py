@@ -121,6 +121,15 @@ class Ring:
         """Produced but not yet consumed by the peer (client C2S)."""
         return (self._pos - self.h16[_TAIL]) & 0xFFFF
 
+    def posted_free(self) -> int:
+        """Buffers the peer posted that we have not filled yet (server S2C)."""
+        return (self.h16[_HEAD] - self._pos) & 0xFFFF
+
+    def resume(self) -> None:
+        """After a handoff: our private counters restart at the tail we published
+        (rx: consumed and released; tx: filled), which lives in shared memory."""
+        self._pos = self._rel = self.h16[_TAIL]
+
     # -- producing -----------------------------------------------------------------------
     def tx_own(self, frames: Sequence[bytes | bytearray | memoryview], kick: bool = True) -> int:
         """Client C2S: copy frames into our buffers, publish head; returns frames taken."""

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from ..errors import ClosedResourceError
 from ..event_center import EventCenter
 from ..stack import Address, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
-from .interface import MemifConfig, MemifConnector, MemifListener
+from .client import MemifConnector
+from .interface import MemifConfig
+from .server import MemifListener
 from .stream import MemifStream
 
-__all__ = ["MemifStack", "MemifServerSocket", "MemifStream", "StackConfig"]
+__all__ = ["MemifServerSocket", "MemifStack", "MemifStream", "StackConfig"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ def _addr(addr: Address) -> str:
     return addr
 
 
-def _attach(stream: MemifStream, center: "EventCenter | None") -> MemifStream:
+def _attach(stream: MemifStream, center: EventCenter | None) -> MemifStream:
     """Poll mode: register the stream's busy poller on the center (removed on close)."""
     if center is not None:
         stream.bind_poller(center)
@@ -51,7 +53,7 @@ def _attach(stream: MemifStream, center: "EventCenter | None") -> MemifStream:
 class MemifServerSocket(ServerSocket):
     """A memif control socket; ``fileno`` covers the listener and handshakes in progress."""
 
-    def __init__(self, addr: str, cfg: StackConfig, center: "EventCenter | None" = None) -> None:
+    def __init__(self, addr: str, cfg: StackConfig, center: EventCenter | None = None) -> None:
         self._cfg = cfg
         self._center = center
         self._listener: MemifListener | None = MemifListener(addr, cfg.memif)
@@ -96,7 +98,7 @@ class MemifStack(NetworkStack):
         The Messenger calls this with its center."""
         self._center = center
 
-    def _poll_center(self) -> "EventCenter | None":
+    def _poll_center(self) -> EventCenter | None:
         if self.config.memif.interrupt:
             return None
         if self._center is None:

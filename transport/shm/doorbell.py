@@ -22,18 +22,20 @@ class Doorbell:
 
     __slots__ = ("_fd",)
 
-    def __init__(self) -> None:
-        # EFD_CLOEXEC: a doorbell reaches another process only on purpose (fork, or
-        # SCM_RIGHTS over the control channel), never through an unrelated exec.
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    def __init__(self, fd: int | None = None) -> None:
+        """A new eventfd, or (``from_fd``) one received from elsewhere, now owned here."""
+        if fd is None:
+            # EFD_CLOEXEC: a doorbell reaches another process only on purpose (fork, or
+            # SCM_RIGHTS over the control channel), never through an unrelated exec.
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            os.set_blocking(fd, False)
+        self._fd = fd
 
     @classmethod
     def from_fd(cls, fd: int) -> Doorbell:
         """Wrap an eventfd received from elsewhere; the new object owns ``fd``."""
-        bell = cls.__new__(cls)
-        os.set_blocking(fd, False)
-        bell._fd = fd
-        return bell
+        return cls(fd)
 
     def fileno(self) -> int:
         if self._fd < 0:
