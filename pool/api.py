@@ -8,12 +8,18 @@ from protocol.message import PRIO_DEFAULT, PRIO_HIGH, PRIO_HIGHEST, PRIO_LOW, Me
 from protocol.policy import Backoff, Policy
 from transport.event_center import EventCenter
 
-from .connection import AsyncConnection, ConnState
-from .dispatcher import Dispatcher, HandshakeFailure
-from .messenger import Messenger
+from .messenger.auth import AuthSettings, KeyringError, load_keyring, write_keyring
+from .messenger.config import MessengerConfig
+from .messenger.connection import AsyncConnection
+from .messenger.dispatcher import Dispatcher
+from .messenger.failure import HandshakeFailure
+from .messenger.messenger import Messenger
+from .messenger.monclient import MonClient, MonError
+from .messenger.states import ConnState
 
 __all__ = [
-    "AsyncConnection", "Backoff", "ConnState", "Dispatcher", "EntityType", "EventCenter",
-    "HandshakeFailure",
-    "Message", "Messenger", "Policy", "PRIO_DEFAULT", "PRIO_HIGH", "PRIO_HIGHEST", "PRIO_LOW",
+    "AsyncConnection", "AuthSettings", "Backoff", "ConnState", "Dispatcher", "EntityType",
+    "EventCenter", "HandshakeFailure", "KeyringError", "Message", "Messenger", "MessengerConfig", "MonClient",
+    "MonError", "Policy", "PRIO_DEFAULT", "PRIO_HIGH", "PRIO_HIGHEST", "PRIO_LOW",
+    "load_keyring", "write_keyring",
 ]

@@ -2,7 +2,7 @@
 
 ``msgr serve --app echo`` (replies to every message with the same type, front and data),
 ``--app kv`` (the sharded key-value store) or ``--app MODULE:NAME`` naming a
-:class:`~pool.dispatcher.Dispatcher` subclass (run inside a :class:`MessengerApp`) or a
+:class:`~pool.messenger.dispatcher.Dispatcher` subclass (run inside a :class:`MessengerApp`) or a
 :class:`~pool.app.WorkerApp` factory.
 
 Sessions across processes (DESIGN.md, Processes):
@@ -39,10 +39,12 @@ from transport.stacks import make_stack
 from transport.stack import ConnectedSocket
 
 from .app import AppFactory, WorkerApp, WorkerContext, import_factory
-from .auth import AuthSettings, load_keyring
-from .connection import AsyncConnection, ConnState
-from .dispatcher import Dispatcher
-from .messenger import Messenger
+from .messenger.auth import AuthSettings, load_keyring
+from .messenger.config import MessengerConfig
+from .messenger.connection import AsyncConnection
+from .messenger.states import ConnState
+from .messenger.dispatcher import Dispatcher
+from .messenger.messenger import Messenger
 
 __all__ = ["APPS", "DEFAULT_RETENTION", "EchoDispatcher", "MessengerApp", "load_app",
            "retention_caps"]
@@ -142,15 +144,9 @@ class MessengerApp(WorkerApp):
     def start(self, ctx: WorkerContext) -> None:
         cfg = {**self.config, **dict(ctx.config)}
         self.ctx = ctx
-        msgr = Messenger(
-            ctx.center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
-            inject_socket_failures=int(cfg.get("inject_socket_failures", 0)),
-            throttle_messages=int(cfg.get("throttle_messages", 0)),
-            throttle_bytes=int(cfg.get("throttle_bytes", 0)),
-            backoff=Backoff(0.2, float(cfg.get("max_backoff", 15.0))),
-            standby_timeout=float(cfg.get("standby_timeout", 900.0)),
-            retention=retention_caps(cfg), auth=_auth_settings(cfg),
-            cookie_tag=cookie_tag(ctx.slot, ctx.generation), seed=cfg.get("seed"))
+        mcfg = messenger_config(cfg, cookie_tag(ctx.slot, ctx.generation))
+        msgr = Messenger(ctx.center, mcfg, entity_type=EntityType.OSD,
+                         policy=Policy.stateful_server(), auth=_auth_settings(cfg))
         # --advertise: the address SERVER_IDENT names when clients dial a forwarder
         # (docker -p, a Service, HAProxy, a tunnel) instead of our listener
         bind = cfg.get("advertise") or cfg.get("bind")
@@ -158,9 +154,6 @@ class MessengerApp(WorkerApp):
             msgr.set_address((str(bind[0]), int(bind[1])) if isinstance(bind, (list, tuple))
                              else str(bind))
         msgr.route_request = self._route
-        msgr.max_connections = int(cfg.get("max_connections", 0))
-        msgr.ready_timeout = float(cfg.get("handshake_timeout", msgr.ready_timeout))
-        msgr.idle_timeout = float(cfg.get("idle_timeout", msgr.idle_timeout))
         dispatcher = self.dispatcher_factory()
         msgr.add_dispatcher(dispatcher)
         self.msgr = msgr
@@ -170,12 +163,11 @@ class MessengerApp(WorkerApp):
             if not path:
                 raise ValueError(f"--stack {stack_name} needs a socket path (--stack-path)")
             stack = make_stack(stack_name, memif_mode=str(cfg.get("memif_mode", "interrupt")))
-            local = Messenger(ctx.center, entity_type=EntityType.OSD,
+            local_cfg = MessengerConfig(inject_socket_failures=mcfg.inject_socket_failures,
+                                        cookie_tag=mcfg.cookie_tag, seed=mcfg.seed)
+            local = Messenger(ctx.center, local_cfg, entity_type=EntityType.OSD,
                               policy=Policy.stateful_server(), stack=stack,
-                              auth=_auth_settings(cfg), retention=msgr.retained,
-                              inject_socket_failures=msgr.inject_socket_failures,
-                              cookie_tag=cookie_tag(ctx.slot, ctx.generation),
-                              seed=cfg.get("seed"))
+                              auth=_auth_settings(cfg), retained=msgr.retained)
             endpoint = f"{path}.{ctx.slot}"
             try:
                 os.unlink(endpoint)  # a stale socket file of a previous worker in this slot
@@ -254,9 +246,8 @@ class MessengerApp(WorkerApp):
         except Exception:  # noqa: BLE001
             return False
         meta = msgpack.packb({"kind": _HANDSHAKE, "handshake": state}, use_bin_type=True)
-        sock, _ = conn.detach_socket()
+        sock, _ = conn.hand_off()
         assert sock is not None
-        conn.state = ConnState.CLOSED
         assert self.msgr is not None
         self.msgr.accepting.discard(conn)
         fd = sock.fileno()
@@ -306,7 +297,7 @@ class MessengerApp(WorkerApp):
                 busy = True
             elif conn.state is ConnState.READY and conn.sock is not None and conn.sock.can_detach_fd:
                 if conn.pending_output():
-                    conn._set_reading(False)  # stop at a frame boundary, let output drain
+                    conn.pause_reading()  # stop at a frame boundary, let output drain
                 else:
                     self._migrate(conn)
                 busy = True
@@ -346,7 +337,7 @@ class MessengerApp(WorkerApp):
             return
         wire = conn.wire
         assert wire is not None
-        conn._set_reading(False)
+        conn.pause_reading()
         # Everything READY to write was written (pending_output is empty): encode nothing
         # more on this socket; the new owner continues the stream.
         stream = wire.export_ready()
@@ -354,27 +345,26 @@ class MessengerApp(WorkerApp):
         if len(meta) > _MAX_META:
             # Too much queued to move in one handoff: keep serving a little longer.
             wire.restore_ready(stream)
-            conn._set_reading(True)
-            conn._schedule_flush()
+            conn.resume_reading()
+            conn.schedule_flush()
             return
-        conn.migrating = True
+        conn.begin_migration()
         sock = conn.sock
         assert sock is not None
         fd = sock.fileno()
 
         def done(ok: bool) -> None:
-            conn.migrating = False
+            conn.end_migration()
             if ok:
                 self.migrated += 1
-                sock_, wire_ = conn.detach_socket()
+                sock_, wire_ = conn.hand_off()
                 if sock_ is not None:
                     sock_.close()
-                conn.state = ConnState.CLOSED
                 msgr.unregister(conn)
             elif conn.wire is not None:
                 conn.wire.restore_ready(stream)
-                conn._set_reading(True)
-                conn._schedule_flush()
+                conn.resume_reading()
+                conn.schedule_flush()
 
         ctx.handoff(target, fd, meta, done)
 
@@ -390,15 +380,15 @@ class MessengerApp(WorkerApp):
             conn.mark_down()  # cannot move it; its client will be told on reconnect
             return
         a, b = socket.socketpair()
-        conn.migrating = True
+        conn.begin_migration()
 
         def done(ok: bool) -> None:
             a.close()
             b.close()
-            conn.migrating = False
+            conn.end_migration()
             if ok:
                 self.migrated += 1
-                conn.state = ConnState.CLOSED
+                conn.hand_off()
                 msgr.unregister(conn)
 
         self.ctx.handoff(target, a.fileno(), meta, done)
@@ -447,16 +437,28 @@ class MessengerApp(WorkerApp):
             sock.close()  # the placeholder; the client reconnects to us via the redirect
             s.requeue_sent()
             conn = self._register_imported(s, policy, state, peer_addrs, None)
-            conn.state = ConnState.STANDBY
-            conn._was_ready = True
+            conn.adopt_standby()
             conn.last_active = msgr.center.now() - float(state.get("idle", 0.0))
             msgr.retain(conn)  # counts here now, under this worker's caps
             return
         wire = Connection.import_ready(Role.SERVER, msgr.proto_config, s,
                                        int(state["peer_type"]), peer_addrs, state["stream"])
         conn = self._register_imported(s, policy, state, peer_addrs, sock.peer_address)
-        conn.accept(sock, wire)
-        conn.state = ConnState.READY
+        conn.adopt_ready(sock, wire)
+
+
+def messenger_config(cfg: Mapping[str, Any], tag: int) -> MessengerConfig:
+    """The MessengerConfig an app config asks for (the ``msgr serve`` options)."""
+    return MessengerConfig(
+        inject_socket_failures=int(cfg.get("inject_socket_failures", 0)),
+        throttle_messages=int(cfg.get("throttle_messages", 0)),
+        throttle_bytes=int(cfg.get("throttle_bytes", 0)),
+        backoff=Backoff(0.2, float(cfg.get("max_backoff", 15.0))),
+        standby_timeout=float(cfg.get("standby_timeout", 900.0)),
+        retention=retention_caps(cfg), cookie_tag=tag, seed=cfg.get("seed"),
+        max_connections=int(cfg.get("max_connections", 0)),
+        ready_timeout=float(cfg.get("ready_timeout", 10.0)),
+        idle_timeout=float(cfg.get("idle_timeout", 900.0)))
 
 
 def retention_caps(cfg: Mapping[str, Any]) -> RetentionCaps:

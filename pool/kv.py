@@ -43,8 +43,8 @@ from protocol.message import Message
 
 from .app import AppFactory, PeerMap, ReplyCallback, WorkerContext
 from .apps import MessengerApp
-from .connection import AsyncConnection
-from .dispatcher import Dispatcher
+from .messenger.connection import AsyncConnection
+from .messenger.dispatcher import Dispatcher
 from .rings import DEFAULT_CAPACITY
 
 __all__ = ["NSHARDS", "KvApp", "kv_app_factory", "owners_for", "shard_of"]
@@ -396,7 +396,7 @@ class KvApp(MessengerApp):
         # arrives after the move would go to a dead connection object.
         if self.per_conn.get(conn):
             if not standby:
-                conn._set_reading(False)
+                conn.pause_reading()
             return
         super()._migrate(conn, standby)
 

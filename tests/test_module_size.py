@@ -23,7 +23,6 @@ OVERSIZE_ALLOWLIST: dict[str, str] = {
     "transport/memif/interface.py": "split by what it holds (issue 15)",
     "transport/rdma/stack.py": "split by what it holds (issue 15)",
     "transport/rdma/softverbs.py": "split by what it holds (issue 15)",
-    "pool/connection.py": "the connection state table moves out (issue 15)",
     "tests/transport/test_event_center.py": "split with the drivers (issue 17)",
     "tests/transport/test_rdma_stack.py": "split with the stack (issue 15)",
 }

@@ -14,7 +14,7 @@ import statistics
 import sys
 from typing import Any
 
-from pool.monclient import MonClient, MonError
+from pool.api import MonClient, MonError
 
 __all__ = ["register"]
 

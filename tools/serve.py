@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Any
 
+from pool.api import load_keyring
 from pool.apps import DEFAULT_RETENTION as DEFAULT_CAPS, load_app
-from pool.auth import load_keyring
 from pool.control.exit_codes import ExitCode
 from pool.supervisor.admin import AdminError, default_admin_path
 from pool.supervisor.arbiter import Supervisor
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             "stack": args.stack, "stack_path": args.stack_path, "memif_mode": args.memif_mode,
             "loop": args.loop,
             "max_connections": args.max_connections,
-            "handshake_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
+            "ready_timeout": args.handshake_timeout, "idle_timeout": args.idle_timeout,
             "throttle_messages": args.throttle_messages, "throttle_bytes": args.throttle_bytes,
             "max_standby_sessions": args.max_standby_sessions,
             "max_standby_session_bytes": args.max_standby_session_bytes,

@@ -16,9 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pool.connection import AsyncConnection
-from pool.dispatcher import Dispatcher
-from pool.messenger import Messenger
+from pool.api import AsyncConnection, Dispatcher, Messenger, MessengerConfig
 from protocol.ceph.messages import MMonSubscribe, message_name
 from protocol.features import ASYNCMSGR, EntityType
 from protocol.message import Message
@@ -47,8 +45,8 @@ def test_ceph_cli_handshakes_with_our_server(tmp_path: Path) -> None:
     center = EventCenter()
     # A mon's address has nonce 0, and a Ceph client insists that SERVER_IDENT names
     # exactly the address it dialled: so does this server.
-    msgr = Messenger(center, entity_type=EntityType.MON, policy=Policy.stateless_server(),
-                     nonce=0)
+    msgr = Messenger(center, MessengerConfig(nonce=0), entity_type=EntityType.MON,
+                     policy=Policy.stateless_server())
     mon = _Mon()
     msgr.add_dispatcher(mon)
     log = tmp_path / "ceph-cli.log"

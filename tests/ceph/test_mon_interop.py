@@ -1,7 +1,7 @@
 """asyncmsgr's Messenger against a real ceph-mon 16.2.15: the mon is the oracle.
 
 Each test talks msgr2.1 (crc mode, auth none) to the module's mon through
-:class:`pool.monclient.MonClient` (a Messenger with Ceph's lossy_client policy), or to a
+:class:`pool.messenger.monclient.MonClient` (a Messenger with Ceph's lossy_client policy), or to a
 mon of its own when it restarts it or needs other auth settings.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pool.auth import AuthSettings
-from pool.connection import AsyncConnection, ConnState
-from pool.dispatcher import Dispatcher
-from pool.messenger import Messenger
-from pool.monclient import MonClient, MonError
+from pool.api import AuthSettings
+from pool.api import AsyncConnection, ConnState
+from pool.api import Dispatcher
+from pool.api import Messenger
+from pool.api import MonClient, MonError
 from protocol.ceph import features as cf
 from protocol.errors import LocalProtocolError
 from protocol.features import ASYNCMSGR, EntityType

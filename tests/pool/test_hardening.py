@@ -38,11 +38,12 @@ def _rss_kb(pid: int) -> int:
 
 _SERVER = """
 import json, signal, sys
-from pool.api import Dispatcher, EntityType, EventCenter, Messenger, Policy
+from pool.api import Dispatcher, EntityType, EventCenter, Messenger, MessengerConfig, Policy
 from pool.apps import EchoDispatcher
 kind, kw = sys.argv[1], json.loads(sys.argv[2])
 center = EventCenter()
-m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(), **kw)
+m = Messenger(center, MessengerConfig(**kw), entity_type=EntityType.OSD,
+              policy=Policy.stateful_server())
 if kind == "echo":
     m.add_dispatcher(EchoDispatcher())
 else:
@@ -138,8 +139,8 @@ def test_connection_cap_refuses_clearly(center: EventCenter) -> None:
     h = Harness(center)
     try:
         sd = Recorder(echo=True)
-        srv = h.messenger(EntityType.OSD, Policy.stateful_server(), sd, bind=True)
-        srv.max_connections = 2
+        srv = h.messenger(EntityType.OSD, Policy.stateful_server(), sd, bind=True,
+                          max_connections=2)
         addr = srv.listeners[0].address
         ok = []
         for i in range(2):

@@ -13,9 +13,7 @@ from typing import Any
 
 import pytest
 
-from pool.connection import AsyncConnection, ConnState
-from pool.dispatcher import Dispatcher
-from pool.messenger import Messenger
+from pool.api import AsyncConnection, ConnState, Dispatcher, Messenger, MessengerConfig
 from protocol.features import EntityType
 from protocol.errors import LocalProtocolError
 from protocol.message import Message
@@ -77,7 +75,9 @@ class Harness:
         if self.stack == "rdma":
             from transport.rdma import RdmaStack
             kw.setdefault("stack", RdmaStack("softverbs"))
-        m = Messenger(self.center, entity_type=entity, policy=policy, backoff=FAST, **kw)
+        knobs = {k: kw.pop(k) for k in list(kw) if k in MessengerConfig.__dataclass_fields__}
+        m = Messenger(self.center, MessengerConfig(**{"backoff": FAST, **knobs}),
+                      entity_type=entity, policy=policy, **kw)
         m.add_dispatcher(dispatcher)
         if bind:
             if self.stack == "rdma":
@@ -444,7 +444,7 @@ def test_replies_to_a_large_batch_leave_before_the_batch_is_done(h: Harness) -> 
     ``_FLUSH_EVERY``: the first replies are on the wire while later requests are still
     being dispatched, so the peer works in parallel (without this, a full window
     crossed as one batch each way and the two sides took turns)."""
-    from pool import connection as connection_mod
+    from pool.messenger import connection as connection_mod
 
     sent_at_dispatch: list[int] = []
 

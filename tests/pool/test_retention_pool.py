@@ -15,9 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pool.connection import AsyncConnection
-from pool.dispatcher import Dispatcher
-from pool.messenger import Messenger
+from pool.api import AsyncConnection, Dispatcher, Messenger, MessengerConfig
 from protocol.connection import Ready, ResetReceived
 from protocol.features import EntityType
 from protocol.message import Message
@@ -137,8 +135,8 @@ class _Client(Dispatcher):
 def test_evicted_client_gets_remote_reset(tmp_path: Path) -> None:
     center = EventCenter()
     client = _Client()
-    m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
-                  backoff=Backoff(0.02, 0.5))
+    m = Messenger(center, MessengerConfig(backoff=Backoff(0.02, 0.5)),
+                  entity_type=EntityType.CLIENT, policy=Policy.lossless_client())
     m.add_dispatcher(client)
 
     def pump(cond: Any, what: str, timeout: float = 10.0) -> None:
@@ -215,14 +213,13 @@ def test_replies_queued_for_an_absent_client_count_against_its_cap() -> None:
     session is forgotten (server: ms_handle_reset) and the client, back, is told."""
     server_center, client_center = EventCenter(), EventCenter()
     server_d, client_d = _Server(), _Client()
-    server = Messenger(server_center, entity_type=EntityType.OSD,
-                       policy=Policy.stateful_server(),
-                       retention=RetentionCaps(max_sessions=8, max_session_bytes=64 * 1024,
-                                               max_total_bytes=0))
+    caps = RetentionCaps(max_sessions=8, max_session_bytes=64 * 1024, max_total_bytes=0)
+    server = Messenger(server_center, MessengerConfig(retention=caps),
+                       entity_type=EntityType.OSD, policy=Policy.stateful_server())
     server.add_dispatcher(server_d)
     port = server.bind(("127.0.0.1", 0))
-    client = Messenger(client_center, entity_type=EntityType.CLIENT,
-                       policy=Policy.lossless_client(), backoff=Backoff(0.02, 0.5))
+    client = Messenger(client_center, MessengerConfig(backoff=Backoff(0.02, 0.5)),
+                       entity_type=EntityType.CLIENT, policy=Policy.lossless_client())
     client.add_dispatcher(client_d)
 
     def pump(cond: Any, what: str, centers: tuple[EventCenter, ...]) -> None:

@@ -12,7 +12,10 @@ from typing import Any
 
 import pytest
 
-from pool.api import AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
+from pool.api import (
+    AsyncConnection, Backoff, Dispatcher, EntityType, EventCenter, Message, Messenger,
+    MessengerConfig, Policy,
+)
 from pool.worker.app import ReplyCallback
 from pool.apps import MessengerApp
 from transport import shmname
@@ -148,8 +151,8 @@ def test_submit_to_and_crash_fails_inflight(tmp_path: Path) -> None:
         st = wait_for(lambda: _mesh_complete(pool, 3), 10, "a full mesh of 3")
         center = EventCenter(name="test-submit")
         client = _Client()
-        m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
-                      backoff=Backoff(0.05, 1.0))
+        m = Messenger(center, MessengerConfig(backoff=Backoff(0.05, 1.0)),
+                      entity_type=EntityType.CLIENT, policy=Policy.lossless_client())
         m.add_dispatcher(client)
         try:
             conn = m.connect(("127.0.0.1", pool.port))
@@ -208,8 +211,8 @@ def test_inflight_limit_queue_and_full_ring_backpressure(tmp_path: Path) -> None
         wait_for(lambda: _mesh_complete(pool, 2), 10, "a full mesh of 2")
         center = EventCenter(name="test-flood")
         client = _Client()
-        m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
-                      backoff=Backoff(0.05, 1.0))
+        m = Messenger(center, MessengerConfig(backoff=Backoff(0.05, 1.0)),
+                      entity_type=EntityType.CLIENT, policy=Policy.lossless_client())
         m.add_dispatcher(client)
         try:
             conn = m.connect(("127.0.0.1", pool.port))

@@ -11,7 +11,7 @@ import pytest
 
 from pool.api import EntityType, EventCenter, Message, Messenger, Policy
 from pool.apps import EchoDispatcher
-from pool.auth import AuthSettings, KeyringError, load_keyring, write_keyring
+from pool.api import AuthSettings, KeyringError, load_keyring, write_keyring
 from tools.stress.echo import StressConfig, run_stress
 from tests.pool.test_messenger import FailureRecorder, Harness, Recorder
 

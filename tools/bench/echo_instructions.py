@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import sys
 
-from pool.api import Dispatcher, EntityType, EventCenter, Message, Messenger, Policy
-from pool.connection import AsyncConnection
+from pool.api import (
+    AsyncConnection, Dispatcher, EntityType, EventCenter, Message, Messenger, MessengerConfig,
+    Policy,
+)
 
 WINDOW = 128
 
@@ -35,11 +37,11 @@ class _Count(Dispatcher):
 
 def run(size: int, n: int) -> None:
     center = EventCenter()
-    server = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
-                       seed=1, nonce=1)
+    server = Messenger(center, MessengerConfig(seed=1, nonce=1), entity_type=EntityType.OSD,
+                       policy=Policy.stateful_server())
     server.add_dispatcher(_Echo())
-    client = Messenger(center, entity_type=EntityType.CLIENT,
-                       policy=Policy.lossless_client(), seed=2, nonce=2)
+    client = Messenger(center, MessengerConfig(seed=2, nonce=2), entity_type=EntityType.CLIENT,
+                       policy=Policy.lossless_client())
     count = _Count()
     client.add_dispatcher(count)
     try:

@@ -31,6 +31,7 @@ from pool.api import (
     EventCenter,
     Message,
     Messenger,
+    MessengerConfig,
     Policy,
 )
 from tools.common import NotReady, percentile, wait_status
@@ -67,8 +68,8 @@ def measure(port: int, keys: int, duration: float, seed: int = 1) -> dict[str, A
     rng = random.Random(seed)
     center = EventCenter(name="bench-kv")
     rx = _Rx()
-    m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
-                  backoff=Backoff(0.05, 1.0))
+    m = Messenger(center, MessengerConfig(backoff=Backoff(0.05, 1.0)),
+                  entity_type=EntityType.CLIENT, policy=Policy.lossless_client())
     m.add_dispatcher(rx)
     try:
         conn = m.connect(("127.0.0.1", port))

@@ -157,7 +157,7 @@ _BENCH_KEYRING = {"osd.0": os.urandom(32), "client.bench": os.urandom(32)}
 
 
 def _auth(secure: bool, name: str) -> Any:
-    from pool.auth import AuthSettings
+    from pool.api import AuthSettings
     if not secure:
         return None
     return AuthSettings("secret", "secure", name, _BENCH_KEYRING)

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from pool.auth import AuthSettings, KeyringError, load_keyring
+from pool.api import AuthSettings, KeyringError, load_keyring
 from tools.common import parse_target
 
 from . import echo, kv

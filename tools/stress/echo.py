@@ -31,10 +31,11 @@ from pool.api import (
     HandshakeFailure,
     Message,
     Messenger,
+    MessengerConfig,
     Policy,
 )
 from transport.stacks import make_stack
-from pool.auth import AuthSettings
+from pool.api import AuthSettings
 
 from .common import Chaos, ChaosConfig, p50_p99_us
 
@@ -190,10 +191,11 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
         for i in range(cfg.conns):
             stack = make_stack(cfg.stack, memif_mode=cfg.memif_mode) \
                 if cfg.stack != "posix" else None
-            m = Messenger(center, entity_type=EntityType.CLIENT, policy=policy, stack=stack,
-                          inject_socket_failures=cfg.inject_socket_failures,
-                          backoff=Backoff(0.05, cfg.max_backoff), seed=rng.getrandbits(32),
-                          auth=cfg.auth, identity_check=cfg.identity_check)
+            mcfg = MessengerConfig(inject_socket_failures=cfg.inject_socket_failures,
+                                   backoff=Backoff(0.05, cfg.max_backoff),
+                                   seed=rng.getrandbits(32), identity_check=cfg.identity_check)
+            m = Messenger(center, mcfg, entity_type=EntityType.CLIENT, policy=policy,
+                          stack=stack, auth=cfg.auth)
             m.add_dispatcher(checker)
             msgrs.append(m)
             conns.append(m.connect(targets[i % len(targets)]))

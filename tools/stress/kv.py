@@ -26,6 +26,7 @@ from pool.api import (
     EventCenter,
     Message,
     Messenger,
+    MessengerConfig,
     Policy,
 )
 
@@ -132,8 +133,9 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
     try:
         conns = []
         for _ in range(cfg.conns):
-            m = Messenger(center, entity_type=EntityType.CLIENT, policy=Policy.lossless_client(),
-                          backoff=Backoff(0.05, 1.0), seed=rng.getrandbits(32))
+            m = Messenger(center, MessengerConfig(backoff=Backoff(0.05, 1.0),
+                                                  seed=rng.getrandbits(32)),
+                          entity_type=EntityType.CLIENT, policy=Policy.lossless_client())
             m.add_dispatcher(client)
             msgrs.append(m)
             conns.append(m.connect(cfg.target))

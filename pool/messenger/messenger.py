@@ -6,7 +6,10 @@ One Messenger lives on one EventCenter (one worker). It owns:
   ``conns``); a server looks up an existing session here on CLIENT_IDENT and
   SESSION_RECONNECT and applies the decision table in :mod:`protocol.session`;
 * the policies per peer entity type, and the receive throttles (messages, bytes);
-* dispatch to the registered :class:`~pool.dispatcher.Dispatcher` objects.
+* dispatch to the registered :class:`~pool.messenger.dispatcher.Dispatcher` objects.
+
+Its knobs are one frozen :class:`~pool.messenger.config.MessengerConfig`. To its
+connections it is a :class:`~pool.messenger.owner.ConnectionOwner` and nothing more.
 
 Not thread-safe: call it from its EventCenter's thread, or hop there with
 ``center.dispatch_event_external``. In the pool, a hook (``route_request``) lets the
@@ -31,11 +34,10 @@ from protocol.auth import RefuseServerAuth
 from protocol.connection import Config, Connection, IdentRequest, ReconnectRequest, Role
 from protocol.ceph.messages import message_name
 from protocol.control import EntityAddr
-from protocol.frames import FrameLimits
 from protocol.identity import IdentityCheck, default_identity_check
 from protocol.message import Message
 from protocol.policy import Backoff, Policy
-from protocol.retention import DEFAULT_CAPS, RetentionCaps, RetentionLedger
+from protocol.retention import RetentionLedger
 from protocol.session import (
     Decision, Session, Verdict, decide_ident, decide_reconnect, retained_cost,
 )
@@ -45,13 +47,16 @@ from transport.stacks import make_stack
 from transport.stack import Address, ConnectedSocket, NetworkStack, ServerSocket, SocketOptions
 
 from .auth import AuthSettings
-from .connection import AsyncConnection, ConnState
-from .dispatcher import Dispatcher, HandshakeFailure
-from .throttle import Throttle
+from .config import MessengerConfig
+from .connection import AsyncConnection
+from .dispatcher import Dispatcher
+from .failure import HandshakeFailure
+from .states import ConnState
+from .throttle import ReceiveThrottle, throttle_cost
 
 __all__ = ["Messenger"]
 
-log = logging.getLogger("pool.messenger")
+log = logging.getLogger("pool.messenger.messenger")
 
 #: route_request(conn, event) -> True when the request was handed to another owner
 RouteHook = Callable[[AsyncConnection, "IdentRequest | ReconnectRequest"], bool]
@@ -74,17 +79,13 @@ def _addr_entity(addr: Address | None, nonce: int) -> EntityAddr:
 class Messenger:
     """A set of sessions on one EventCenter."""
 
-    def __init__(self, center: EventCenter, *, entity_type: int, name: str = "",
-                 policy: Policy | None = None, stack: NetworkStack | None = None,
-                 inject_socket_failures: int = 0, throttle_messages: int = 0,
-                 throttle_bytes: int = 0, limits: FrameLimits | None = None,
-                 backoff: Backoff | None = None, nonce: int | None = None,
-                 cookie_tag: int = 0, seed: int | None = None,
-                 ready_timeout: float = 10.0, idle_timeout: float = 900.0,
-                 standby_timeout: float = 900.0, auth: AuthSettings | None = None,
-                 identity_check: IdentityCheck | str | None = None,
-                 retention: RetentionCaps | RetentionLedger[AsyncConnection] = DEFAULT_CAPS
-                 ) -> None:
+    def __init__(self, center: EventCenter, config: MessengerConfig | None = None, *,
+                 entity_type: int, name: str = "", policy: Policy | None = None,
+                 stack: NetworkStack | None = None, auth: AuthSettings | None = None,
+                 retained: RetentionLedger[AsyncConnection] | None = None) -> None:
+        """``retained``: a ledger shared with other messengers of the worker (one set
+        of caps for all), instead of one of ``config.retention``'s own."""
+        cfg = self.config = config or MessengerConfig()
         self.center = center
         self.entity_type = entity_type
         self.name = name
@@ -94,31 +95,20 @@ class Messenger:
         self.default_policy = policy or Policy.lossless_client()
         self.policies: dict[int, Policy] = {}
         self.dispatchers: list[Dispatcher] = []
-        self.nonce = nonce if nonce is not None else secrets.randbits(32)
+        self.nonce = cfg.nonce if cfg.nonce is not None else secrets.randbits(32)
         self.my_addr = EntityAddr(self.nonce, "", 0)
-        self.rng = random.Random(seed)
-        self.inject_socket_failures = inject_socket_failures
-        self.backoff = backoff or Backoff()
-        self.ready_timeout = ready_timeout
-        self.idle_timeout = idle_timeout
-        #: a server forgets a session whose client stayed away this long (the client
-        #: then gets SESSION_RESET and ms_handle_remote_reset: never silent loss)
-        self.standby_timeout = standby_timeout
-        #: server sessions kept without a connection (STANDBY), bounded by ``retention``
-        #: (a ledger passed in is shared: messengers of one worker, one set of caps); the
-        #: client of an evicted one is told as if the standby timeout had passed
+        self.rng = random.Random(cfg.seed)
+        #: server sessions kept without a connection (STANDBY), bounded by the retention
+        #: caps; the client of an evicted one is told as if the standby timeout had passed
         self.retained: RetentionLedger[AsyncConnection] = (
-            retention if isinstance(retention, RetentionLedger) else RetentionLedger(retention))
-        #: top 24 bits of server cookies (0 = fully random): a pool puts slot+1 and the
-        #: slot's generation here so any worker can tell who owns a session.
-        self.cookie_tag = cookie_tag
+            retained if retained is not None else RetentionLedger(cfg.retention))
         self._global_seq = 0
         self.proto_config = Config(
             entity_type=entity_type, my_addr=self.my_addr,
             features_supported=features.SUPPORTED, features_required=features.REQUIRED,
-            limits=limits or FrameLimits(), next_global_seq=self._next_global_seq,
+            limits=cfg.limits, next_global_seq=self._next_global_seq,
             new_cookie=self._new_cookie,
-            identity_check=IdentityCheck(identity_check) if identity_check is not None
+            identity_check=IdentityCheck(cfg.identity_check) if cfg.identity_check is not None
             else default_identity_check(entity_type))
         self.auth = auth or AuthSettings()
         self.auth.apply(self.proto_config)
@@ -127,30 +117,25 @@ class Messenger:
         self.accepting: set[AsyncConnection] = set()
         self.listeners: list[ServerSocket] = []
         self._accept_loops: list[AcceptLoop] = []
-        self.throttle_msgs = Throttle("messages", throttle_messages)
-        self.throttle_bytes = Throttle("bytes", throttle_bytes)
+        self._rx = ReceiveThrottle(center, cfg.throttle_messages, cfg.throttle_bytes)
+        self.throttle_msgs = self._rx.messages
+        self.throttle_bytes = self._rx.bytes
         self.route_request: RouteHook | None = None
-        #: stop reading a connection whose unsent output exceeds this (bytes), resume at half
-        self.out_high_water = 4 * 1024 * 1024
-        #: ...or whose queue of not-yet-encoded replies exceeds this many messages
-        self.out_queue_limit = 4096
-        #: refuse (with EBUSY) connections beyond this many; 0 = no cap
-        self.max_connections = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.msgs_in = 0
         self.msgs_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self._holding: Message | None = None
-        #: with no limits configured the per-message throttle work is skipped entirely
-        self._throttled_any = bool(throttle_messages or throttle_bytes)
-        self._throttle_waiters: dict[Callable[[], None], None] = {}
-        self._resume_scheduled = False
         self._tick_id: int | None = None
         self._stopped = False
         self._tick_id = center.create_time_event(1.0, self._tick)
 
     # -- configuration ---------------------------------------------------------------------
+    @property
+    def backoff(self) -> Backoff:
+        return self.config.backoff
+
     def set_policy(self, entity_type: int, policy: Policy) -> None:
         self.policies[entity_type] = policy
 
@@ -165,12 +150,18 @@ class Messenger:
         return self._global_seq
 
     def _new_cookie(self) -> int:
-        if not self.cookie_tag:
+        tag = self.config.cookie_tag
+        if not tag:
             return secrets.randbits(64) or 1
-        return (self.cookie_tag << 40) | secrets.randbits(40)
+        return (tag << 40) | secrets.randbits(40)
 
-    def target_entity_addr(self, addr: Address | None) -> EntityAddr:
-        return _addr_entity(addr, 0)
+    # -- what a connection asks of its owner (owner.ConnectionOwner) --------------------------
+    def dial(self, addr: Address) -> ConnectedSocket:
+        return self.stack.connect(addr, self.socket_options)
+
+    def client_wire(self, session: Session, addr: Address) -> Connection:
+        return Connection(Role.CLIENT, self.proto_config, session,
+                          target_addr=_addr_entity(addr, 0))
 
     # -- server side -------------------------------------------------------------------------
     def bind(self, addr: Address, opts: SocketOptions | None = None) -> Address:
@@ -209,13 +200,13 @@ class Messenger:
         conn = AsyncConnection(self, self.default_policy, peer_addr=sock.peer_address,
                                outgoing=False)
         config = self.proto_config
-        if self.max_connections and len(self.connections()) + len(self.accepting) \
-                >= self.max_connections:
+        cap = self.config.max_connections
+        if cap and len(self.connections()) + len(self.accepting) >= cap:
             # At the cap: finish the banner exchange and answer AUTH_REQUEST with -EBUSY,
             # so the client learns why instead of seeing a bare close.
             self.stats["refused_busy"] += 1
             config = dataclasses.replace(config, server_auth=lambda: RefuseServerAuth(
-                f"this worker serves its maximum of {self.max_connections} connections"))
+                f"this worker serves its maximum of {cap} connections"))
         wire = Connection(Role.SERVER, config,
                           seen_peer_addr=_addr_entity(sock.peer_address, 0))
         self.accepting.add(conn)
@@ -275,7 +266,7 @@ class Messenger:
         self.stats[f"ident_{d.verdict.value}"] += 1
         if d.verdict is Verdict.NEW_SESSION:
             if existing is not None:
-                existing._stop(notify=d.reset_existing)
+                existing.close(notify=d.reset_existing)
             self._new_server_session(conn, key if register else None, policy)
         elif d.verdict is Verdict.REUSE:
             assert existing is not None and existing.session is not None
@@ -287,9 +278,9 @@ class Messenger:
             if existing is not None:
                 existing.send_keepalive()
             wire.reject("wait")
-            conn._schedule_flush()
+            conn.schedule_flush()
         else:  # STALE
-            conn._stop(notify=False)
+            conn.close(notify=False)
 
     def _new_server_session(self, conn: AsyncConnection, key: str | None, policy: Policy) -> None:
         wire = conn.wire
@@ -309,10 +300,9 @@ class Messenger:
     def _reuse(self, conn: AsyncConnection, existing: AsyncConnection,
                answer: Callable[[Connection, Session], None]) -> None:
         """Move ``conn``'s socket into ``existing`` and answer the request there."""
-        sock, wire = conn.detach_socket()
+        sock, wire = conn.hand_off()
         assert sock is not None and wire is not None and existing.session is not None
         self.accepting.discard(conn)
-        conn.state = ConnState.CLOSED
         self.retained.release(existing)  # its client is back
         existing.replace_socket(sock, wire)
         answer(wire, existing.session)
@@ -340,7 +330,7 @@ class Messenger:
             wire.reject("retry_global", value=d.value)
         elif d.verdict is Verdict.WAIT:
             wire.reject("wait")
-        conn._schedule_flush()
+        conn.schedule_flush()
 
     # -- client side ----------------------------------------------------------------------------
     def connect(self, addr: Address, policy: Policy | None = None) -> AsyncConnection:
@@ -355,7 +345,7 @@ class Messenger:
         conn = AsyncConnection(self, policy or self.default_policy, peer_addr=addr, outgoing=True)
         conn.key = key
         self.conns[key] = conn
-        conn._start_connect()
+        conn.start_connect()
         return conn
 
     get_connection = connect
@@ -396,43 +386,21 @@ class Messenger:
                 if c.state is not ConnState.CLOSED]
 
     # -- throttles and dispatch ------------------------------------------------------------
-    def throttle_take(self, size: int) -> bool:
-        if not self._throttled_any:
-            return True
-        if not self.throttle_msgs.get_or_fail(1):
-            return False
-        if not self.throttle_bytes.get_or_fail(size):
-            self.throttle_msgs.put(1)
-            return False
-        return True
-
     def throttle_wait(self, cb: Callable[[], None]) -> None:
         """Call ``cb`` (on the loop, FIFO, once) after the next release of either throttle."""
-        self._throttle_waiters[cb] = None
+        self._rx.wait(cb)
 
-    def throttle_discard_waiter(self, cb: Callable[[], None]) -> None:
-        self._throttle_waiters.pop(cb, None)
+    def throttle_cancel(self, cb: Callable[[], None]) -> None:
+        self._rx.cancel(cb)
 
-    def _throttle_put(self, size: int) -> None:
-        self.throttle_bytes.put(size)
-        self.throttle_msgs.put(1)
-        if self._throttle_waiters and not self._resume_scheduled:
-            # Resume from the loop, not from inside whatever released (possibly a
-            # dispatch callback): no re-entrant delivery.
-            self._resume_scheduled = True
-            self.center.call_soon(self._resume_throttled)
-
-    def _resume_throttled(self) -> None:
-        self._resume_scheduled = False
-        waiters = self._throttle_waiters
-        while waiters:
-            cb = next(iter(waiters))
-            del waiters[cb]
-            cb()
-            if cb in waiters:  # still refused: no capacity left, wait for the next put
-                break
-
-    def deliver(self, conn: AsyncConnection, msg: Message, size: int) -> None:
+    def deliver(self, conn: AsyncConnection, msg: Message) -> bool:
+        """Charge the throttles and dispatch ``msg`` (False, nothing charged: full)."""
+        rx = self._rx
+        size = 0
+        if rx.enabled:
+            size = throttle_cost(msg)
+            if not rx.take(size):
+                return False
         self.msgs_in += 1
         self._holding = None
         if msg.raw:  # a Ceph message: name it (MMonGetMap, MMonSubscribe, ...)
@@ -445,9 +413,10 @@ class Messenger:
         except Exception:  # noqa: BLE001 - a dispatcher bug must not kill the worker
             log.exception("dispatcher raised on %r", msg)
             self.stats["dispatch_errors"] += 1
-        if self._holding is not msg and self._throttled_any:
-            self._throttle_put(size)
+        if self._holding is not msg and rx.enabled:
+            rx.put(size)
         self._holding = None
+        return True
 
     def hold(self, msg: Message) -> Callable[[], None]:
         """Called inside ms_dispatch: keep ``msg`` past the callback. The throttles stay
@@ -455,9 +424,10 @@ class Messenger:
         if self._holding is not None or msg is None:
             raise RuntimeError("hold() must be called once, from ms_dispatch for that message")
         self._holding = msg
-        if not self._throttled_any:
+        rx = self._rx
+        if not rx.enabled:
             return lambda: None
-        size = len(msg.data) + 64
+        size = throttle_cost(msg)
         released = False
 
         def release() -> None:
@@ -465,7 +435,7 @@ class Messenger:
             if released:
                 return
             released = True
-            self._throttle_put(size)
+            rx.put(size)
         return release
 
     def _each(self, name: str, conn: AsyncConnection) -> None:
@@ -506,19 +476,20 @@ class Messenger:
         if self._stopped:
             return
         now = self.center.now()
+        cfg = self.config
         for conn in list(self.conns.values()) + list(self.accepting) + list(self.anon):
             if conn.state in (ConnState.CONNECTING, ConnState.HANDSHAKE, ConnState.ACCEPTING):
-                if now - conn.connect_started >= self.ready_timeout:
+                if now - conn.connect_started >= cfg.ready_timeout:
                     self.stats["ready_timeouts"] += 1
-                    conn._fault("not ready within the ready timeout")
-            elif conn.state is ConnState.READY and now - conn.last_active > self.idle_timeout:
+                    conn.fault("not ready within the ready timeout")
+            elif conn.state is ConnState.READY and now - conn.last_active > cfg.idle_timeout:
                 self.stats["idle_timeouts"] += 1
-                conn._fault("idle timeout")
+                conn.fault("idle timeout")
             elif conn.state is ConnState.STANDBY and not conn.outgoing \
-                    and now - conn.last_active > self.standby_timeout:
+                    and now - conn.last_active > cfg.standby_timeout:
                 self.stats["standby_reaped"] += 1
                 conn.expire()
-        period = min(1.0, self.idle_timeout / 2, self.standby_timeout / 2)
+        period = min(1.0, cfg.idle_timeout / 2, cfg.standby_timeout / 2)
         self._tick_id = self.center.create_time_event(period, self._tick)
 
     # -- shutdown -------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ from protocol.policy import Policy
 from transport.event_center import EventCenter
 
 from .auth import AuthSettings
-from .connection import AsyncConnection, ConnState
+from .config import MessengerConfig
+from .connection import AsyncConnection
+from .states import ConnState
 from .dispatcher import Dispatcher
 from .messenger import Messenger
 
@@ -86,7 +88,7 @@ class MonClient:
 
     def __init__(self, mon: str, *, name: str = "client.admin", timeout: float = 10.0,
                  on_reset: Callable[[AsyncConnection], None] | None = None,
-                 messenger_options: dict[str, Any] | None = None) -> None:
+                 config: MessengerConfig | None = None) -> None:
         try:
             addr = parse_addr(mon)
         except ValueError as exc:
@@ -97,9 +99,9 @@ class MonClient:
         self.center = EventCenter(name="monclient")
         self.inbox = _Inbox(on_reset)
         try:
-            self.msgr = Messenger(self.center, entity_type=EntityType.CLIENT, name=name,
-                                  policy=Policy.lossy_client(),
-                                  auth=AuthSettings(name=name), **(messenger_options or {}))
+            self.msgr = Messenger(self.center, config, entity_type=EntityType.CLIENT,
+                                  name=name, policy=Policy.lossy_client(),
+                                  auth=AuthSettings(name=name))
         except BaseException:
             self.center.close()
             raise

@@ -9,28 +9,16 @@ its return by calling ``Messenger.hold(msg)``; the throttles stay charged until 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from protocol.message import Message
 
+from .failure import HandshakeFailure
+
 if TYPE_CHECKING:
     from .connection import AsyncConnection
 
-__all__ = ["Dispatcher", "HandshakeFailure", "UNRETRYABLE"]
-
-#: protocol error codes that the same attempt, retried, cannot cure: the server names
-#: another identity, refuses our auth, lacks or requires features, or is no msgr2 peer
-UNRETRYABLE = frozenset({"bad_ident", "auth", "features", "bad_banner", "msgr1"})
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeFailure:
-    """Why an outgoing handshake failed in a way retrying will not fix."""
-
-    code: str        # the protocol error code, e.g. "bad_ident", "auth", "features"
-    reason: str      # what was wrong and what to do, in words
-    retry_in: float  # seconds until the next attempt; 0 when the session is given up
+__all__ = ["Dispatcher"]
 
 
 class Dispatcher:
@@ -58,6 +46,6 @@ class Dispatcher:
 
     def ms_handle_error(self, conn: AsyncConnection, failure: HandshakeFailure) -> None:
         """The handshake failed for a reason retrying cannot cure (``failure.code`` is in
-        ``UNRETRYABLE``). A lossless session keeps its messages and retries only at the
+        ``failure.UNRETRYABLE``). A lossless session keeps its messages and retries only at the
         backoff maximum, in case the peer is reconfigured; call ``conn.mark_down()`` to
         give up instead. A lossy one is closed (``ms_handle_reset`` follows)."""
