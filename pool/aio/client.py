@@ -34,10 +34,12 @@ from transport.asyncio_driver import AsyncioDriver
 from transport.event_center import EventCenter
 from transport.stack import Address
 
-from ..auth import AuthSettings
-from ..connection import AsyncConnection
-from ..dispatcher import Dispatcher, HandshakeFailure
-from ..messenger import Messenger
+from ..messenger.auth import AuthSettings
+from ..messenger.config import MessengerConfig
+from ..messenger.connection import AsyncConnection
+from ..messenger.dispatcher import Dispatcher
+from ..messenger.failure import HandshakeFailure
+from ..messenger.messenger import Messenger
 from .errors import (
     CallTimeout,
     ConnectionClosed,
@@ -73,8 +75,9 @@ class AioConnection(Dispatcher):
         self.late_replies = 0
         self._loop = asyncio.get_running_loop()
         self._center = EventCenter(driver=AsyncioDriver(self._loop), name="aio-client")
-        self._msgr = Messenger(self._center, entity_type=entity_type, policy=policy, auth=auth,
-                               ready_timeout=ready_timeout, identity_check=identity)
+        config = MessengerConfig(ready_timeout=ready_timeout, identity_check=identity)
+        self._msgr = Messenger(self._center, config, entity_type=entity_type, policy=policy,
+                               auth=auth)
         self._msgr.add_dispatcher(self)
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._pushed: deque[Message] = deque()

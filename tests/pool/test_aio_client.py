@@ -5,21 +5,29 @@ resets). Every wait is on an event or a future, bounded by pytest-timeout."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from pool.aio import (
+    AioConnection,
     CallTimeout,
     ConnectionRefused,
     HandshakeError,
     SessionReset,
     connect,
 )
-from pool.api import AsyncConnection, Dispatcher, EntityType, Message, Messenger, Policy
-from pool.auth import AuthSettings
+from pool.api import (
+    AsyncConnection,
+    AuthSettings,
+    Dispatcher,
+    EntityType,
+    Message,
+    Messenger,
+    Policy,
+)
 from tools.common import free_port
 from transport.asyncio_driver import AsyncioDriver
 from transport.event_center import EventCenter
@@ -157,7 +165,7 @@ class EchoBack(Dispatcher):
 
 @asynccontextmanager
 async def connect_after_server(dispatcher: Dispatcher, port: int
-                               ) -> AsyncIterator[tuple[object, Callable[[], object]]]:
+                               ) -> AsyncIterator[tuple[AioConnection, Callable[[], Awaitable[None]]]]:
     cm = _server(dispatcher, port)
     await cm.__aenter__()
     stopped = False
