@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pool.supervisor.admin import AdminClient, AdminError
+from transport.addresses import split_host_port
 
 __all__ = ["NotReady", "free_port", "parse_bind", "parse_target", "percentile", "split_host_port",
            "wait_status"]
@@ -57,14 +58,6 @@ def wait_status(admin: str | AdminClient, until: Callable[[Status], bool], timeo
         if time.monotonic() > deadline:
             raise NotReady(last)
         time.sleep(poll)  # polling the pool's own status, bounded by the deadline
-
-
-def split_host_port(text: str, default_host: str) -> tuple[str, int] | None:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6; empty host: ``default_host``), or None."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    return host.strip("[]") or default_host, int(port)
 
 
 def parse_bind(text: str, option: str = "--bind") -> tuple[str, int]:
