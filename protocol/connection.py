@@ -19,14 +19,14 @@ Handshake (crc mode). Both roles first exchange banners, then HELLO:
                              ◀─────────      SERVER_IDENT | RECONNECT_OK | RESET | RETRY* | WAIT
     READY: MESSAGE / ACK / KEEPALIVE2 / KEEPALIVE2_ACK in both directions
 
-Every legal (role, state, tag) lives in :data:`TRANSITIONS`; anything else is a remote
+Every legal (role, state, tag) lives in :data:`protocol.transitions.TRANSITIONS` (the code
+obeys only that table and LOCAL_TRANSITIONS); anything else is a remote
 protocol error that faults the connection (never the worker). The owner supplies time,
 randomness and the session registry, so the whole exchange is testable without sockets.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -42,24 +42,24 @@ from .control import (
     Keepalive2, Keepalive2Ack, ServerIdent, SessionReconnect, SessionReconnectOk,
     SessionReset, SessionRetry, SessionRetryGlobal, Wait, decode_control, encode_control,
 )
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .identity import IdentityCheck, mismatch_reason, names_dialled
 from .frames import (
-    Banner, FrameDecoder, FrameLimits, Tag, encode_banner,
+    Banner, Buffer, FrameDecoder, FrameLimits, Tag, encode_banner, tag_name,
 )
 from .message import MAX_FRONT, Message, decode_message, encode_messages
 from .replies import auth_bad_method_text, missing_features_text, server_bad_method
 from .session import Session
 from .transcript import Transcript
+from .transitions import LOCAL_TRANSITIONS, TRANSITIONS, Local, Outcome, Role, State
 
 __all__ = [
     "Role", "State", "Config", "Connection", "NEED_DATA", "TRANSITIONS",
-    "Ready", "IdentRequest", "ReconnectRequest", "ResetReceived", "RetryReceived",
+    "Local", "Outcome", "LOCAL_TRANSITIONS", "Ready", "IdentRequest", "ReconnectRequest", "ResetReceived", "RetryReceived",
     "WaitReceived", "MessageReceived", "KeepaliveReceived", "KeepaliveAckReceived",
     "Event",
 ]
 
-Buffer = Union[bytes, bytearray, memoryview]
 _EBUSY = -16   # AUTH_BAD_METHOD result: server at its connection limit ("kick the client")
 
 
@@ -69,23 +69,6 @@ class _NeedData:
 
 
 NEED_DATA: Any = _NeedData()
-
-
-class Role(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class State(enum.Enum):
-    BANNER = "banner"
-    HELLO = "hello"
-    AUTH = "auth"
-    AUTH_SIGNATURE = "auth_signature"
-    SESSION_CONNECTING = "session_connecting"      # client sent CLIENT_IDENT
-    SESSION_RECONNECTING = "session_reconnecting"  # client sent SESSION_RECONNECT
-    SESSION_ACCEPTING = "session_accepting"        # server waits for / decides on ident
-    READY = "ready"
-    CLOSED = "closed"
 
 
 # -- events ------------------------------------------------------------------------------
@@ -192,39 +175,7 @@ class Config:
     identity_check: IdentityCheck = IdentityCheck.STRICT
 
 
-# (role, state, tag) -> (handler name, state after the handler unless it sets another)
 _ASYNCMSGR = feat.ASYNCMSGR
-
-_C, _S = Role.CLIENT, Role.SERVER
-TRANSITIONS: dict[tuple[Role, State, int], tuple[str, State]] = {
-    (_C, State.HELLO, Tag.HELLO): ("_on_hello", State.AUTH),
-    (_S, State.HELLO, Tag.HELLO): ("_on_hello", State.AUTH),
-    (_C, State.AUTH, Tag.AUTH_DONE): ("_on_auth_done", State.AUTH_SIGNATURE),
-    (_C, State.AUTH, Tag.AUTH_REPLY_MORE): ("_on_auth_reply_more", State.AUTH),
-    (_C, State.AUTH, Tag.AUTH_BAD_METHOD): ("_on_auth_bad_method", State.CLOSED),
-    (_S, State.AUTH, Tag.AUTH_REQUEST): ("_on_auth_request", State.AUTH_SIGNATURE),
-    (_S, State.AUTH, Tag.AUTH_REQUEST_MORE): ("_on_auth_request_more", State.AUTH_SIGNATURE),
-    (_C, State.AUTH_SIGNATURE, Tag.AUTH_SIGNATURE): ("_on_signature", State.SESSION_CONNECTING),
-    (_S, State.AUTH_SIGNATURE, Tag.AUTH_SIGNATURE): ("_on_signature", State.SESSION_ACCEPTING),
-    (_S, State.SESSION_ACCEPTING, Tag.CLIENT_IDENT): ("_on_client_ident", State.SESSION_ACCEPTING),
-    (_S, State.SESSION_ACCEPTING, Tag.SESSION_RECONNECT): ("_on_reconnect", State.SESSION_ACCEPTING),
-    (_C, State.SESSION_CONNECTING, Tag.SERVER_IDENT): ("_on_server_ident", State.READY),
-    (_C, State.SESSION_CONNECTING, Tag.IDENT_MISSING_FEATURES): ("_on_missing_features", State.CLOSED),
-    (_C, State.SESSION_CONNECTING, Tag.WAIT): ("_on_wait", State.CLOSED),
-    (_C, State.SESSION_RECONNECTING, Tag.SESSION_RECONNECT_OK): ("_on_reconnect_ok", State.READY),
-    (_C, State.SESSION_RECONNECTING, Tag.SESSION_RESET): ("_on_session_reset", State.SESSION_CONNECTING),
-    (_C, State.SESSION_RECONNECTING, Tag.SESSION_RETRY): ("_on_retry", State.SESSION_RECONNECTING),
-    (_C, State.SESSION_RECONNECTING, Tag.SESSION_RETRY_GLOBAL): ("_on_retry_global", State.SESSION_RECONNECTING),
-    (_C, State.SESSION_RECONNECTING, Tag.WAIT): ("_on_wait", State.CLOSED),
-    (_C, State.READY, Tag.MESSAGE): ("_on_message", State.READY),
-    (_S, State.READY, Tag.MESSAGE): ("_on_message", State.READY),
-    (_C, State.READY, Tag.ACK): ("_on_ack", State.READY),
-    (_S, State.READY, Tag.ACK): ("_on_ack", State.READY),
-    (_C, State.READY, Tag.KEEPALIVE2): ("_on_keepalive", State.READY),
-    (_S, State.READY, Tag.KEEPALIVE2): ("_on_keepalive", State.READY),
-    (_C, State.READY, Tag.KEEPALIVE2_ACK): ("_on_keepalive_ack", State.READY),
-    (_S, State.READY, Tag.KEEPALIVE2_ACK): ("_on_keepalive_ack", State.READY),
-}
 
 
 class Connection:
@@ -232,7 +183,7 @@ class Connection:
 
     def __init__(self, role: Role, config: Config, session: Session | None = None,
                  seen_peer_addr: EntityAddr | None = None,
-                 target_addr: EntityAddr | None = None) -> None:
+                 target_addr: EntityAddr | None = None, *, send_banner: bool = True) -> None:
         if role is Role.CLIENT and session is None:
             raise LocalProtocolError("a client connection needs its session up front")
         self.role = role
@@ -251,7 +202,6 @@ class Connection:
         self.seen_peer_addr = seen_peer_addr or EntityAddr(0, "", 0)
         self.target_addr = target_addr or EntityAddr(0, "", 0)
         self.learned_addr: EntityAddr | None = None
-        self.auth_failure: str | None = None
         self.auth_method = 0  # server: the method the client asked for
         self.auth: AuthResult | None = None
         self.pending_request: ClientIdent | SessionReconnect | None = None
@@ -269,7 +219,8 @@ class Connection:
         self.transcript = Transcript(self._wants_transcript())
         banner = encode_banner(config.features_supported, config.features_required)
         self.transcript.sent((banner,))
-        self._out.append(banner)
+        if send_banner:  # False: the connection continues one whose banner went out
+            self._out.append(banner)
 
     # -- I/O surface -----------------------------------------------------------------
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -381,21 +332,32 @@ class Connection:
                 tag = frame.tag
             entry = TRANSITIONS.get((self.role, state, tag))
             if entry is None:
-                name = Tag(tag).name if tag in Tag._value2member_map_ else str(tag)
+                self.state = State.CLOSED
                 raise RemoteProtocolError(
-                    f"unexpected {name} frame in state {state.value} ({self.role.value}); "
-                    "the peer is not following msgr2", "bad_tag")
-            handler, nxt = entry
-            payload = frame.segments[0] if frame.segments else memoryview(b"")
-            self.state = nxt
+                    f"unexpected {tag_name(tag)} frame in state {state.value} "
+                    f"({self.role.value}); the peer is not following msgr2", "bad_tag")
+            handler, then = entry
             try:
-                getattr(self, handler)(decode_control(tag, payload) if tag != Tag.MESSAGE
-                                       else payload)
-            except RemoteProtocolError:
+                outcome = getattr(self, handler)(decode_control(tag, frame.segments[0]))
+            except ProtocolError:
                 self.state = State.CLOSED  # a refused frame never leaves us READY
                 raise
+            nxt = then.get(outcome or Outcome.DONE)
+            if nxt is None:
+                self.state = State.CLOSED
+                raise LocalProtocolError(f"{handler} chose {outcome}, which its row of "
+                                         "TRANSITIONS does not have", "bad_state")
+            self.state = nxt
             if self._events:
                 return self._events.pop(0)
+
+    def _fire(self, trigger: Local) -> None:
+        """Move along LOCAL_TRANSITIONS (the one writer of ``state`` besides the pump)."""
+        nxt = LOCAL_TRANSITIONS.get((self.role, self.state, trigger))
+        if nxt is None:
+            raise LocalProtocolError(f"{trigger.value} is not allowed in state "
+                                     f"{self.state.value} ({self.role.value})", "bad_state")
+        self.state = nxt
 
     # -- transcript (for AUTH_SIGNATURE) ----------------------------------------------
     def _wants_transcript(self) -> bool:
@@ -431,7 +393,7 @@ class Connection:
         if not banner.supported & feat.REVISION_1:
             raise RemoteProtocolError("peer does not speak msgr2.1 (REVISION_1)", "features")
         self._set_peer_features(banner.supported)
-        self.state = State.HELLO
+        self._fire(Local.BANNER)
         peer = self.target_addr if self.role is Role.CLIENT else self.seen_peer_addr
         self._send_control(Hello(int(cfg.entity_type), peer))
 
@@ -443,33 +405,31 @@ class Connection:
             method, modes, payload = self._client_auth.request()
             self._send_control(AuthRequest(method, modes, payload))
 
-    def _on_auth_request(self, req: AuthRequest) -> None:
+    def _on_auth_request(self, req: AuthRequest) -> Outcome:
         assert self._server_auth is not None
         self.auth_method = req.method
-        self._server_auth_outcome(self._server_auth.handle_request(
+        return self._server_auth_outcome(self._server_auth.handle_request(
             req.method, tuple(req.preferred_modes), bytes(req.payload)))
 
-    def _on_auth_request_more(self, req: AuthRequestMore) -> None:
+    def _on_auth_request_more(self, req: AuthRequestMore) -> Outcome:
         assert self._server_auth is not None
-        self._server_auth_outcome(self._server_auth.handle_more(bytes(req.payload)))
+        return self._server_auth_outcome(self._server_auth.handle_more(bytes(req.payload)))
 
-    def _server_auth_outcome(self, outcome: tuple[str, object]) -> None:
+    def _server_auth_outcome(self, outcome: tuple[str, object]) -> Outcome:
         kind, value = outcome
         if kind == "more":
             assert isinstance(value, bytes)
-            self.state = State.AUTH
             self._send_control(AuthReplyMore(value))
-        elif kind == "done":
+            return Outcome.AUTH_MORE
+        if kind == "done":
             assert isinstance(value, AuthResult)
             self._send_control(AuthDone(value.global_id, value.con_mode, b""))
             self._finish_auth(value)
-        else:
-            busy = kind == "busy"
-            assert self._server_auth is not None
-            self._send_control(server_bad_method(self._server_auth, busy, self.auth_method))
-            self.state = State.CLOSED
-            self.auth_failure = str(value)
-            raise RemoteProtocolError(f"{'refused' if busy else 'authentication rejected'}: "
+            return Outcome.DONE
+        busy = kind == "busy"
+        assert self._server_auth is not None
+        self._send_control(server_bad_method(self._server_auth, busy, self.auth_method))
+        raise RemoteProtocolError(f"{'refused' if busy else 'authentication rejected'}: "
                                       f"{value}", "busy" if busy else "auth")
 
     def _on_auth_reply_more(self, more: AuthReplyMore) -> None:
@@ -493,19 +453,21 @@ class Connection:
             self._enable_secure(result.session_key)
         self._send_control(AuthSignature(signature(result.session_key, rx)))
 
-    def _on_signature(self, sig: AuthSignature) -> None:
+    def _on_signature(self, sig: AuthSignature) -> Outcome:
         assert self.auth is not None
         expected = signature(self.auth.session_key, self.transcript.sent_bytes())
         if bytes(sig.sha256) != expected:
             raise RemoteProtocolError("AUTH_SIGNATURE mismatch: the pre-auth exchange was "
                                       "altered in transit", "auth_signature")
         self.transcript.stop()
-        if self.role is Role.CLIENT:
-            assert self.session is not None
-            if self.session.server_cookie:
-                self._send_reconnect()
-            else:
-                self._send_client_ident()
+        if self.role is Role.SERVER:
+            return Outcome.DONE
+        assert self.session is not None
+        if self.session.server_cookie:
+            self._send_reconnect()
+            return Outcome.RECONNECT
+        self._send_client_ident()
+        return Outcome.NEW_SESSION
 
     # -- client: ident / reconnect ---------------------------------------------------------
     def _send_client_ident(self) -> None:
@@ -515,7 +477,6 @@ class Connection:
         if not s.client_cookie and not s.policy.lossy:
             s.client_cookie = cfg.new_cookie()
         s.global_seq = cfg.next_global_seq(s.global_seq)
-        self.state = State.SESSION_CONNECTING
         self._send_control(ClientIdent(
             (self._ident_addr(),), self.target_addr, cfg.gid, s.global_seq,
             cfg.ceph_features_supported, cfg.ceph_features_required,
@@ -525,7 +486,6 @@ class Connection:
         s = self.session
         assert s is not None
         s.global_seq = self.config.next_global_seq(s.global_seq)
-        self.state = State.SESSION_RECONNECTING
         self._send_control(SessionReconnect(
             (self.config.my_addr,), s.client_cookie, s.server_cookie, s.global_seq,
             s.connect_seq, s.in_seq))
@@ -626,7 +586,7 @@ class Connection:
         session.discard_requeued_up_to(0)
         session.global_seq = cfg.next_global_seq(session.global_seq)
         self.pending_request = None
-        self.state = State.READY
+        self._fire(Local.ACCEPT_SESSION)
         self._send_control(ServerIdent(
             (cfg.my_addr,), cfg.gid, session.global_seq, cfg.ceph_features_supported,
             cfg.ceph_features_required, IDENT_FLAG_LOSSY if session.policy.lossy else 0,
@@ -643,7 +603,7 @@ class Connection:
         session.requeue_sent()
         session.discard_requeued_up_to(req.msg_seq)
         self.pending_request = None
-        self.state = State.READY
+        self._fire(Local.ACCEPT_RECONNECT)
         self._send_control(SessionReconnectOk(session.in_seq))
 
     def reject(self, verdict: str, *, full: bool = True, value: int = 0) -> None:
@@ -651,6 +611,7 @@ class Connection:
         if self.state is not State.SESSION_ACCEPTING:
             raise LocalProtocolError(f"cannot reject in state {self.state.value}")
         self.pending_request = None
+        self._fire(Local.REJECT)
         if verdict == "reset":
             self._send_control(SessionReset(full))
         elif verdict == "retry":
@@ -674,9 +635,6 @@ class Connection:
             return None
         self.messages_in += 1
         return MessageReceived(msg)
-
-    def _on_message(self, _payload: object) -> None:  # pragma: no cover - handled inline
-        raise AssertionError("MESSAGE frames are handled on the fast path")
 
     def _on_ack(self, ack: Ack) -> None:
         assert self.session is not None
@@ -713,7 +671,7 @@ class Connection:
             self._send_control(Keepalive2(stamp[0], stamp[1]))
 
     def close(self) -> None:
-        self.state = State.CLOSED
+        self._fire(Local.CLOSE)
 
     # -- handoff ----------------------------------------------------------------------
     def export_handshake(self) -> dict[str, Any]:
@@ -763,45 +721,52 @@ class Connection:
     def import_handshake(cls, config: Config, state: dict[str, Any]
                          ) -> tuple[Connection, IdentRequest | ReconnectRequest]:
         """Rebuild an exported server connection; returns it and the request event."""
-        conn = cls(Role.SERVER, config)
-        conn._out.clear()  # the banner was sent by the exporting process
-        conn.peer_type = int(state["peer_type"])
-        conn.seen_peer_addr = EntityAddr.decode(memoryview(state["seen_peer_addr"]))
-        conn.state = State.SESSION_ACCEPTING
+        conn = cls(Role.SERVER, config, send_banner=False)  # the exporter sent it
+        return conn, conn.adopt_handshake(state)
+
+    def adopt_handshake(self, state: dict[str, Any]) -> IdentRequest | ReconnectRequest:
+        """A fresh server connection takes over an exported one (import_handshake)."""
+        self.peer_type = int(state["peer_type"])
+        self.seen_peer_addr = EntityAddr.decode(memoryview(state["seen_peer_addr"]))
+        self._fire(Local.IMPORT_HANDSHAKE)
         req = decode_control(int(state["tag"]), memoryview(state["request"]))
-        conn._import_stream(state)
+        self._import_stream(state)
         if isinstance(req, ClientIdent):
-            conn._on_client_ident(req)
+            self._on_client_ident(req)
         elif isinstance(req, SessionReconnect):
-            conn._on_reconnect(req)
+            self._on_reconnect(req)
         else:
             raise RemoteProtocolError("exported handshake holds no session request", "handoff")
-        ev = conn._events.pop(0)
+        ev = self._events.pop(0)
         assert isinstance(ev, (IdentRequest, ReconnectRequest))
-        return conn, ev
+        return ev
 
     def export_ready(self) -> dict[str, Any]:
         """Stream state of a READY connection (the session itself is exported by the
         owner); the connection must not be used afterwards."""
         if self.state is not State.READY:
             raise LocalProtocolError("only a READY connection can be migrated")
-        self.state = State.CLOSED
+        self._fire(Local.EXPORT_READY)
         return self._export_stream()
 
     @classmethod
     def import_ready(cls, role: Role, config: Config, session: Session, peer_type: int,
                      peer_addrs: tuple[EntityAddr, ...], stream: dict[str, Any]) -> Connection:
         """A READY connection continuing a migrated session on a handed-off socket."""
-        conn = cls(role, config, session if role is Role.CLIENT else None)
-        conn._out.clear()
-        conn.session = session
-        conn.peer_type = peer_type
-        conn.peer_addrs = peer_addrs
-        conn.state = State.READY
-        conn._import_stream(stream)
+        conn = cls(role, config, session if role is Role.CLIENT else None, send_banner=False)
+        conn.adopt_ready(session, peer_type, peer_addrs, stream)
         return conn
+
+    def adopt_ready(self, session: Session, peer_type: int,
+                    peer_addrs: tuple[EntityAddr, ...], stream: dict[str, Any]) -> None:
+        """A fresh connection continues a migrated session (import_ready)."""
+        self.session = session
+        self.peer_type = peer_type
+        self.peer_addrs = peer_addrs
+        self._fire(Local.IMPORT_READY)
+        self._import_stream(stream)
 
     def restore_ready(self, stream: dict[str, Any]) -> None:
         """Undo export_ready (the handoff was refused): keep serving this socket."""
-        self.state = State.READY
+        self._fire(Local.RESTORE_READY)
         self._import_stream(stream)

@@ -42,6 +42,7 @@ __all__ = [
     "encode_banner",
     "encode_frame",
     "frame_bytes",
+    "tag_name",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -104,9 +105,9 @@ assert _PREAMBLE.size == PREAMBLE_SIZE and _EPILOGUE.size == EPILOGUE_SIZE
 _ALIGN_DEFAULT = 8
 _ALIGN_DATA = 4096  # receive-buffer hint for the MESSAGE data segment (index 3)
 _TAG_MESSAGE = int(Tag.MESSAGE)
-# A 256-entry table is cheaper than enum membership tests on every frame.
-_KNOWN_TAG = tuple(t in Tag._value2member_map_ for t in range(256))
 _TAG_SET = frozenset(int(t) for t in Tag)
+# A 256-entry table is cheaper than enum membership tests on every frame.
+_KNOWN_TAG = tuple(t in _TAG_SET for t in range(256))
 
 _CONTROL_MAX_CEILING = 64 * 1024
 _SEGMENT_MAX_CEILING = 16 * 1024 * 1024
@@ -642,7 +643,7 @@ class FrameDecoder:
             (want,) = _U32.unpack_from(mv, p)
             p += 4
             if _crc(seg0, 0) ^ _MASK32 != want:
-                raise FrameError(f"{_tag_name(tag)} segment 0 crc mismatch: corrupt stream",
+                raise FrameError(f"{tag_name(tag)} segment 0 crc mismatch: corrupt stream",
                                  "bad_crc")
         if nseg == 1:
             return Frame(tag, (seg0,), flags)
@@ -688,9 +689,10 @@ def _aborted(late: int) -> Frame | None:
 
 def _epilogue_error(tag: int) -> FrameError:
     # Absent segments must carry crc 0: a non-zero value there is corruption too.
-    return FrameError(f"{_tag_name(tag)} segment crc mismatch in epilogue: corrupt stream",
+    return FrameError(f"{tag_name(tag)} segment crc mismatch in epilogue: corrupt stream",
                       "bad_crc")
 
 
-def _tag_name(tag: int) -> str:
-    return Tag(tag).name if _KNOWN_TAG[tag & 0xFF] else str(tag)
+def tag_name(tag: int) -> str:
+    """The tag's name for error messages, or its number when it is not a known tag."""
+    return Tag(tag).name if tag in _TAG_SET else str(tag)
