@@ -31,7 +31,7 @@ import msgpack
 
 from .ceph.header import HEADER2
 from .errors import LocalProtocolError, RemoteProtocolError
-from .frames import encode_message_frame
+from .frame_encoder import encode_message_frame
 
 __all__ = [
     "ASYNCMSGR_TYPE_BASE",

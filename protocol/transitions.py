@@ -95,10 +95,10 @@ TRANSITIONS: dict[tuple[Role, State, int], Row] = {
     (_S, State.AUTH, Tag.AUTH_REQUEST): ("_on_auth_request", _AUTH_ROUND),
     (_S, State.AUTH, Tag.AUTH_REQUEST_MORE): ("_on_auth_request_more", _AUTH_ROUND),
     # the client resumes when its session knows a server cookie, else starts one
-    (_C, State.AUTH_SIGNATURE, Tag.AUTH_SIGNATURE): ("_on_signature", {
+    (_C, State.AUTH_SIGNATURE, Tag.AUTH_SIGNATURE): ("_on_server_signature", {
         Outcome.NEW_SESSION: State.SESSION_CONNECTING,
         Outcome.RECONNECT: State.SESSION_RECONNECTING}),
-    (_S, State.AUTH_SIGNATURE, Tag.AUTH_SIGNATURE): ("_on_signature",
+    (_S, State.AUTH_SIGNATURE, Tag.AUTH_SIGNATURE): ("_on_client_signature",
                                                      _to(State.SESSION_ACCEPTING)),
     # the owner decides (IdentRequest / ReconnectRequest, see LOCAL_TRANSITIONS); missing
     # features are answered with IDENT_MISSING_FEATURES and the client may ask again
