@@ -279,8 +279,6 @@ PRIVATE_ALLOWLIST: dict[str, str] = {
                   "with the msgr2 rewrite)",
     "pool/messenger.py": "calls AsyncConnection._stop/_fault/_start_connect (close(notify=) "
                          "comes with the msgr2 rewrite)",
-    "protocol/control.py": "schema classes read each other's _SCHEMA/_FIXED tables "
-                           "(protocol/ is being rewritten on the msgr2 branch)",
     # transport: classes of one module that form one device, friends by design
     "transport/rdma/softverbs.py": "the emulated device, CQs and QPs are one NIC in one "
                                    "module; they share their private queues as hardware does",
