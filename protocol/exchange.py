@@ -32,6 +32,10 @@ from .transitions import LOCAL_TRANSITIONS, TRANSITIONS, Local, Outcome, Role, S
 __all__ = ["Exchange"]
 
 _ASYNCMSGR = feat.ASYNCMSGR
+# assigned, not imported: a method call on an imported name is compiled as an attribute
+# load plus a bound method per call (CPython 3.11), and the pump runs per control frame
+_row = TRANSITIONS.get
+_local_row = LOCAL_TRANSITIONS.get
 
 
 class Exchange:
@@ -185,7 +189,7 @@ class Exchange:
                 if frame is None:
                     return NEED_DATA
                 tag = frame.tag
-            entry = TRANSITIONS.get((self.role, state, tag))
+            entry = _row((self.role, state, tag))
             if entry is None:
                 self.state = State.CLOSED
                 raise RemoteProtocolError(
@@ -208,7 +212,7 @@ class Exchange:
 
     def _fire(self, trigger: Local) -> None:
         """Move along LOCAL_TRANSITIONS (the one writer of ``state`` besides the pump)."""
-        nxt = LOCAL_TRANSITIONS.get((self.role, self.state, trigger))
+        nxt = _local_row((self.role, self.state, trigger))
         if nxt is None:
             raise LocalProtocolError(f"{trigger.value} is not allowed in state "
                                      f"{self.state.value} ({self.role.value})", "bad_state")

@@ -19,7 +19,9 @@ from .frame_format import (
 
 __all__ = ["FrameDecoder"]
 
-# Bound methods looked up once: the per-message fast path calls them for every frame.
+# Bound methods looked up once, as assigned (not imported) globals: the per-message path
+# calls them for every frame, and CPython 3.11 compiles ``imported_name.method()`` as an
+# attribute load that builds a bound method per call.
 _unpack_preamble = PREAMBLE.unpack_from
 _unpack_epilogue = EPILOGUE.unpack_from
 _unpack_u32 = U32.unpack_from
@@ -354,7 +356,7 @@ class FrameDecoder:
     def _parse_preamble(self, off: int) -> _Header:
         """Validate the preamble at ``off`` and return its header; allocates nothing."""
         (tag, nseg, l0, _a0, l1, _a1, l2, _a2, l3, _a3, flags, _rsv,
-         crc) = PREAMBLE.unpack_from(self._buf, off)
+         crc) = _unpack_preamble(self._buf, off)
         got = _crc(self._mv[off:off + 28], MASK32) ^ MASK32
         if got != crc:
             raise FrameError(f"preamble crc mismatch (got {got:#010x}, frame says {crc:#010x}):"
@@ -399,7 +401,7 @@ class FrameDecoder:
         seg0 = mv[p:p + l0]
         if l0:
             p += l0
-            (want,) = U32.unpack_from(mv, p)
+            (want,) = _unpack_u32(mv, p)
             p += 4
             if _crc(seg0, 0) ^ MASK32 != want:
                 raise FrameError(f"{tag_name(tag)} segment 0 crc mismatch: corrupt stream",
@@ -410,7 +412,7 @@ class FrameDecoder:
         seg1 = mv[p:p + l1]
         p += l1
         if nseg == 2:
-            late, c1, c2, c3 = EPILOGUE.unpack_from(mv, p)
+            late, c1, c2, c3 = _unpack_epilogue(mv, p)
             if late != LATE_STATUS_COMPLETE:
                 return _aborted(late)
             if _crc(seg1, 0) ^ MASK32 != c1 or c2 or c3:
@@ -419,7 +421,7 @@ class FrameDecoder:
         seg2 = mv[p:p + l2]
         p += l2
         if nseg == 3:
-            late, c1, c2, c3 = EPILOGUE.unpack_from(mv, p)
+            late, c1, c2, c3 = _unpack_epilogue(mv, p)
             if late != LATE_STATUS_COMPLETE:
                 return _aborted(late)
             if (_crc(seg1, 0) ^ MASK32 != c1 or _crc(seg2, 0) ^ MASK32 != c2 or c3):
@@ -427,7 +429,7 @@ class FrameDecoder:
             return Frame(tag, (seg0, seg1, seg2), flags)
         seg3 = mv[p:p + l3]
         p += l3
-        late, c1, c2, c3 = EPILOGUE.unpack_from(mv, p)
+        late, c1, c2, c3 = _unpack_epilogue(mv, p)
         if late != LATE_STATUS_COMPLETE:
             return _aborted(late)
         if (_crc(seg1, 0) ^ MASK32 != c1 or _crc(seg2, 0) ^ MASK32 != c2
