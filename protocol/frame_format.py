@@ -9,6 +9,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from .buffer import Buffer
 from .errors import LocalProtocolError
 
 __all__ = [
@@ -18,9 +19,6 @@ __all__ = [
     "PREAMBLE_SIZE", "PRE_BODY", "TAG_MESSAGE", "TAG_SET", "U32", "Banner", "Buffer", "Frame",
     "FrameLimits", "Tag", "tag_name",
 ]
-
-Buffer = bytes | bytearray | memoryview
-
 
 class Tag(enum.IntEnum):
     """Frame tags, numbered as in Ceph's ``frames_v2.h`` (and the Linux client)."""
