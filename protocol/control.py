@@ -273,6 +273,13 @@ class ControlFrame:
     _SCHEMA: ClassVar[tuple[tuple[str, str], ...]] = ()
     _FIXED: ClassVar[struct.Struct | None] = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Fixed-layout types get one Struct for the whole payload (the hot path for ACK
+        # etc.). Runs again for the class @dataclass(slots=True) rebuilds: same result.
+        super().__init_subclass__(**kwargs)
+        if all(kind in _INT_FORMATS for _, kind in cls._SCHEMA):
+            cls._FIXED = struct.Struct("<" + "".join(_INT_FORMATS[k] for _, k in cls._SCHEMA))
+
     def encode(self) -> bytes:
         """The payload bytes; ``LocalProtocolError`` if a field is out of range."""
         name = type(self).__name__
@@ -479,12 +486,6 @@ CONTROL_TYPES: tuple[type[ControlFrame], ...] = (
     Hello, AuthRequest, AuthBadMethod, AuthReplyMore, AuthRequestMore, AuthDone, AuthSignature,
     ClientIdent, ServerIdent, IdentMissingFeatures, SessionReconnect, SessionReset, SessionRetry,
     SessionRetryGlobal, SessionReconnectOk, Wait, Keepalive2, Keepalive2Ack, Ack)
-
-# Fixed-layout types get one Struct for the whole payload (the hot path for ACK etc.).
-for _cls in CONTROL_TYPES:
-    if all(kind in _INT_FORMATS for _, kind in _cls._SCHEMA):
-        _cls._FIXED = struct.Struct("<" + "".join(_INT_FORMATS[k] for _, k in _cls._SCHEMA))
-del _cls
 
 # A 256-entry list indexed by tag avoids hashing on every control frame.
 _BY_TAG: list[type[ControlFrame] | None] = [None] * 256

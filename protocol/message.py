@@ -29,9 +29,10 @@ from typing import Any, NoReturn
 
 import msgpack
 
+from .buffer import Buffer
 from .ceph.header import HEADER2
 from .errors import LocalProtocolError, RemoteProtocolError
-from .frames import encode_message_frame
+from .frame_encoder import encode_message_frame
 
 __all__ = [
     "ASYNCMSGR_TYPE_BASE",
@@ -64,7 +65,6 @@ MAX_FRONT = 16 * 1024 * 1024
 ASYNCMSGR_TYPE_BASE = 0x8000
 ASYNCMSGR_TYPE_MAX = 0x7FFF
 
-Data = bytes | bytearray | memoryview
 _EMPTY = b""
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
@@ -87,7 +87,7 @@ class Message:
 
     type: int
     front: Any = None
-    data: Data = b""
+    data: Buffer = b""
     priority: int = PRIO_DEFAULT
     tid: int = 0
     flags: int = 0
@@ -95,7 +95,7 @@ class Message:
     ack_seq: int = 0
     #: a Ceph message: ``front``/``middle`` are raw bytes, ``type`` is Ceph's number
     raw: bool = False
-    middle: Data = b""
+    middle: Buffer = b""
     version: int = 1
     compat_version: int = 1
     _front: bytes | None = field(default=None, init=False, repr=False)
@@ -181,8 +181,8 @@ def refuse_ceph_peer(msg: Message) -> NoReturn:
         "messages to it (protocol.ceph.messages, Message(..., raw=True))", "ceph_peer")
 
 
-def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Data],
-                    seal: Callable[[list[Data]], bytes] | None = None) -> None:
+def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Buffer],
+                    seal: Callable[[list[Buffer]], bytes] | None = None) -> None:
     """Append the MESSAGE frames of a numbered batch to ``out`` (each frame sealed into
     one record by ``seal`` in secure mode). The per-message write path: the header is
     packed inline. An asyncmsgr message for a peer that did not announce asyncmsgr is a
@@ -210,10 +210,10 @@ def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Da
             out.append(seal(frame))
 
 
-def message_segments(msg: Message, seq: int, ack_seq: int) -> list[Data]:
+def message_segments(msg: Message, seq: int, ack_seq: int) -> list[Buffer]:
     """Segments for ``encode_frame(Tag.MESSAGE, ...)``: header, front, middle, data,
     trimmed after the last non-empty one. ``msg`` itself is not modified."""
-    segs: list[Data] = [_pack(msg, seq, ack_seq), msg.encoded_front(), msg.middle, msg.data]
+    segs: list[Buffer] = [_pack(msg, seq, ack_seq), msg.encoded_front(), msg.middle, msg.data]
     while len(segs) > 1 and not len(segs[-1]):
         segs.pop()
     return segs
@@ -245,8 +245,8 @@ def decode_message(segments: Sequence[memoryview], max_front: int = MAX_FRONT,
     if size > max_front:
         raise RemoteProtocolError(f"MESSAGE front is {size} bytes, cap {max_front}", "oversize")
     # (an empty middle is what every sender without one sends: no bytes() call for it)
-    middle: Data = bytes(segments[2]) if n > 2 and segments[2].nbytes else _EMPTY
-    data: Data = segments[3] if n > 3 else _EMPTY
+    middle: Buffer = bytes(segments[2]) if n > 2 and segments[2].nbytes else _EMPTY
+    data: Buffer = segments[3] if n > 3 else _EMPTY
     if not asyncmsgr or wtype < ASYNCMSGR_TYPE_BASE:
         return Message(wtype, bytes(raw_front), data, prio, tid, flags, seq, ack_seq, True,
                        middle, version, compat)

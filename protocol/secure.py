@@ -16,13 +16,12 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Sequence
-from typing import Union
 
+from .buffer import Buffer
 from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["SecureChannel", "TAG_SIZE", "RECORD_HEADER"]
 
-Buffer = Union[bytes, bytearray, memoryview]
 TAG_SIZE = 16
 RECORD_HEADER = struct.Struct("<I")
 _NONCE_PREFIX = struct.Struct("<4sQ")

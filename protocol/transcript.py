@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["Transcript"]
+from .buffer import Buffer
 
-Buffer = bytes | bytearray | memoryview
+__all__ = ["Transcript"]
 
 
 class Transcript:

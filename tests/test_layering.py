@@ -273,13 +273,6 @@ def test_pool_names_no_concrete_stack_class() -> None:
 
 #: ``obj._x`` outside ``obj``'s own class, allowed: "file" (whole file) or "file:expr".
 PRIVATE_ALLOWLIST: dict[str, str] = {
-    # files being rewritten on the msgr2 branch (issue 15 names these reaches)
-    "protocol/connection.py": "the handshake reaches into its sessions' state; protocol/ is "
-                              "being rewritten on the msgr2 branch",
-    "protocol/control.py": "schema classes read each other's _SCHEMA/_FIXED tables "
-                           "(protocol/ is being rewritten on the msgr2 branch)",
-    "protocol/frames.py:Tag._value2member_map_": "a frame tag lookup without raising; "
-                                                 "protocol/ is being rewritten on the msgr2 branch",
     # transport: classes of one module that form one device, friends by design
     "transport/rdma/softqp.py": "the emulated CQs and QPs are one NIC's queues in one module; "
                                 "they share their private queues as hardware does",

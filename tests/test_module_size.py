@@ -15,8 +15,6 @@ PACKAGES = ("protocol", "transport", "pool", "tools", "tests")
 
 #: modules over the limit, each waiting for its split
 OVERSIZE_ALLOWLIST: dict[str, str] = {
-    "protocol/connection.py": "the handshake table and its halves split out (issue 15)",
-    "protocol/frames.py": "encoding and decoding split (issue 15)",
     "tests/transport/test_event_center.py": "split with the drivers (issue 17)",
     "tests/transport/test_rdma_stack.py": "split with the stack (issue 15)",
 }

@@ -30,11 +30,11 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import NoReturn, TypeVar
 
+from ..buffer import Buffer
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["MAX_COUNT", "MAX_STRING", "Buffer", "Decoder", "Encoder", "decoder"]
 
-Buffer = bytes | bytearray | memoryview
 T = TypeVar("T")
 K = TypeVar("K")
 
