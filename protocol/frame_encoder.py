@@ -11,13 +11,15 @@ from collections.abc import Sequence
 
 from crc32c import crc32c as _crc
 
+from .accel import ACCEL
 from .errors import LocalProtocolError
 from .frame_format import (
     ALIGN_DATA, ALIGN_DEFAULT, BANNER_LEN, BANNER_PAYLOAD, BANNER_PREFIX, EPILOGUE,
     LATE_STATUS_COMPLETE, MASK32, MAX_SEGMENTS, PRE_BODY, TAG_MESSAGE, TAG_SET, U32, Buffer,
 )
 
-__all__ = ["encode_banner", "encode_frame", "encode_message_frame", "frame_bytes"]
+__all__ = ["encode_banner", "encode_frame", "encode_message_frame",
+           "encode_message_frame_python", "frame_bytes"]
 
 # Bound methods as module globals, assigned rather than imported: CPython 3.11 compiles
 # ``imported_name.method(...)`` as an attribute load that builds a bound method on every
@@ -25,6 +27,8 @@ __all__ = ["encode_banner", "encode_frame", "encode_message_frame", "frame_bytes
 _pack_pre_body = PRE_BODY.pack
 _pack_u32 = U32.pack
 _pack_epilogue = EPILOGUE.pack
+if ACCEL is not None:
+    _encode = ACCEL.encode_message_frame  # the compiled frame builder
 
 
 def encode_banner(supported: int, required: int) -> bytes:
@@ -98,8 +102,8 @@ def encode_frame(tag: int, segments: Sequence[Buffer], flags: int = 0) -> list[B
     return out
 
 
-def encode_message_frame(header: bytes, front: bytes, data: Buffer,
-                         middle: Buffer = b"") -> list[Buffer]:
+def encode_message_frame_python(header: bytes, front: bytes, data: Buffer,
+                                middle: Buffer = b"") -> list[Buffer]:
     """``encode_frame(Tag.MESSAGE, [header, front, middle, data])`` for the hot path.
 
     Same bytes as the general encoder (trailing empty segments trimmed), specialised as
@@ -130,6 +134,19 @@ def encode_message_frame(header: bytes, front: bytes, data: Buffer,
     body = _pack_pre_body(TAG_MESSAGE, 1, l0, 8, 0, 0, 0, 0, 0, 0, 0, 0)
     return [b"".join((body, _pack_u32(crc(body, MASK32) ^ MASK32), header,
                       _pack_u32(crc(header, 0) ^ MASK32)))]
+
+
+if ACCEL is None:
+    encode_message_frame = encode_message_frame_python
+else:
+    def encode_message_frame(header: bytes, front: bytes, data: Buffer,
+                             middle: Buffer = b"") -> list[Buffer]:
+        """:func:`encode_message_frame_python`, compiled (protocol._accel): the same
+        buffers, byte for byte; a frame with a middle segment takes the general encoder."""
+        if len(middle):
+            return encode_frame(TAG_MESSAGE, [header, front, middle, data])
+        frame: list[Buffer] = _encode(header, front, data)
+        return frame
 
 
 def frame_bytes(tag: int, segments: Sequence[Buffer], flags: int = 0) -> bytes:

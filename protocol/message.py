@@ -32,6 +32,7 @@ import msgpack
 from .buffer import Buffer
 from .ceph.header import HEADER2
 from .errors import LocalProtocolError, RemoteProtocolError
+from .accel import ACCEL
 from .frame_encoder import encode_message_frame
 
 __all__ = [
@@ -68,6 +69,8 @@ ASYNCMSGR_TYPE_MAX = 0x7FFF
 _EMPTY = b""
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
+#: the compiled header + frame builder, or None on the pure-Python path
+_encode_message = None if ACCEL is None else ACCEL.encode_message
 _pack_header = HEADER2.pack
 #: tid, type, priority, version, flags, compat_version: the caller's header fields, with
 #: the widths ceph_msg_header2 gives them (check_outgoing's range check)
@@ -188,6 +191,7 @@ def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Bu
     packed inline. An asyncmsgr message for a peer that did not announce asyncmsgr is a
     ``LocalProtocolError`` before its frame is built."""
     pack = _pack_header
+    enc = _encode_message
     base = ASYNCMSGR_TYPE_BASE
     for msg in batch:
         if msg.raw:
@@ -198,12 +202,20 @@ def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Bu
                 _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
         else:
             refuse_ceph_peer(msg)
-        try:
-            header = pack(msg.seq, msg.tid, t, msg.priority, msg.version, 0, 0, msg.ack_seq,
-                          msg.flags, msg.compat_version, 0)
-        except struct.error:
-            header = _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
-        frame = encode_message_frame(header, msg.encoded_front(), msg.data, msg.middle)
+        if enc is not None and not len(msg.middle):
+            try:  # header and frame in one compiled call
+                frame = enc(msg.seq, msg.tid, t, msg.priority, msg.version, msg.ack_seq,
+                            msg.flags, msg.compat_version, msg.encoded_front(), msg.data)
+            except (OverflowError, TypeError):
+                _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
+                raise
+        else:
+            try:
+                header = pack(msg.seq, msg.tid, t, msg.priority, msg.version, 0, 0,
+                              msg.ack_seq, msg.flags, msg.compat_version, 0)
+            except struct.error:
+                header = _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
+            frame = encode_message_frame(header, msg.encoded_front(), msg.data, msg.middle)
         if seal is None:
             out += frame
         else:

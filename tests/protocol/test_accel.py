@@ -21,12 +21,8 @@ from hypothesis import strategies as st
 from protocol import accel
 from protocol.ceph.header import HEADER2
 from protocol.crc import crc32c
-from protocol.frames import (
-    FrameDecoder,
-    FrameLimits,
-    encode_banner,
-    encode_message_frame,
-)
+from protocol.frame_encoder import encode_message_frame_python as encode_message_frame
+from protocol.frames import FrameDecoder, FrameLimits, encode_banner
 
 from ..fuzzing import examples
 
@@ -46,12 +42,13 @@ def _join(bufs: list[bytes | bytearray | memoryview]) -> bytes:
 
 def _reference_scan(stream: bytes, limits: FrameLimits = LIMITS
                     ) -> tuple[int, list[bytes]] | None:
-    """Pure Python: the decoder's fast path on ``stream`` (after a banner)."""
+    """Pure Python: the decoder's fast path on ``stream`` (after a banner), whichever
+    path ``next_message`` itself takes in this process."""
     dec = FrameDecoder(limits)
     dec.feed(BANNER + stream)
     assert dec.next_banner() is not None
     before = dec.buffered
-    segs = dec.next_message()
+    segs = dec.next_message_python()
     if segs is None:
         return None
     return before - dec.buffered, [bytes(s) for s in segs]
@@ -204,3 +201,18 @@ def test_encode_message_refuses_what_the_header_cannot_hold(field: int, value: o
         A.encode_message(*args)  # type: ignore[arg-type]
     with pytest.raises(struct.error):  # the Python packer refuses the same values
         HEADER2.pack(*args[:5], 0, 0, *args[5:8], 0)  # type: ignore[arg-type]
+
+
+def test_the_decoder_and_encoder_run_the_compiled_path() -> None:
+    """Where the extension is built, the per-message path uses it (not only the tests)."""
+    from protocol import frame_decoder, frame_encoder
+
+    assert FrameDecoder.next_message is not FrameDecoder.next_message_python
+    assert frame_encoder.encode_message_frame is not encode_message_frame
+    frame = _join(encode_message_frame(b"h" * 41, b"front", b"data"))
+    dec = FrameDecoder(LIMITS)
+    dec.feed(BANNER + frame)
+    assert dec.next_banner() is not None
+    segs = dec.next_message()
+    assert segs is not None and [bytes(x) for x in segs] == [b"h" * 41, b"front", b"", b"data"]
+    assert frame_decoder.ACCEL is A

@@ -31,7 +31,8 @@ _TARGET = textwrap.dedent("""
     with atheris.instrument_imports():
         from protocol import accel
         from protocol.crc import crc32c
-        from protocol.frames import FrameDecoder, FrameLimits, encode_banner, encode_message_frame
+        from protocol.frame_encoder import encode_message_frame_python as encode_message_frame
+        from protocol.frames import FrameDecoder, FrameLimits, encode_banner
     A = accel.ACCEL
     assert A is not None, accel.REASON
     LIM = FrameLimits(segment_max=4096, data_max=8192)
@@ -43,7 +44,7 @@ _TARGET = textwrap.dedent("""
         dec.feed(BANNER + stream)
         dec.next_banner()
         before = dec.buffered
-        segs = dec.next_message()
+        segs = dec.next_message_python()
         return None if segs is None else (before - dec.buffered, [bytes(s) for s in segs])
 
     def compiled(stream, pad):
@@ -102,7 +103,7 @@ _UNDER_ASAN = textwrap.dedent("""
     A = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(A)
     from protocol.crc import crc32c
-    from protocol.frames import encode_message_frame
+    from protocol.frame_encoder import encode_message_frame_python as encode_message_frame
     LENGTHS = [0, 1, 7, 40, 41, 4095, 4096, 4097, 65536, 65537, 1 << 31, 0xFFFFFFFF]
     SEG, DATA = 65536, 1 << 20
     scans = 0
