@@ -94,9 +94,11 @@ class AsyncDispatcher(Dispatcher):
         if slots.running >= self.concurrency or slots.waiting:
             # Full: keep arrival order, and stop reading this peer until a slot frees.
             slots.waiting.append((msg, release))
-            if not slots.paused:
-                slots.paused = True
-                conn.pause_reading()
+            # Every time, not only the first: the connection's own write backpressure
+            # turns reading back on when its output drains, and the queue must not grow
+            # by more than one socket read per such resume.
+            slots.paused = True
+            conn.pause_reading()
             return
         self._start(conn, slots, msg, release)
 
