@@ -83,7 +83,8 @@ def test_echo_instructions_workload_runs_and_checks_its_arguments(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["epoll", "asyncmsgr", "pyzmq", "grpc-stream", "grpc-unary"])
+@pytest.mark.parametrize("kind", ["epoll", "asyncmsgr", "pyzmq", "grpc-stream", "grpc-unary",
+                                  "asyncmsgr-asyncio", "asyncmsgr-uvloop", "aio-client"])
 def test_clients_stop_at_their_request_limit(kind: str) -> None:
     """The instruction counts need an exact request count from every client."""
     from tools.bench.common import fork_server

@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from tools.bench.aio_peers import client_aio
 from tools.bench.grpc_peer import client_stream, client_unary, serve_grpc
 
 __all__ = ["SERVERS", "UNLIMITED", "messenger_client", "serve_messenger"]
@@ -164,12 +165,14 @@ def _auth(secure: bool, name: str) -> Any:
 
 
 def serve_messenger(addr: Any, ready: Callable[[], None], *, stack: Any = None,
-                    auth: Any = None, name: str = "bench-server") -> None:
-    """An echo Messenger (stateful server) at ``addr`` until SIGTERM; ``ready()`` once bound."""
+                    auth: Any = None, name: str = "bench-server",
+                    driver: str | None = None) -> None:
+    """An echo Messenger (stateful server) at ``addr`` until SIGTERM; ``ready()`` once
+    bound. ``driver``: the EventCenter's (None: epoll; "asyncio"/"uvloop": that loop)."""
     from pool.api import EntityType, EventCenter, Messenger, Policy
     from pool.apps import EchoDispatcher
 
-    center = EventCenter(name=name)
+    center = EventCenter(name=name, driver=driver)
     m = Messenger(center, entity_type=EntityType.OSD, policy=Policy.stateful_server(),
                   stack=stack, auth=auth)
     m.add_dispatcher(EchoDispatcher())
@@ -183,6 +186,14 @@ def serve_messenger(addr: Any, ready: Callable[[], None], *, stack: Any = None,
 
 def serve_asyncmsgr(port: int, ready: Callable[[], None], secure: bool = False) -> None:
     serve_messenger(("127.0.0.1", port), ready, auth=_auth(secure, "osd.0"))
+
+
+def serve_asyncmsgr_asyncio(port: int, ready: Callable[[], None]) -> None:
+    serve_messenger(("127.0.0.1", port), ready, driver="asyncio")
+
+
+def serve_asyncmsgr_uvloop(port: int, ready: Callable[[], None]) -> None:
+    serve_messenger(("127.0.0.1", port), ready, driver="uvloop")
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -339,6 +350,11 @@ def messenger_client(addr: Any, window: int, payload: bytes, duration: float,
 
 SERVERS: dict[str, tuple[Callable[..., None], Callable[..., int], str | None]] = {
     "asyncmsgr": (serve_asyncmsgr, _client_asyncmsgr, None),
+    # the same echo Messenger with its EventCenter on an asyncio / uvloop loop (issue 17)
+    "asyncmsgr-asyncio": (serve_asyncmsgr_asyncio, _client_asyncmsgr, None),
+    "asyncmsgr-uvloop": (serve_asyncmsgr_uvloop, _client_asyncmsgr, "uvloop"),
+    # the pool/aio client (await call per request) against the epoll asyncmsgr server
+    "aio-client": (serve_asyncmsgr, client_aio, None),
     "asyncmsgr-secure": (serve_asyncmsgr_secure, _client_asyncmsgr_secure, "cryptography"),
     "asyncio": (serve_asyncio, _client_raw, None),
     "uvloop": (serve_uvloop, _client_raw, "uvloop"),
@@ -347,3 +363,4 @@ SERVERS: dict[str, tuple[Callable[..., None], Callable[..., int], str | None]] =
     "grpc-stream": (serve_grpc, client_stream, "grpc"),
     "grpc-unary": (serve_grpc, client_unary, "grpc"),
 }
+
