@@ -59,7 +59,7 @@ from pool.control.messages import (
     decode,
     handler_name,
 )
-from pool.control.page import RETENTION_FIELDS, ControlPage, word_index
+from pool.control.page import RARE_EVERY, RETENTION_FIELDS, RING_FIELDS, THROTTLE_FIELDS, ControlPage, word_index
 from pool.control.states import State
 from pool.control.titles import PR_SET_PDEATHSIG, prctl, set_title
 from transport.event_center import EventCenter
@@ -184,6 +184,7 @@ class Worker(WorkerContext):
         self._w_counters = tuple(word_index(spec.slot, f)
                                  for f in ("msgs_in", "msgs_out", "bytes_in", "bytes_out"))
         self._w_retention = tuple(word_index(spec.slot, f) for f in RETENTION_FIELDS)
+        self._w_rare = tuple(word_index(spec.slot, f) for f in (*RING_FIELDS, *THROTTLE_FIELDS))
         self._w_handoffs_in = word_index(spec.slot, "handoffs_in")
         self._w_handoffs_out = word_index(spec.slot, "handoffs_out")
         wcfg = self.worker_config
@@ -296,6 +297,16 @@ class Worker(WorkerContext):
             q[c0], q[c1], q[c2], q[c3] = app.counters()
             r0, r1, r2 = self._w_retention
             q[r0], q[r1], q[r2] = app.retention_counters()
+            if self.center.loop_count % RARE_EVERY == 0:
+                self._beat_rare(app)
+
+    def _beat_rare(self, app: WorkerApp) -> None:
+        # Only metrics read these, so they need not cost a dict walk every iteration.
+        st = self.router.stats
+        values = (st["sent"], st["served"], st["replies"], st["failed"], st["backlogged"],
+                  *app.throttle_counters())
+        for w, v in zip(self._w_rare, values):
+            self._q[w] = v
 
     def on_accept(self, conn: ConnectedSocket) -> None:
         if self.app is None or self.draining or not self._adopt(conn, b""):
