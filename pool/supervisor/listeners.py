@@ -23,7 +23,7 @@ from transport.stack import ConnectedSocket, ServerSocket, SocketOptions
 
 from .listener_slots import ListenerSlots
 
-__all__ = ["AcceptGroup", "SharedListeners", "adopt_listeners", "address_of"]
+__all__ = ["AcceptGroup", "SharedListeners", "address_of", "adopt_listeners"]
 
 BACKLOG = 1024
 
