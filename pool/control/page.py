@@ -31,7 +31,7 @@ import posix_ipc
 
 from transport import shmname
 
-__all__ = ["FIELDS", "MAX_SLOTS", "RARE_EVERY", "RETENTION_FIELDS", "RING_FIELDS", "THROTTLE_FIELDS",
+__all__ = ["FIELDS", "MAX_SLOTS", "RARE_INTERVAL_NS", "RETENTION_FIELDS", "RING_FIELDS", "THROTTLE_FIELDS",
            "ControlPage", "SlotView", "word_index"]
 
 MAGIC = 0x616D7367_63746C31  # "amsgctl1"
@@ -59,12 +59,12 @@ FIELDS = {
     "retained_bytes": 14,     # what those sessions hold (unacknowledged and queued)
     "sessions_evicted": 15,   # sessions the retention caps made the worker forget
     # ring traffic between workers (the Router's counters), and the receive throttles;
-    # refreshed every RARE_EVERY loop iterations, not every one (they feed metrics only)
-    "ring_sent": 16,          # requests this worker sent to peers with submit_to
+    # refreshed every RARE_INTERVAL_NS, not every iteration (they feed metrics only)
+    "ring_sent": 16,          # records (requests and replies) it wrote to rings
     "ring_served": 17,        # requests it served for peers
     "ring_replies": 18,       # replies it received
     "ring_failed": 19,        # its requests that failed (peer lost, overloaded, ...)
-    "ring_backlogged": 20,    # requests that waited in the bounded queue first
+    "ring_backlogged": 20,    # records that waited for space in their ring first
     "throttle_held_msgs": 21,   # messages dispatched and not yet released
     "throttle_held_bytes": 22,  # their bytes
     "throttle_refusals": 23,    # times a connection stopped reading because a throttle was full
@@ -75,8 +75,8 @@ RETENTION_FIELDS = ("sessions_retained", "retained_bytes", "sessions_evicted")
 RING_FIELDS = ("ring_sent", "ring_served", "ring_replies", "ring_failed", "ring_backlogged")
 #: what :meth:`pool.worker.app.WorkerApp.throttle_counters` returns, in order
 THROTTLE_FIELDS = ("throttle_held_msgs", "throttle_held_bytes", "throttle_refusals")
-#: the worker refreshes the RING_FIELDS and THROTTLE_FIELDS words every this many loops
-RARE_EVERY = 16
+#: the worker refreshes the RING_FIELDS and THROTTLE_FIELDS words at most this often
+RARE_INTERVAL_NS = 250_000_000
 # header words
 _H_MAGIC, _H_VERSION, _H_NSLOTS, _H_OWNER = 0, 1, 2, 3
 

@@ -55,11 +55,11 @@ COUNTERS = {
     "sessions_evicted": ("sessions_evicted", "Sessions of absent clients forgotten by the retention caps"),
     "handoffs_in": ("handoffs_received", "Connections adopted from the Processor or another worker"),
     "handoffs_out": ("handoffs_sent", "Connections handed to another worker"),
-    "ring_sent": ("ring_requests_sent", "Requests sent to other workers over the ring mesh"),
+    "ring_sent": ("ring_records_sent", "Records (requests and replies) written to the ring mesh"),
     "ring_served": ("ring_requests_served", "Requests served for other workers"),
     "ring_replies": ("ring_replies_received", "Replies received over the ring mesh"),
     "ring_failed": ("ring_requests_failed", "Ring requests that failed (peer lost, overloaded)"),
-    "ring_backlogged": ("ring_requests_backlogged", "Ring requests that waited in the bounded queue"),
+    "ring_backlogged": ("ring_records_backlogged", "Ring records that waited for space in their ring"),
     "throttle_refusals": ("throttle_refusals", "Times a connection stopped reading on a full receive throttle"),
     "restarts": ("restarts", "Worker restarts after an unexpected exit"),
 }
