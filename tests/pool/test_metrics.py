@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -176,3 +178,20 @@ def test_ring_traffic_of_the_kv_app_is_counted(tmp_path: Path) -> None:
         f = wait_for(forwarded, 30, "ring traffic in the metrics, served = replied")
         check_sums(f)
         assert total(f, "asyncmsgr_ring_requests_failed_total") == 0
+
+
+def test_a_killed_worker_shows_as_a_restart_and_its_states(tmp_path: Path) -> None:
+    mport = free_port()
+    with running_pool(tmp_path, 2, extra=("--metrics", f"127.0.0.1:{mport}")) as pool:
+        victim = next(w for w in pool.status()["workers"] if w["slot"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def restarted() -> Families | None:
+            f = scrape(mport)
+            back = f["asyncmsgr_workers"][(("state", "ACCEPTING"),)] == 2
+            return f if back and total(f, "asyncmsgr_restarts_total") == 1 else None
+
+        f = wait_for(restarted, 30, "slot 1 restarted and accepting again")
+        assert per_worker(f, "asyncmsgr_worker_restarts_total") == {"0": 0, "1": 1}
+        assert total(f, "asyncmsgr_supervisor_restarts_total") == 1
+        assert total(f, "asyncmsgr_supervisor_spawned_total") == 3
