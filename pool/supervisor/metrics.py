@@ -89,6 +89,9 @@ class PoolCollector(Collector):
         self.snapshot_timeout = snapshot_timeout
         self._last: Snapshot = {}
         self._last_at = 0.0
+        #: set before the loop closes: a late scrape must not post to a closed center,
+        #: whose eventfd number may already belong to another file
+        self.closed = False
 
     def fetch(self) -> tuple[Snapshot, float]:
         """A fresh snapshot from the loop, else the last one; and its age in seconds."""
@@ -101,11 +104,9 @@ class PoolCollector(Collector):
             finally:
                 done.set()
 
-        try:
+        if not self.closed:
             self.center.dispatch_event_external(take)
-        except OSError:
-            pass  # the loop is closing: serve what we have
-        if done.wait(self.snapshot_timeout) and box:
+        if not self.closed and done.wait(self.snapshot_timeout) and box:
             self._last, self._last_at = box[0], time.monotonic()
         age = time.monotonic() - self._last_at if self._last_at else float("inf")
         return self._last, age
@@ -244,6 +245,7 @@ class MetricsServer:
 
     def __init__(self, addr: tuple[str, int], collector: PoolCollector, *, max_clients: int = 8,
                  request_timeout: float = 5.0) -> None:
+        self.collector = collector
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector)
         try:
@@ -261,6 +263,7 @@ class MetricsServer:
         return self._server.refused
 
     def close(self) -> None:
+        self.collector.closed = True
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5.0)
