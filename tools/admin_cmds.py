@@ -9,9 +9,6 @@ import sys
 import time
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from pool.supervisor.admin import AdminClient, AdminError, default_admin_path
 from tools.common import NotReady, wait_status
 
@@ -80,6 +77,11 @@ STATE_STYLE = {"ACCEPTING": "green", "FAILED": "bold red", "STALLED": "red", "BA
 
 def print_table(st: dict[str, Any]) -> None:
     """``msgr status`` on a terminal: a rich table (pipes get the plain columns)."""
+    # rich is imported here, not at the top: every msgr command imports this module,
+    # msgr serve included, and its workers are forked from it (fewer objects to copy).
+    from rich.console import Console
+    from rich.table import Table
+
     title = (f"pool {st['pid']}  {st['bind'][0]}:{st['bind'][1]}  accept={st['accept']}  "
              f"accepting {st['accepting']}/{st['desired']}" + ("  STOPPING" if st["stopping"] else ""))
     table = Table(title=title, title_justify="left")

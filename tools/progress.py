@@ -14,35 +14,43 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Self, TextIO
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    ProgressColumn,
-    Task,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.progress import Progress as RichProgress
-from rich.text import Text
+from typing import Any, Self, TextIO
 
 __all__ = ["Progress"]
 
 REDRAW = 0.1  # seconds between terminal redraws
 
 
-class _Rate(ProgressColumn):
-    def __init__(self, unit: str) -> None:
-        super().__init__()
-        self.unit = unit
+def _rich_progress(label: str, total: int | None, unit: str, stream: TextIO) -> tuple[Any, Any]:
+    """A started rich Progress and its task. rich is imported only here: msgr serve
+    imports this module too, and its forked workers would carry rich's objects."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        ProgressColumn,
+        Task,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+    from rich.text import Text
 
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-" if speed is None else f"{speed:,.0f} {self.unit}/s", style="progress.data.speed")
+    class Rate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("-" if speed is None else f"{speed:,.0f} {unit}/s", style="progress.data.speed")
+
+    bar = RichProgress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TaskProgressColumn(), Rate(), TextColumn("elapsed"), TimeElapsedColumn(),
+        TextColumn("remaining"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        console=Console(file=stream), auto_refresh=False, transient=False)
+    task = bar.add_task(label, total=total, info="")
+    bar.start()
+    return bar, task
 
 
 class Progress:
@@ -60,15 +68,9 @@ class Progress:
         self.completed = 0
         self._fields: dict[str, object] = {}
         self._last = 0.0
-        self._rich: RichProgress | None = None
+        self._rich: Any = None  # rich.progress.Progress on a terminal
         if self.mode == "rich":
-            self._rich = RichProgress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TaskProgressColumn(), _Rate(unit), TextColumn("elapsed"), TimeElapsedColumn(),
-                TextColumn("remaining"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                console=Console(file=self.stream), auto_refresh=False, transient=False)
-            self._task = self._rich.add_task(label, total=total, info="")
-            self._rich.start()
+            self._rich, self._task = _rich_progress(label, total, unit, self.stream)
 
     def __enter__(self) -> Self:
         return self

@@ -14,27 +14,31 @@ derived from the supervisor's state at that moment, so the arbiter needs no othe
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pool.control.states import State
 
 from .admin_commands import SupervisorView, used_slots
-from .metrics import GAUGES, MetricsServer, PoolCollector, Snapshot
 from .systemd import Notifier, watchdog_interval
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 __all__ = ["Operations", "pool_snapshot"]
 
-LEVELS = tuple(GAUGES)
+Snapshot = dict[str, Any]
 
 
 def pool_snapshot(sup: SupervisorView) -> Snapshot:
-    """Plain data for :class:`PoolCollector`; runs on the supervisor's loop."""
+    """Plain data for :class:`pool.supervisor.metrics.PoolCollector`; runs on the
+    supervisor's loop."""
+    from .metrics import GAUGES  # imported by then: only the collector asks for this
     workers = []
     for ws, words, hb_age in used_slots(sup):
         row: dict[str, Any] = dict(words)
         # Counters stay readable after an exit (they go back to 0 at the next spawn);
         # levels (connections, retained sessions, held throttles) are 0 without a process.
-        for k in LEVELS:
+        for k in GAUGES:
             row[k] = row[k] if ws.pid else 0
         row.update(slot=ws.slot, state=ws.state.name, restarts=ws.restarts, heartbeat_age=hb_age)
         workers.append(row)
@@ -70,6 +74,10 @@ class Operations:
     def start(self) -> None:
         assert self.sup.center is not None
         if self._metrics_addr is not None:
+            # Imported only when asked for: workers are forked from this process, and
+            # every module object here is a page their garbage collector may copy.
+            from .metrics import MetricsServer, PoolCollector
+
             collector = PoolCollector(self.sup.center, lambda: pool_snapshot(self.sup))
             self.metrics = MetricsServer(self._metrics_addr, collector)
             self.log(f"metrics: http://{self.metrics.address[0]}:{self.metrics.address[1]}/metrics")
