@@ -12,7 +12,7 @@ from typing import Any
 from pool.supervisor.admin import AdminClient, AdminError, default_admin_path
 from tools.common import NotReady, wait_status
 
-__all__ = ["TRANSIENT", "register", "wait_scaled"]
+__all__ = ["TRANSIENT", "print_table", "register", "wait_scaled"]
 
 #: states that mean "the pool has not settled yet"
 TRANSIENT = {"SPAWNING", "READY", "DRAINING", "QUIESCED", "STOPPING", "STALLED", "BACKOFF"}
@@ -57,6 +57,9 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st))
         return 0
+    if sys.stdout.isatty():
+        print_table(st)
+        return 0
     print(f"pool pid {st['pid']}  accept={st['accept']}  bind={st['bind'][0]}:{st['bind'][1]}  "
           f"accepting {st['accepting']}/{st['desired']}{'  STOPPING' if st['stopping'] else ''}")
     cols = ("slot", "pid", "state", "conns", "msgs_in", "msgs_out", "restarts", "hb_age")
@@ -66,6 +69,32 @@ def status(args: argparse.Namespace) -> int:
     for r in [cols, *rows]:
         print("  ".join(v.rjust(wd) if i not in (2,) else v.ljust(wd) for i, (v, wd) in enumerate(zip(r, widths))))
     return 0
+
+
+STATE_STYLE = {"ACCEPTING": "green", "FAILED": "bold red", "STALLED": "red", "BACKOFF": "yellow",
+               "DRAINING": "cyan", "QUIESCED": "cyan", "STOPPING": "magenta", "EXITED": "dim"}
+
+
+def print_table(st: dict[str, Any]) -> None:
+    """``msgr status`` on a terminal: a rich table (pipes get the plain columns)."""
+    # rich is imported here, not at the top: every msgr command imports this module,
+    # msgr serve included, and its workers are forked from it (fewer objects to copy).
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (f"pool {st['pid']}  {st['bind'][0]}:{st['bind'][1]}  accept={st['accept']}  "
+             f"accepting {st['accepting']}/{st['desired']}" + ("  STOPPING" if st["stopping"] else ""))
+    table = Table(title=title, title_justify="left")
+    for col in ("slot", "pid", "state", "conns", "msgs_in", "msgs_out", "bytes_in", "bytes_out",
+                "retained", "restarts", "hb_age"):
+        table.add_column(col, justify="left" if col == "state" else "right")
+    for w in st["workers"]:
+        state = w["state"]
+        table.add_row(str(w["slot"]), str(w["pid"] or "-"), f"[{STATE_STYLE.get(state, '')}]{state}",
+                      str(w["connections"]), f"{w['msgs_in']:,}", f"{w['msgs_out']:,}",
+                      f"{w['bytes_in']:,}", f"{w['bytes_out']:,}", str(w.get("sessions_retained", 0)),
+                      str(w["restarts"]), _age(w["heartbeat_age"]))
+    Console().print(table)
 
 
 def perf(args: argparse.Namespace) -> int:

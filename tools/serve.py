@@ -16,6 +16,7 @@ from pool.supervisor.admin import AdminError, default_admin_path
 from pool.supervisor.arbiter import Supervisor
 from pool.supervisor.config import ACCEPT_MODES, START_METHODS, PoolConfig
 from pool.supervisor.lifecycle import Backoff
+from pool.supervisor.systemd import ActivationError, inherited_sockets
 from pool.worker.app import AppFactory
 from pool.worker.config import LOOPS
 from tools.common import parse_bind
@@ -31,9 +32,26 @@ def load_factory(spec: str, config: dict[str, Any]) -> AppFactory:
 
 
 
+DEFAULT_BIND = "127.0.0.1:6800"
+
+
+def _activation(bind: str | None) -> tuple[int, ...]:
+    """The fds of systemd socket activation (``LISTEN_FDS``), checked; () without it."""
+    try:
+        inherited = inherited_sockets()
+    except ActivationError as exc:
+        raise ValueError(f"socket activation: {exc}") from None
+    if inherited and bind is not None:
+        raise ValueError(f"--bind {bind} and socket activation (LISTEN_FDS={len(inherited)}) were "
+                         "both given: drop --bind to serve systemd's sockets, or unset LISTEN_FDS")
+    return tuple(s.fd for s in inherited)
+
+
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser("serve", help="run a worker pool in the foreground")
-    p.add_argument("--bind", default="127.0.0.1:6800", help="HOST:PORT (default 127.0.0.1:6800)")
+    p.add_argument("--bind", default=None,
+                   help="HOST:PORT (default 127.0.0.1:6800, or the sockets systemd passed: "
+                        "LISTEN_FDS, see README 'systemd')")
     p.add_argument("--advertise", metavar="HOST:PORT", default=None,
                    help="the address this pool tells clients it has (SERVER_IDENT), when "
                         "they reach it through port forwarding (docker -p, a load balancer, "
@@ -60,6 +78,8 @@ def register(sub: Any) -> None:
     p.add_argument("--backoff-cap", type=float, default=5.0)
     p.add_argument("--set-migrate-req", action="store_true",
                    help="reuseport: set net.ipv4.tcp_migrate_req=1 (root; system-wide)")
+    p.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (README 'Metrics')")
     g = p.add_argument_group("stacks")
     g.add_argument("--stack", choices=["posix", "dpdk", "rdma"], default="posix",
                    help="also serve memif (dpdk) or rdma clients: each worker listens at "
@@ -144,8 +164,10 @@ def run(args: argparse.Namespace) -> int:
             "max_standby_session_bytes": args.max_standby_session_bytes,
             "max_standby_bytes": args.max_standby_bytes, "standby_timeout": args.standby_timeout,
             **auth, **extra}
+        listen_fds = _activation(args.bind)
         cfg = PoolConfig(
-            bind=parse_bind(args.bind), workers=args.workers, accept=args.accept, app=args.app,
+            bind=parse_bind(args.bind or DEFAULT_BIND), listen_fds=listen_fds,
+            metrics=parse_bind(args.metrics, "--metrics") if args.metrics else None, workers=args.workers, accept=args.accept, app=args.app,
             admin_path=args.admin or default_admin_path(), start_method=args.start_method,
             app_config=app_config, heartbeat_timeout=args.heartbeat_timeout,
             boot_timeout=args.boot_timeout, drain_timeout=args.drain_timeout,
@@ -169,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"msgr serve: {exc}", file=sys.stderr)
         return ExitCode.ERROR
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            print(f"msgr serve: cannot listen on {args.bind}: address already in use "
+        if exc.errno == errno.EADDRINUSE and "--metrics" not in str(exc):
+            print(f"msgr serve: cannot listen on {args.bind or DEFAULT_BIND}: address already in use "
                   "(another pool or server is there): pick another --bind", file=sys.stderr)
         else:
             print(f"msgr serve: {exc}", file=sys.stderr)

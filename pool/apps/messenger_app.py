@@ -118,6 +118,15 @@ class MessengerApp(WorkerApp):
     def connection_count(self) -> int:
         return sum(len(m.connections()) for m in (self.msgr, self.local) if m is not None)
 
+    def throttle_counters(self) -> tuple[int, int, int]:
+        held_m = held_b = refusals = 0
+        for m in (self.msgr, self.local):
+            if m is not None:
+                held_m += m.throttle_msgs.current
+                held_b += m.throttle_bytes.current
+                refusals += m.throttle_msgs.refused + m.throttle_bytes.refused
+        return held_m, held_b, refusals
+
     def counters(self) -> tuple[int, int, int, int]:
         out = [0, 0, 0, 0]
         for m in (self.msgr, self.local):

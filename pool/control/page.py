@@ -1,7 +1,7 @@
 """The control page: one shared-memory segment per pool, one fixed-size slot per worker.
 
 The supervisor alone creates and unlinks it (supervisors.md 2.7); workers attach by name.
-Each slot is 16 unsigned 64-bit words (two cache lines). Ownership of words is split
+Each slot is 24 unsigned 64-bit words (three cache lines). Ownership of words is split
 so no word has two writers: the supervisor writes ``pid``, ``state``, ``restarts`` and
 ``generation``; the worker of that slot writes the heartbeat and its counters.
 
@@ -31,13 +31,14 @@ import posix_ipc
 
 from transport import shmname
 
-__all__ = ["FIELDS", "MAX_SLOTS", "RETENTION_FIELDS", "ControlPage", "SlotView", "word_index"]
+__all__ = ["FIELDS", "MAX_SLOTS", "RARE_INTERVAL_NS", "RETENTION_FIELDS", "RING_FIELDS", "THROTTLE_FIELDS",
+           "ControlPage", "SlotView", "word_index"]
 
 MAGIC = 0x616D7367_63746C31  # "amsgctl1"
-VERSION = 1
+VERSION = 2  # 2: 24-word slots (ring and throttle counters)
 MAX_SLOTS = 64
 HEADER_WORDS = 8
-SLOT_WORDS = 16
+SLOT_WORDS = 24
 
 #: word index of each slot field
 FIELDS = {
@@ -57,9 +58,25 @@ FIELDS = {
     "sessions_retained": 13,  # server sessions kept without a connection (STANDBY)
     "retained_bytes": 14,     # what those sessions hold (unacknowledged and queued)
     "sessions_evicted": 15,   # sessions the retention caps made the worker forget
+    # ring traffic between workers (the Router's counters), and the receive throttles;
+    # refreshed every RARE_INTERVAL_NS, not every iteration (they feed metrics only)
+    "ring_sent": 16,          # records (requests and replies) it wrote to rings
+    "ring_served": 17,        # requests it served for peers
+    "ring_replies": 18,       # replies it received
+    "ring_failed": 19,        # its requests that failed (peer lost, overloaded, ...)
+    "ring_backlogged": 20,    # records that waited for space in their ring first
+    "throttle_held_msgs": 21,   # messages dispatched and not yet released
+    "throttle_held_bytes": 22,  # their bytes
+    "throttle_refusals": 23,    # times a connection stopped reading because a throttle was full
 }
 #: the fields that count sessions kept for clients without a connection (msgr perf)
 RETENTION_FIELDS = ("sessions_retained", "retained_bytes", "sessions_evicted")
+#: the Router's counters, in the order of their words
+RING_FIELDS = ("ring_sent", "ring_served", "ring_replies", "ring_failed", "ring_backlogged")
+#: what :meth:`pool.worker.app.WorkerApp.throttle_counters` returns, in order
+THROTTLE_FIELDS = ("throttle_held_msgs", "throttle_held_bytes", "throttle_refusals")
+#: the worker refreshes the RING_FIELDS and THROTTLE_FIELDS words at most this often
+RARE_INTERVAL_NS = 250_000_000
 # header words
 _H_MAGIC, _H_VERSION, _H_NSLOTS, _H_OWNER = 0, 1, 2, 3
 

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from pool.control.page import RETENTION_FIELDS, ControlPage
 from pool.control.states import State
 from transport.event_center import EventCenter
-from transport.listener import AcceptLoop
 
 from .config import PoolConfig
 from .lifecycle import WorkerSlot
 from .listener_slots import ListenerSlots
+from .listeners import AcceptGroup
 from .peer_map import PeerMapPublisher
 from .processor import Processor
 from .ring_mesh import RingMesh
 
-__all__ = ["AdminCommands", "SupervisorView"]
+__all__ = ["AdminCommands", "SupervisorView", "used_slots"]
 
 Command = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -43,11 +43,24 @@ class SupervisorView(Protocol):
     mesh: RingMesh | None
     reuseport: ListenerSlots | None
     processor: Processor | None
-    accept_loop: AcceptLoop | None
+    accept_loop: AcceptGroup | None
 
     def set_desired(self, n: int, why: str) -> None: ...
 
     def begin_stop(self, why: str, code: int = 0) -> None: ...
+
+
+def used_slots(sup: SupervisorView) -> Iterator[tuple[WorkerSlot, dict[str, int], float | None]]:
+    """Each slot that ever ran a worker: its lifecycle, its control-page words, and the
+    seconds since its live worker's last heartbeat (None without one)."""
+    assert sup.page is not None
+    now_ns = time.monotonic_ns()
+    for ws in sup.slots:
+        if ws.generation == 0 and ws.state is State.EXITED:
+            continue
+        v = sup.page.slot(ws.slot).snapshot()
+        hb = v["heartbeat_ns"]
+        yield ws, v, round((now_ns - hb) / 1e9, 3) if hb and ws.pid else None
 
 
 class AdminCommands:
@@ -62,13 +75,8 @@ class AdminCommands:
     def cmd_status(self, _args: dict[str, Any]) -> dict[str, Any]:
         sup = self.sup
         assert sup.page is not None
-        now_ns = time.monotonic_ns()
         workers = []
-        for ws in sup.slots:
-            if ws.generation == 0 and ws.state is State.EXITED:
-                continue
-            v = sup.page.slot(ws.slot).snapshot()
-            hb = v["heartbeat_ns"]
+        for ws, v, hb_age in used_slots(sup):
             workers.append({
                 "slot": ws.slot, "pid": ws.pid, "state": ws.state.name,
                 "connections": v["connections"] if ws.pid else 0,
@@ -76,7 +84,7 @@ class AdminCommands:
                 "bytes_in": v["bytes_in"], "bytes_out": v["bytes_out"],
                 **{k: v[k] if ws.pid else 0 for k in RETENTION_FIELDS},
                 "restarts": ws.restarts, "generation": ws.generation,
-                "heartbeat_age": round((now_ns - hb) / 1e9, 3) if hb and ws.pid else None,
+                "heartbeat_age": hb_age,
                 "loop_count": v["loop_count"], "last_exit": ws.last_exit,
                 "listeners": sup.reuseport.owned_by(ws.slot) if sup.reuseport else [],
             })

@@ -22,7 +22,8 @@ Facts and choices:
   (RING_ADD); at a worker's exit its rings are retired (RING_DEL) or, after a crash,
   reset. The versioned peer map (:mod:`pool.supervisor.peer_map`) is sent to every
   worker whenever the ACCEPTING set changes or a worker was lost.
-* **No threads before fork** (supervisors.md 2.9): nothing here starts a thread; logs
+* **No threads before fork** (supervisors.md 2.9): only ``--metrics`` starts threads,
+  which never write to stderr nor hold a lock a worker needs (:mod:`.metrics`); logs
   are plain writes to stderr (no logging locks inherited by children).
 """
 
@@ -64,7 +65,6 @@ from pool.worker.process import WorkerSpec, worker_main
 from transport import fdpass, shmname
 from transport.event_center import EventCenter
 from transport.kernel import fd_stack
-from transport.listener import AcceptLoop
 from transport.stack import ConnectedSocket, ServerSocket, SocketOptions
 
 from .admin import AdminServer
@@ -73,6 +73,8 @@ from .config import PoolConfig
 from .handoff import Deliveries
 from .lifecycle import LIVE_STATES, Event, FlapGuard, State, WorkerSlot
 from .listener_slots import ListenerSlots, check_migrate_req
+from .listeners import AcceptGroup, SharedListeners, address_of, adopt_listeners
+from .operations import Operations
 from .peer_map import PeerMapPublisher
 from .processor import Processor
 from .ring_mesh import RingMesh
@@ -114,12 +116,15 @@ class Supervisor:
         self.stop_deadline = 0.0
         self.stats = {"spawned": 0, "restarts": 0, "heartbeat_kills": 0, "relayed": 0,
                       "relay_failures": 0, "drain_kills": 0, "reaped_foreign": 0}
-        self.deliveries = Deliveries(self._channel_of, self._call_soon, self._is_accepting, self.stats)
+        self.deliveries = Deliveries(
+            self._channel_of, lambda cb: self.center.call_soon(cb) if self.center is not None else None,
+            lambda slot: slot < len(self.slots) and self.slots[slot].state is State.ACCEPTING, self.stats)
         self.center: EventCenter | None = None
         self.page: ControlPage | None = None
         self.admin: AdminServer | None = None
-        self.server: ServerSocket | None = None  # processor mode
-        self.accept_loop: AcceptLoop | None = None
+        self.servers: list[ServerSocket] = []  # processor mode
+        self.accept_loop: AcceptGroup | None = None
+        self.ops = Operations(self, cfg.metrics, self.log)  # metrics, sd_notify, watchdog
         self.processor: Processor | None = None
         self.reuseport: ListenerSlots | None = None
         self.address: tuple[str, int] = cfg.bind
@@ -151,6 +156,7 @@ class Supervisor:
             self._setup_listeners()
             self.admin = AdminServer(self.center, self.cfg.admin_path,
                                      AdminCommands(self).table(), log=self.log)
+            self.ops.start()
             self.log(f"serving {self.address[0]}:{self.address[1]} accept={self.cfg.accept} "
                      f"workers={self.desired} start={self.cfg.start_method} app={self.cfg.app} "
                      f"admin={self.cfg.admin_path} page={self.page.name}")
@@ -164,19 +170,20 @@ class Supervisor:
 
     def _setup_listeners(self) -> None:
         assert self.center is not None
-        stack = fd_stack()
+        inherited = adopt_listeners(self.cfg.listen_fds)  # systemd's sockets replace --bind
         if self.cfg.accept == "processor":
-            self.server = stack.listen(self.cfg.bind, SocketOptions(backlog=1024))
-            addr = self.server.address
-            assert isinstance(addr, tuple)
-            self.address = (addr[0], addr[1])
+            self.servers = inherited or [fd_stack().listen(self.cfg.bind, SocketOptions(backlog=1024))]
+            self.address = address_of(self.servers[0])
             self.processor = Processor(self.accepting_load, self.deliveries.deliver, self.log)
-            self.accept_loop = AcceptLoop(self.center, self.server, self._on_accept)
+            self.accept_loop = AcceptGroup(self.center, self.servers, self._on_accept)
             self.accept_loop.start()
-            return
-        self.reuseport = ListenerSlots(self.cfg.bind, self._post, self.log)
-        self.address = self.reuseport.address
-        check_migrate_req(self.cfg.set_migrate_req, self.log)
+        elif inherited:
+            self.reuseport = SharedListeners(inherited, self._post, self.log)
+            self.address = self.reuseport.address
+        else:
+            self.reuseport = ListenerSlots(self.cfg.bind, self._post, self.log)
+            self.address = self.reuseport.address
+            check_migrate_req(self.cfg.set_migrate_req, self.log)
 
     def _post(self, slot: int, msg: ControlMessage) -> None:
         p = self.procs.get(slot)
@@ -185,6 +192,7 @@ class Supervisor:
 
     def _teardown(self) -> None:
         # Reached on a clean stop and on a supervisor bug alike: leave nothing behind.
+        self.ops.close()
         for sl, p in list(self.procs.items()):
             try:
                 os.kill(p.pid, signal.SIGKILL)
@@ -196,8 +204,8 @@ class Supervisor:
             self.accept_loop.close()
         if self.processor is not None:
             self.processor.close()
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         if self.reuseport is not None:
             self.reuseport.close()
         if self.mesh is not None:
@@ -221,6 +229,7 @@ class Supervisor:
         self._enforce_deadlines()
         self._reconcile()
         self._publish_peers()
+        self.ops.tick()
 
     def handle_term(self) -> None:
         self.begin_stop("SIGTERM")
@@ -434,7 +443,8 @@ class Supervisor:
         assert self.page is not None and self.center is not None
         ws = self.slots[slot]
         was = ws.state
-        if self.cfg.start_method == "fork" and threading.active_count() > 1 and not self._warned_threads:
+        if self.cfg.start_method == "fork" and not self._warned_threads \
+                and threading.active_count() > 1 + self.ops.threads():
             # A lock held by another thread at fork() stays locked forever in the child
             # (supervisors.md 2.9); we start none, but an imported app module might.
             self._warned_threads = True
@@ -580,13 +590,6 @@ class Supervisor:
         if p is None or (generation is not None and p.generation != generation):
             return None
         return p.channel
-
-    def _call_soon(self, cb: Callable[[], None]) -> None:
-        assert self.center is not None
-        self.center.call_soon(cb)
-
-    def _is_accepting(self, slot: int) -> bool:
-        return slot < len(self.slots) and self.slots[slot].state is State.ACCEPTING
 
     def _on_accept(self, conn: ConnectedSocket) -> None:
         assert self.processor is not None and self.accept_loop is not None

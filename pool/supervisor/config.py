@@ -43,6 +43,10 @@ class PoolConfig:
     max_slots: int = MAX_SLOTS
     #: reuseport: set net.ipv4.tcp_migrate_req=1 when root (logged); handover is used anyway
     set_migrate_req: bool = False
+    #: listening fds inherited from systemd (socket activation); they replace ``bind``
+    listen_fds: tuple[int, ...] = ()
+    #: ``msgr serve --metrics HOST:PORT``: serve Prometheus metrics there
+    metrics: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.accept not in ACCEPT_MODES:

@@ -163,6 +163,12 @@ class WorkerApp(abc.ABC):
         Apps without sessions keep none."""
         return (0, 0, 0)
 
+    def throttle_counters(self) -> tuple[int, int, int]:
+        """``(held_messages, held_bytes, refusals)`` of the receive throttles: what is
+        dispatched and not yet released, and how often a connection stopped reading
+        because a throttle was full. Apps without throttles hold none."""
+        return (0, 0, 0)
+
     def handle_submit(self, src_slot: int, payload: bytes, reply: ReplyCallback) -> None:
         """A request another worker sent with ``submit_to``: call ``reply`` once, now or
         later, with the answer bytes or an exception (sent back as an error)."""

@@ -59,7 +59,14 @@ from pool.control.messages import (
     decode,
     handler_name,
 )
-from pool.control.page import RETENTION_FIELDS, ControlPage, word_index
+from pool.control.page import (
+    RARE_INTERVAL_NS,
+    RETENTION_FIELDS,
+    RING_FIELDS,
+    THROTTLE_FIELDS,
+    ControlPage,
+    word_index,
+)
 from pool.control.states import State
 from pool.control.titles import PR_SET_PDEATHSIG, prctl, set_title
 from transport.event_center import EventCenter
@@ -184,6 +191,8 @@ class Worker(WorkerContext):
         self._w_counters = tuple(word_index(spec.slot, f)
                                  for f in ("msgs_in", "msgs_out", "bytes_in", "bytes_out"))
         self._w_retention = tuple(word_index(spec.slot, f) for f in RETENTION_FIELDS)
+        self._w_rare = tuple(word_index(spec.slot, f) for f in (*RING_FIELDS, *THROTTLE_FIELDS))
+        self._rare_at = 0
         self._w_handoffs_in = word_index(spec.slot, "handoffs_in")
         self._w_handoffs_out = word_index(spec.slot, "handoffs_out")
         wcfg = self.worker_config
@@ -288,7 +297,8 @@ class Worker(WorkerContext):
 
     def _beat(self) -> None:
         q, app = self._q, self.app
-        q[self._w_heartbeat] = time.monotonic_ns()
+        now = time.monotonic_ns()
+        q[self._w_heartbeat] = now
         q[self._w_loops] = self.center.loop_count
         if app is not None:
             q[self._w_conns] = app.connection_count()
@@ -296,6 +306,17 @@ class Worker(WorkerContext):
             q[c0], q[c1], q[c2], q[c3] = app.counters()
             r0, r1, r2 = self._w_retention
             q[r0], q[r1], q[r2] = app.retention_counters()
+            if now - self._rare_at >= RARE_INTERVAL_NS:
+                self._rare_at = now
+                self._beat_rare(app)
+
+    def _beat_rare(self, app: WorkerApp) -> None:
+        # Only metrics read these, so they need not cost a dict walk every iteration.
+        st = self.router.stats
+        values = (st["sent"], st["served"], st["replies"], st["failed"], st["backlogged"],
+                  *app.throttle_counters())
+        for w, v in zip(self._w_rare, values):
+            self._q[w] = v
 
     def on_accept(self, conn: ConnectedSocket) -> None:
         if self.app is None or self.draining or not self._adopt(conn, b""):

@@ -238,11 +238,15 @@ class Pool:
 
     def __init__(self, tmp: Path, workers: int = 2, accept: str = "processor",
                  app: str = "tests.pool.support:RawEchoApp", extra: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, launcher: tuple[str, ...] = (),
+                 bind: str | None = "127.0.0.1:0") -> None:
+        """``launcher`` runs before the interpreter (e.g. ``systemd-socket-activate -l
+        ADDR``); ``bind=None`` passes no ``--bind``."""
         self.admin = str(tmp / "admin.sock")
         self.log_path = tmp / f"serve-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "tools.cli", "serve", "--bind", "127.0.0.1:0", "--workers", str(workers),
+        cmd = [*launcher, sys.executable, "-m", "tools.cli", "serve",
+               *(("--bind", bind) if bind is not None else ()), "--workers", str(workers),
                "--accept", accept, "--app", app, "--admin", self.admin, *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

@@ -39,6 +39,7 @@ from tools.bench.common import (
 )
 from tools.bench.tcp_peers import SERVERS
 from tools.common import free_port
+from tools.progress import Progress
 
 __all__ = ["register", "run"]
 
@@ -123,7 +124,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("tcp", help="asyncmsgr vs asyncio/uvloop/epoll/pyzmq/grpc over loopback")
-    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--json", metavar="FILE", help="write every figure as JSON ('-': to stdout, alone)")
     p.add_argument("--plot", metavar="FILE.png")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     p.add_argument("--payloads", default="64,4096", help="comma-separated payload sizes")
@@ -199,29 +200,33 @@ def run(args: argparse.Namespace) -> int:
     if args.instructions:
         return _run_instructions(args, servers, missing)
     rounds: list[list[dict[str, Any]]] = []
-    for rnd in range(args.repeat):
-        rows = []
-        for size in (int(x) for x in args.payloads.split(",")):
-            for kind in servers:
-                why = missing[kind]
-                if why:
-                    rows.append({"server": kind, "payload": size, "error": why})
-                    continue
-                print(f"round {rnd + 1}/{args.repeat}: measuring {kind} ({size} B)...",
-                      file=sys.stderr)
-                try:
-                    rows.append(measure(kind, size, args.duration))
-                except Exception as err:  # noqa: BLE001
-                    rows.append({"server": kind, "payload": size, "error": f"failed: {err}"})
-        rounds.append(rows)
+    sizes = [int(x) for x in args.payloads.split(",")]
+    to_stdout = args.json == "-"  # the JSON alone on stdout: tables to stderr, no progress
+    bar = Progress("bench tcp", args.repeat * len(sizes) * len(servers), "runs", enabled=not to_stdout)
+    with bar:
+        for rnd in range(args.repeat):
+            rows = []
+            for size in sizes:
+                for kind in servers:
+                    why = missing[kind]
+                    if why:
+                        rows.append({"server": kind, "payload": size, "error": why})
+                    else:
+                        bar.update(bar.completed, round=f"{rnd + 1}/{args.repeat}", now=f"{kind} {size} B")
+                        try:
+                            rows.append(measure(kind, size, args.duration))
+                        except Exception as err:  # noqa: BLE001
+                            rows.append({"server": kind, "payload": size, "error": f"failed: {err}"})
+                    bar.update(bar.completed + 1)
+            rounds.append(rows)
     rows = median_rows(rounds)
-    print(format_table(rows))
-    print("\n".join(target_lines(rows)))
-    print()
-    print(text_chart(rows))
+    out = sys.stderr if to_stdout else sys.stdout
+    print(format_table(rows), "\n".join(target_lines(rows)), "", text_chart(rows), sep="\n", file=out)
     meta = {"machine": os.uname().release, "cpus": os.cpu_count(), "duration_s": args.duration,
             "repeat": args.repeat, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if args.json:
+    if to_stdout:
+        print(json.dumps({"meta": meta, "results": rows, "rounds": rounds}))
+    elif args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows, "rounds": rounds}, f, indent=2)
     if args.plot:

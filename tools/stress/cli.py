@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from dataclasses import asdict
@@ -13,7 +12,13 @@ from pool.api import AuthSettings, KeyringError, load_keyring
 from tools.common import parse_target
 
 from . import echo, kv
-from .common import DEFAULT_MESSAGES, ChaosConfig, parse_scale_range
+from .common import (
+    DEFAULT_MESSAGES,
+    JSON_STDOUT,
+    ChaosConfig,
+    parse_scale_range,
+    report,
+)
 
 __all__ = ["register", "run"]
 
@@ -62,7 +67,8 @@ def register(sub: Any) -> None:
     p.add_argument("--scale-every", type=float, default=0.0, metavar="S",
                    help="rescale that pool to a random size in --scale-range every S seconds")
     p.add_argument("--scale-range", default="1-4", metavar="MIN-MAX")
-    p.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON ('-': to stdout, alone; "
+                   "no progress then)")
     p.add_argument("--app", choices=["echo", "kv"], default="echo",
                    help="kv: write then read back keys of a `serve --app kv` pool "
                         "(tools.stress.kv; --messages = operations, half writes, half reads)")
@@ -112,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         size_min=args.size_min, size_max=args.size_max, window=args.window,
         policy=args.policy, inject_socket_failures=args.inject_socket_failures,
         duration=args.duration, timeout=args.timeout, seed=args.seed,
-        progress=sys.stderr.isatty())
+        progress=args.json != JSON_STDOUT)
     stop = {"flag": False}
 
     def on_signal(_s: int, _f: object) -> None:
@@ -126,13 +132,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         signal.signal(signal.SIGINT, old)
-    print(echo.format_summary(result))
-    if args.json:
-        data = asdict(result)
-        data["ok"] = result.ok
-        data["target"] = str(args.target)
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2)
+    data = asdict(result)
+    data["ok"] = result.ok
+    data["target"] = str(args.target)
+    report(args.json, echo.format_summary(result), data)
     ok = result.ok and not (args.no_resets and (result.session_resets or result.connection_resets
                                                 or result.connection_refused))
     return 0 if ok else 1

@@ -3,9 +3,11 @@ the ``--scale-range`` option, latency quantiles."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -13,8 +15,17 @@ from typing import Any, Protocol
 from pool.supervisor.admin import AdminClient
 from tools.common import NotReady, percentile, wait_status
 
-__all__ = ["DEFAULT_MESSAGES", "Chaos", "ChaosConfig", "ChaosCounts", "ChaosTally", "p50_p99_us",
-           "parse_scale_range"]
+__all__ = [
+    "DEFAULT_MESSAGES",
+    "JSON_STDOUT",
+    "Chaos",
+    "ChaosConfig",
+    "ChaosCounts",
+    "ChaosTally",
+    "p50_p99_us",
+    "parse_scale_range",
+    "report",
+]
 
 #: --messages when it is not given (and, for the echo workload, no --duration either)
 DEFAULT_MESSAGES = 10_000
@@ -111,3 +122,23 @@ class Chaos:
         except NotReady:
             return  # not known to be back: pool_back_to_n stays unset
         self.r.pool_back_to_n = True
+
+
+#: ``--json -``: the result goes to stdout as the only thing there
+JSON_STDOUT = "-"
+
+
+def report(json_dest: str | None, summary: str, data: dict[str, Any]) -> None:
+    """Print ``summary``; write ``data`` as JSON to ``json_dest`` (a file, or ``-``).
+
+    With ``-`` stdout carries the JSON object alone (the summary goes to stderr), so
+    ``msgr stress --json - | jq`` works.
+    """
+    if json_dest == JSON_STDOUT:
+        print(summary, file=sys.stderr)
+        print(json.dumps(data))
+        return
+    print(summary)
+    if json_dest:
+        with open(json_dest, "w") as f:
+            json.dump(data, f, indent=2)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import glob
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,8 +33,9 @@ from pool.api import (
     MessengerConfig,
     Policy,
 )
-from transport.stacks import make_stack
 from pool.api import AuthSettings
+from tools.progress import Progress
+from transport.stacks import make_stack
 
 from .common import Chaos, ChaosConfig, p50_p99_us
 
@@ -186,6 +186,7 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
         base = str(cfg.target)
         targets = sorted(glob.glob(glob.escape(base) + ".[0-9]*")) or [base]
     msgrs: list[Messenger] = []
+    bar = Progress("stress", cfg.messages or None, enabled=cfg.progress)
     try:
         conns = []
         for i in range(cfg.conns):
@@ -204,7 +205,6 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
         end_send = start + cfg.duration if cfg.duration > 0 else float("inf")
         cap = cfg.messages if cfg.messages > 0 else (1 << 62)
         seq = 0
-        last_progress = 0.0
         lossless = cfg.policy == "lossless"
         while True:
             now = time.monotonic()
@@ -235,17 +235,12 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
             center.process_events(0.05)
             if chaos is not None and sending:
                 chaos.step(now)
-            if cfg.progress and now - last_progress > 0.25:
-                last_progress = now
-                sys.stderr.write(f"\r  sent {seq:>9}  received {result.received:>9}  "
-                                 f"in flight {checker.outstanding:>5}  "
-                                 f"resets {result.session_resets:>4}  ")
-                sys.stderr.flush()
+            bar.update(result.received, sent=seq, in_flight=checker.outstanding,
+                       resets=result.session_resets)
         result.elapsed_s = time.monotonic() - start
         if chaos is not None:
             chaos.finish()
-        if cfg.progress:
-            sys.stderr.write("\n")
+        bar.close()
         result.sent = seq
         result.connected = len(checker.connected)
         result.last_error = _last_error(conns)
@@ -263,6 +258,7 @@ def run_stress(cfg: StressConfig, should_stop: Callable[[], bool] = lambda: Fals
             result.reconnects += st["reconnects"]
         return result
     finally:
+        bar.close()  # idempotent; also restores the terminal after an error
         for m in msgrs:
             m.shutdown()
         center.process_events(0)

@@ -29,9 +29,17 @@ from pool.api import (
     MessengerConfig,
     Policy,
 )
+from tools.progress import Progress
 
 from .common import (
-    DEFAULT_MESSAGES, Chaos, ChaosConfig, ChaosCounts, p50_p99_us, parse_scale_range,
+    DEFAULT_MESSAGES,
+    JSON_STDOUT,
+    Chaos,
+    ChaosConfig,
+    ChaosCounts,
+    p50_p99_us,
+    parse_scale_range,
+    report,
 )
 
 __all__ = ["KV_MSG", "KvStressConfig", "KvStressResult", "format_kv_summary", "run_kv_stress"]
@@ -57,6 +65,7 @@ class KvStressConfig:
     scale_plan: list[int] = field(default_factory=list)
     scale_every: float = 0.0
     chaos: Chaos | None = None       # the CLI's --chaos-admin faults
+    progress: bool = False           # a bar (terminal) or plain lines on stdout
 
 
 @dataclass
@@ -126,6 +135,8 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
     client = _Client(r)
     center = EventCenter(name="stress-kv")
     msgrs: list[Messenger] = []
+    # every key written ``rounds`` times, then read once
+    bar = Progress("stress kv", cfg.keys * (cfg.rounds + 1), "ops", enabled=cfg.progress)
     admin = None
     if cfg.admin and cfg.scale_plan:
         from pool.supervisor.admin import AdminClient
@@ -200,6 +211,7 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
 
                 send("put", key, val, on_put)
             center.process_events(0.01 if client.pending else 0)
+            bar.update(r.received, phase="write", resets=r.session_resets)
         # Let the scale plan finish before reading, so reads also cross a scale change.
         while plan and admin is not None and time.monotonic() < deadline:
             admin.call("scale", n=plan.pop(0), check=False)
@@ -238,6 +250,7 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
 
                 send("get", key, None, on_get)
             center.process_events(0.01 if client.pending else 0)
+            bar.update(r.received, phase="read", resets=r.session_resets)
         r.elapsed_s = time.monotonic() - start
         r.lost = len(client.pending)
         if reads:
@@ -247,6 +260,7 @@ def run_kv_stress(cfg: KvStressConfig) -> KvStressResult:
             r.p50_us, r.p99_us = p50_p99_us(client.lat)
         return r
     finally:
+        bar.close()
         for m in msgrs:
             m.shutdown()
         center.process_events(0)
@@ -269,7 +283,6 @@ def format_kv_summary(r: KvStressResult) -> str:
 
 def run_cli(args: Any) -> int:
     """``msgr stress --app kv``: the shared stress options mapped onto the kv workload."""
-    import json
     import sys
     from dataclasses import asdict
 
@@ -289,19 +302,17 @@ def run_cli(args: Any) -> int:
     cfg = KvStressConfig(target=args.target, conns=args.conns, keys=max(1, operations // 2),
                          rounds=1, size_min=max(1, args.size_min),
                          size_max=min(max(args.size_min, args.size_max), 60 * 1024),
-                         window=args.window, timeout=args.timeout, seed=args.seed, chaos=chaos)
+                         window=args.window, timeout=args.timeout, seed=args.seed, chaos=chaos,
+                         progress=args.json != JSON_STDOUT)
     result = run_kv_stress(cfg)
     if chaos is not None:
         chaos.finish()
         result.scales = chaos_result.chaos_scales
-    print(format_kv_summary(result))
-    if args.json:
-        data = asdict(result)
-        data["ok"] = result.ok
-        data["chaos_kills"] = chaos_result.chaos_kills
-        data["pool_back_to_n"] = chaos_result.pool_back_to_n
-        data["target"] = str(args.target)
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2)
+    data = asdict(result)
+    data["ok"] = result.ok
+    data["chaos_kills"] = chaos_result.chaos_kills
+    data["pool_back_to_n"] = chaos_result.pool_back_to_n
+    data["target"] = str(args.target)
+    report(args.json, format_kv_summary(result), data)
     ok = result.ok and chaos_result.pool_back_to_n is not False
     return 0 if ok else 1

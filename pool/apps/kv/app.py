@@ -182,6 +182,9 @@ class KvApp(WorkerApp, Dispatcher):
     def connection_count(self) -> int:
         return self.msgr_app.connection_count()
 
+    def throttle_counters(self) -> tuple[int, int, int]:
+        return self.msgr_app.throttle_counters()
+
     def counters(self) -> tuple[int, int, int, int]:
         return self.msgr_app.counters()
 
