@@ -22,8 +22,12 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/msgr demo
 
+# The whole suite on the compiled per-message path, then the protocol tests again on the
+# pure-Python one (the reference; the differential tests compare the two).
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest
+	ASYNCMSGR_NO_EXTENSIONS=1 HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q tests/protocol \
+	  --ignore=tests/protocol/test_accel.py --ignore=tests/protocol/test_accel_fuzz.py
 
 # Random exploration: new seeds every run, 20x the examples, only the property tests.
 # A failure it finds is replayed first next time (.hypothesis/fuzz); keep it as an @example.

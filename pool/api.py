@@ -3,6 +3,7 @@
     from pool.api import Messenger, Dispatcher, Message, Policy, EntityType
 """
 
+from protocol.accel import describe as per_message_path
 from protocol.features import EntityType
 from protocol.message import PRIO_DEFAULT, PRIO_HIGH, PRIO_HIGHEST, PRIO_LOW, Message
 from protocol.policy import Backoff, Policy
@@ -21,5 +22,5 @@ __all__ = [
     "AsyncConnection", "AuthSettings", "Backoff", "ConnState", "Dispatcher", "EntityType",
     "EventCenter", "HandshakeFailure", "KeyringError", "Message", "Messenger", "MessengerConfig", "MonClient",
     "MonError", "Policy", "PRIO_DEFAULT", "PRIO_HIGH", "PRIO_HIGHEST", "PRIO_LOW",
-    "load_keyring", "write_keyring",
+    "load_keyring", "per_message_path", "write_keyring",
 ]

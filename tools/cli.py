@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
+
+from pool.api import per_message_path
 
 __all__ = ["MODULES", "build_parser", "main"]
 
@@ -15,8 +18,17 @@ MODULES = ["tools.serve", "tools.admin_cmds", "tools.stress.cli", "tools.demo", 
            "tools.ceph_cmds"]
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("asyncmsgr")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msgr", description="asyncmsgr worker pool")
+    parser.add_argument("--version", action="version",
+                        version=f"asyncmsgr {_version()}, per-message path: {per_message_path()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in MODULES:
         importlib.import_module(name).register(sub)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from protocol.accel import describe as per_message_path
 from pool.control.page import RETENTION_FIELDS, ControlPage
 from pool.control.states import State
 from transport.event_center import EventCenter
@@ -100,7 +101,9 @@ class AdminCommands:
         status = self.cmd_status({})
         keys = ("msgs_in", "msgs_out", "bytes_in", "bytes_out", *RETENTION_FIELDS)
         totals = {k: sum(w[k] for w in status["workers"]) for k in keys}
-        perf: dict[str, Any] = {"totals": totals, "supervisor": dict(sup.stats)}
+        # workers are forked from this process with its environment: the same path
+        perf: dict[str, Any] = {"totals": totals, "supervisor": dict(sup.stats),
+                                "per_message_path": per_message_path()}
         if sup.processor is not None and sup.accept_loop is not None:
             st = sup.accept_loop.statistics()
             perf["processor"] = {"accepted": st.accepted, "assigned": sup.processor.assigned,

@@ -49,6 +49,13 @@ def test_status_json_and_table_contract(tmp_path: Path) -> None:
         assert header == ["slot", "pid", "state", "conns", "msgs_in", "msgs_out", "restarts", "hb_age"]
         r = msgr("perf", "--admin", pool.admin)
         assert json.loads(r.stdout)["processor"]["accepted"] == 0
+        assert json.loads(r.stdout)["per_message_path"].startswith(("compiled", "python"))
+
+
+def test_version_says_which_per_message_path_runs() -> None:
+    r = msgr("--version")
+    assert r.returncode == 0 and r.stdout.startswith("asyncmsgr ")
+    assert "per-message path: compiled" in r.stdout or "per-message path: python" in r.stdout
 
 
 def test_errors_are_explained(tmp_path: Path) -> None:
