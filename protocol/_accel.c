@@ -115,10 +115,6 @@ static PyObject *py_crc32c(PyObject *self, PyObject *args) {
 
 static PyObject *empty_view; /* memoryview(b"") for the empty middle segment */
 
-static PyObject *slice(PyObject *mv, Py_ssize_t a, Py_ssize_t b) {
-    return PySequence_GetSlice(mv, a, b);
-}
-
 /* scan_message(mv, start, end, segment_max, data_max) -> (new_start, segments) | None
  *
  * The validation of FrameDecoder.next_message: a MESSAGE frame of 1, 2 or 4 segments
@@ -183,11 +179,11 @@ static PyObject *py_scan_message(PyObject *self, PyObject *const *args, Py_ssize
     Py_ssize_t o1 = o0 + (Py_ssize_t)l0 + 4;
     PyObject *segs = PyTuple_New(nseg == 4 ? 4 : nseg);
     if (!segs) return NULL;
-    PyObject *v = slice(mv, o0, o0 + (Py_ssize_t)l0);
+    PyObject *v = PySequence_GetSlice(mv, o0, o0 + (Py_ssize_t)l0);
     if (!v) goto fail;
     PyTuple_SET_ITEM(segs, 0, v);
     if (nseg > 1) {
-        v = slice(mv, o1, o1 + (Py_ssize_t)l1);
+        v = PySequence_GetSlice(mv, o1, o1 + (Py_ssize_t)l1);
         if (!v) goto fail;
         PyTuple_SET_ITEM(segs, 1, v);
     }
@@ -195,12 +191,11 @@ static PyObject *py_scan_message(PyObject *self, PyObject *const *args, Py_ssize
         Py_INCREF(empty_view);
         PyTuple_SET_ITEM(segs, 2, empty_view);
         Py_ssize_t o3 = o1 + (Py_ssize_t)l1;
-        v = slice(mv, o3, o3 + (Py_ssize_t)l3);
+        v = PySequence_GetSlice(mv, o3, o3 + (Py_ssize_t)l3);
         if (!v) goto fail;
         PyTuple_SET_ITEM(segs, 3, v);
     }
-    PyObject *res = Py_BuildValue("(nN)", start + (Py_ssize_t)total, segs);
-    return res;
+    return Py_BuildValue("(nN)", start + (Py_ssize_t)total, segs);
 fail:
     Py_DECREF(segs);
     return NULL;

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pool.supervisor.admin import AdminClient, AdminError
-from transport.addresses import split_host_port
+from transport.addresses import parse_address, split_host_port
+from transport.stack import Address
 
 __all__ = ["NotReady", "free_port", "parse_bind", "parse_target", "percentile", "split_host_port",
            "wait_status"]
@@ -68,14 +69,13 @@ def parse_bind(text: str, option: str = "--bind") -> tuple[str, int]:
     return hp
 
 
-def parse_target(text: str) -> tuple[str, int] | str:
+def parse_target(text: str) -> Address:
     """HOST:PORT (IPv6 as [::1]:PORT) or a Unix socket path (an argparse type)."""
-    if text.startswith("/") or text.startswith("\0"):
-        return text
-    hp = split_host_port(text, "127.0.0.1")
-    if hp is None:
-        raise argparse.ArgumentTypeError(f"target {text!r} must be HOST:PORT or a socket path")
-    return hp
+    try:
+        return parse_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"target {text!r} must be HOST:PORT or a socket path") from None
 
 
 def free_port() -> int:
