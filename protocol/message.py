@@ -72,9 +72,6 @@ _unpackb = msgpack.unpackb
 #: the compiled header + frame builder, or None on the pure-Python path
 _encode_message = None if ACCEL is None else ACCEL.encode_message
 _pack_header = HEADER2.pack
-#: tid, type, priority, version, flags, compat_version: the caller's header fields, with
-#: the widths ceph_msg_header2 gives them (check_outgoing's range check)
-_check_fields = struct.Struct("<QHHHBH").pack
 _unpack_header = HEADER2.unpack
 _HEADER_SIZE = HEADER2.size
 # Everything msgpack raises for malformed input: truncated/extra data and bad formats
@@ -140,12 +137,17 @@ class Message:
 
 
 def _pack(msg: Message, seq: int, ack_seq: int) -> bytes:
-    if not msg.raw and not 0 <= msg.type <= ASYNCMSGR_TYPE_MAX:
-        raise LocalProtocolError(
-            f"asyncmsgr message type must be 0..{ASYNCMSGR_TYPE_MAX}, got {msg.type!r} (for "
-            "a Ceph type number, send a Ceph message: Message(..., raw=True))", "bad_header")
+    """The one ceph_msg_header2 packer (the compiled frame builder is its twin): validates
+    every field the caller sets, so a bad one is named instead of a bare struct.error."""
+    t = msg.type
+    if not msg.raw:
+        if type(t) is not int or not 0 <= t <= ASYNCMSGR_TYPE_MAX:
+            raise LocalProtocolError(
+                f"asyncmsgr message type must be 0..{ASYNCMSGR_TYPE_MAX}, got {t!r} (for a "
+                "Ceph type number, send a Ceph message: Message(..., raw=True))", "bad_header")
+        t += ASYNCMSGR_TYPE_BASE
     try:
-        return _pack_header(seq, msg.tid, msg.wire_type, msg.priority, msg.version, 0, 0,
+        return _pack_header(seq, msg.tid, t, msg.priority, msg.version, 0, 0,
                             ack_seq, msg.flags, msg.compat_version, 0)
     except struct.error as exc:
         raise LocalProtocolError(
@@ -164,16 +166,9 @@ def check_outgoing(msg: Message, ceph_peer: bool = False) -> None:
     is an asyncmsgr message and the peer is known to be a Ceph daemon. Call it when the
     message is queued, so the sender hears of its mistake instead of the session failing
     later, after the message took a sequence number. The front encoding is cached."""
-    t = msg.type
-    if not msg.raw:
-        if ceph_peer:
-            refuse_ceph_peer(msg)
-        t = t + ASYNCMSGR_TYPE_BASE if type(t) is int and 0 <= t <= ASYNCMSGR_TYPE_MAX else -1
-    try:
-        # only the fields the caller sets (seq/ack are the session's): 6 packed, not 11
-        _check_fields(msg.tid, t, msg.priority, msg.version, msg.flags, msg.compat_version)
-    except struct.error:
-        _pack(msg, 0, 0)  # raises, naming the field
+    if ceph_peer and not msg.raw:
+        refuse_ceph_peer(msg)
+    _pack(msg, 0, 0)  # packing is the range check (seq/ack are the session's)
     msg.encoded_front()
 
 
@@ -187,35 +182,27 @@ def refuse_ceph_peer(msg: Message) -> NoReturn:
 def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Buffer],
                     seal: Callable[[list[Buffer]], bytes] | None = None) -> None:
     """Append the MESSAGE frames of a numbered batch to ``out`` (each frame sealed into
-    one record by ``seal`` in secure mode). The per-message write path: the header is
-    packed inline. An asyncmsgr message for a peer that did not announce asyncmsgr is a
-    ``LocalProtocolError`` before its frame is built."""
-    pack = _pack_header
+    one record by ``seal`` in secure mode). An asyncmsgr message for a peer that did not
+    announce asyncmsgr is a ``LocalProtocolError`` before its frame is built."""
     enc = _encode_message
     base = ASYNCMSGR_TYPE_BASE
     for msg in batch:
-        if msg.raw:
-            t = msg.type
-        elif asyncmsgr_peer:
-            t = msg.type + base  # above 0xFFFF: struct.error below; negative: caught here
-            if t < base:
-                _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
-        else:
+        raw = msg.raw
+        if not raw and not asyncmsgr_peer:
             refuse_ceph_peer(msg)
         if enc is not None and not len(msg.middle):
-            try:  # header and frame in one compiled call
+            try:  # header and frame in one compiled call (it range-checks every field)
+                t = msg.type if raw else msg.type + base
+                if t < base and not raw:
+                    raise OverflowError  # a negative asyncmsgr type
                 frame = enc(msg.seq, msg.tid, t, msg.priority, msg.version, msg.ack_seq,
                             msg.flags, msg.compat_version, msg.encoded_front(), msg.data)
             except (OverflowError, TypeError):
                 _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
                 raise
         else:
-            try:
-                header = pack(msg.seq, msg.tid, t, msg.priority, msg.version, 0, 0,
-                              msg.ack_seq, msg.flags, msg.compat_version, 0)
-            except struct.error:
-                header = _pack(msg, msg.seq, msg.ack_seq)  # raises, naming the field
-            frame = encode_message_frame(header, msg.encoded_front(), msg.data, msg.middle)
+            frame = encode_message_frame(_pack(msg, msg.seq, msg.ack_seq), msg.encoded_front(),
+                                         msg.data, msg.middle)
         if seal is None:
             out += frame
         else:
