@@ -197,20 +197,14 @@ class EventCenter:
         not a kernel object, so its poller reports "readable" without an eventfd write and
         an ``epoll_wait`` round trip (Ceph's DPDK stack does the same with its
         ``UserspaceEventManager``, src/msg/async/dpdk/UserspaceEvent.h)."""
-        cb = self._rcb.get(fd)
-        if cb is None:
-            return False
-        self._file_callbacks += 1
-        try:
-            cb(fd)
-        except Exception:  # noqa: BLE001 - logged; the loop must go on
-            self._callback_failed(cb)
-        return True
+        return self._fire(self._rcb.get(fd), fd)
 
     def fire_write_event(self, fd: int) -> bool:
         """Run ``fd``'s WRITABLE callback now, from the owner thread; False when none is
         registered (how an asyncio driver dispatches while its loop runs)."""
-        cb = self._wcb.get(fd)
+        return self._fire(self._wcb.get(fd), fd)
+
+    def _fire(self, cb: Callable[[int], None] | None, fd: int) -> bool:
         if cb is None:
             return False
         self._file_callbacks += 1
