@@ -114,7 +114,7 @@ class Session:
     __slots__ = (
         "policy", "out_seq", "in_seq", "sent", "requeued", "_queues", "_prios",
         "client_cookie", "server_cookie", "connect_seq", "global_seq", "peer_global_seq",
-        "ack_pending", "keepalive_pending", "duplicates_dropped", "queued_count",
+        "ack_pending", "duplicates_dropped", "queued_count",
     )
 
     def __init__(self, policy: Policy) -> None:
@@ -132,7 +132,6 @@ class Session:
         self.global_seq = 0
         self.peer_global_seq = 0
         self.ack_pending = 0
-        self.keepalive_pending = False
         self.duplicates_dropped = 0
         self.queued_count = 0
 
@@ -332,7 +331,6 @@ class Session:
         self.connect_seq = 0
         self.client_cookie = 0
         self.server_cookie = 0
-        self.keepalive_pending = False
         return dropped
 
     def unacked_count(self) -> int:
