@@ -42,8 +42,9 @@ class SocketIO(ConnStateMachine):
 
     Private bookkeeping (none of it is a connection state): ``_reading``/``_writing``
     say which file events are registered; ``_throttled`` (a decoded message is parked
-    until the throttles admit it) and ``_write_blocked`` (our unsent output is over the
-    high-water mark) are the two reasons reading is paused; ``_flush_scheduled``
+    until the throttles admit it), ``_write_blocked`` (our unsent output is over the
+    high-water mark) and ``_paused`` (the owner called ``pause_reading``) are the three
+    reasons reading is paused, each released on its own: reading resumes when none holds; ``_flush_scheduled``
     coalesces flush requests into one per loop pass; ``_migrating``: a handoff of this
     session to another worker is in flight, so no I/O meanwhile.
     """
@@ -67,6 +68,7 @@ class SocketIO(ConnStateMachine):
         self._read_fd: int | None = None
         self._throttled = False
         self._write_blocked = False
+        self._paused = False
         self._migrating = False
         self.last_active = self.center.now()
 
@@ -91,11 +93,29 @@ class SocketIO(ConnStateMachine):
         self._migrating = False
 
     def pause_reading(self) -> None:
-        """Stop reading the socket; what was read already stays in the decoder."""
+        """Stop reading the socket until ``resume_reading``; frames already read are
+        still delivered. Independent of the throttle and write-backpressure pauses: their
+        release does not resume a paused connection, nor does this resume theirs."""
+        self._paused = True
         self._set_reading(False)
 
     def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
         self._set_reading(True)
+        # A stack whose read fd stayed registered (write space) may not fire again for
+        # bytes that arrived while paused: look once.
+        self.center.call_soon(self._read_now)
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while any reason (``pause_reading``, throttle, write backpressure) holds."""
+        return self._paused or self._throttled or self._write_blocked
+
+    def _read_now(self) -> None:
+        if self.sock is not None and not self.reading_paused:
+            self._on_readable(self.sock.fileno())
 
     # -- attaching a socket ------------------------------------------------------------------
     def _attach(self, sock: ConnectedSocket) -> None:
@@ -108,8 +128,8 @@ class SocketIO(ConnStateMachine):
         self._out.clear()
         fd = sock.fileno()
         self._read_fd = fd
-        self._reading = True
-        self.center.create_file_event(fd, READABLE, self._on_readable)
+        self._reading = False
+        self._set_reading(True)  # unless a pause reason still holds
         self.last_active = self.center.now()
         self.schedule_flush()
         # Bytes may already sit in the decoder (a handed-off socket): parse them now.
@@ -124,7 +144,7 @@ class SocketIO(ConnStateMachine):
             self._flush()  # "send space is back" arrives on this same fd
             if self.sock is not sock:
                 return
-        if self._throttled:
+        if self._throttled or self._paused:
             return
         msgr = self.msgr
         inject = self._inject
@@ -156,7 +176,13 @@ class SocketIO(ConnStateMachine):
             self._process()
 
     def _set_reading(self, on: bool) -> None:
-        if self.sock is None or on == self._reading:
+        """Register READABLE when ``on`` and no pause reason holds. A stack that reports
+        write space on its read fd (memif, rdma) keeps it registered whatever holds, or a
+        paused connection's output would stall; ``_on_readable`` then skips the read."""
+        if self.sock is None:
+            return
+        on = (on and not self.reading_paused) or self._space_on_read
+        if on == self._reading:
             return
         self._reading = on
         fd = self.sock.fileno()

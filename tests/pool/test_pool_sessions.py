@@ -147,9 +147,12 @@ def test_sigkill_worker_resets_only_its_sessions(make_pool) -> None:
                        seed=3)
     thread, out = _stress_in_thread(cfg)
     deadline = time.monotonic() + 10
-    while True:  # wait until both workers own sessions
+    while True:  # wait until every session is connected and both workers own some
         st = pool.status()
-        if all(w["connections"] > 0 for w in st["workers"] if w["state"] == "ACCEPTING"):
+        live = [w for w in st["workers"] if w["state"] == "ACCEPTING"]
+        # all of them, or the victim may gain sessions after its count is read below
+        if all(w["connections"] > 0 for w in live) and \
+                sum(w["connections"] for w in live) >= cfg.conns:
             break
         assert time.monotonic() < deadline, st
         time.sleep(0.05)
