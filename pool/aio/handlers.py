@@ -94,9 +94,8 @@ class AsyncDispatcher(Dispatcher):
         if slots.running >= self.concurrency or slots.waiting:
             # Full: keep arrival order, and stop reading this peer until a slot frees.
             slots.waiting.append((msg, release))
-            # Every time, not only the first: the connection's own write backpressure
-            # turns reading back on when its output drains, and the queue must not grow
-            # by more than one socket read per such resume.
+            # This pause is the connection's own reason: a throttle or write-backpressure
+            # release does not end it; what was read already still arrives, and waits.
             slots.paused = True
             conn.pause_reading()
             return
