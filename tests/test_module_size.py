@@ -14,10 +14,7 @@ LIMIT = 600
 PACKAGES = ("protocol", "transport", "pool", "tools", "tests")
 
 #: modules over the limit, each waiting for its split
-OVERSIZE_ALLOWLIST: dict[str, str] = {
-    "tests/transport/test_event_center.py": "split with the drivers (issue 17)",
-    "tests/transport/test_rdma_stack.py": "split with the stack (issue 15)",
-}
+OVERSIZE_ALLOWLIST: dict[str, str] = {}
 
 
 def _sizes() -> dict[str, int]:

@@ -1,6 +1,6 @@
 """AsyncioDriver inside a running loop: an EventCenter and asyncio tasks share one loop.
 
-The EventCenter conformance tests (test_event_center.py) run on this driver too, with
+The EventCenter conformance tests (event_center/) run on this driver too, with
 the loop driven by ``process_events``; here the loop runs and the center is awaited.
 """
 
