@@ -8,7 +8,7 @@ handlers the table names live in :mod:`protocol.handshake` (both roles),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import features as feat
@@ -23,7 +23,7 @@ from .events import (
     NEED_DATA, Event, KeepaliveAckReceived, KeepaliveReceived, MessageReceived,
 )
 from .frames import Banner, Buffer, FrameDecoder, Tag, encode_banner, tag_name
-from .message import MAX_FRONT, decode_message, encode_messages
+from .message import MAX_FRONT, Message, decode_message, decode_messages, encode_messages
 from .secure import TAG_SIZE, SecureChannel
 from .session import Session
 from .transcript import Transcript
@@ -35,6 +35,8 @@ _ASYNCMSGR = feat.ASYNCMSGR
 # assigned, not imported: a method call on an imported name is compiled as an attribute
 # load plus a bound method per call (CPython 3.11), and the pump runs per control frame
 _row = TRANSITIONS.get
+#: messages decoded per batch call: bounds the work done ahead of a consumer that stops
+_BATCH = 64
 _local_row = LOCAL_TRANSITIONS.get
 
 
@@ -256,6 +258,44 @@ class Exchange:
         self._send_control(Hello(int(cfg.entity_type), peer))
 
     # -- READY ----------------------------------------------------------------------------
+    def received_messages(self) -> Iterator[Message]:
+        """The messages of the plain MESSAGE frames at the head of the stream, decoded in
+        one batch call (:func:`protocol.message.decode_messages`) and handed out in order.
+
+        Each frame is consumed, and counted by the session (seq, duplicates, acks owed),
+        only as its message is handed out: a consumer that stops early (throttled, the
+        connection closed) leaves the rest in the stream, where the next batch or
+        :meth:`next_event` finds it, so nothing is lost or counted twice. Duplicates are
+        dropped on the way. Empty when the batch does not apply (not READY, events
+        waiting, the next frame not a plain MESSAGE frame): :meth:`next_event` then
+        handles what comes next, with the same result for messages.
+        """
+        if self.state is not State.READY or self._events or self._error is not None:
+            return
+        dec = self.decoder
+        span = dec.message_span()
+        if span is None:
+            return
+        mv, at, end, segment_max, data_max = span
+        msgs, ends, max_ack = decode_messages(mv, at, end, segment_max, data_max, MAX_FRONT,
+                                              self.asyncmsgr_peer, _BATCH)
+        if not msgs:
+            return
+        s = self.session
+        assert s is not None
+        sent = s.sent
+        if sent and sent[0].seq <= max_ack:
+            s.on_ack(max_ack)  # acks are cumulative: the batch's highest covers the rest
+        advance, on_receive = dec.advance, s.on_receive
+        ready = State.READY
+        for msg, nxt in zip(msgs, ends):
+            if self.state is not ready or not advance(at, nxt):
+                return  # closed, or the stream moved under a stale batch
+            at = nxt
+            if on_receive(msg.seq):
+                self.messages_in += 1
+                yield msg
+
     def _on_message_frame(self, segments: Sequence[memoryview]) -> Event | None:
         msg = decode_message(segments, MAX_FRONT, self.asyncmsgr_peer)
         s = self.session

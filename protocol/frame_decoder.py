@@ -18,7 +18,7 @@ from .frame_format import (
     PREAMBLE_SIZE, TAG_MESSAGE, U32, Banner, Buffer, Frame, FrameLimits, Tag, tag_name,
 )
 
-__all__ = ["FrameDecoder"]
+__all__ = ["FrameDecoder", "scan_message_python"]
 
 # Bound methods looked up once, as assigned (not imported) globals: the per-message path
 # calls them for every frame, and CPython 3.11 compiles ``imported_name.method()`` as an
@@ -38,6 +38,61 @@ _EMPTY_VIEW = memoryview(b"")
 # Below this much free tail a chunk is retired: a recv into a few bytes costs a
 # syscall for almost nothing, while moving a small partial frame is cheap.
 _MIN_TAIL = 2048
+
+
+
+def scan_message_python(mv: memoryview, start: int, end_avail: int, segment_max: int,
+                        data_max: int) -> tuple[int, tuple[memoryview, ...]] | None:
+    """``(new_start, segments)`` of a whole, valid MESSAGE frame of 1, 2 or 4 segments
+    (empty middle) at ``mv[start:end_avail]``, or ``None``: not on the fast path (the
+    general decoder decides and words any error). ``protocol._accel.scan_message`` is
+    its compiled twin, with the same signature."""
+    if end_avail - start < PREAMBLE_SIZE:
+        return None
+    (tag, nseg, l0, _a0, l1, _a1, l2, _a2, l3, _a3, _flags, _rsv,
+     crc) = _unpack_preamble(mv, start)
+    if tag != TAG_MESSAGE or l2 or not l0 or l0 > segment_max:
+        return None
+    if nseg == 1:
+        if l1 or l3:
+            return None
+        end = start + PREAMBLE_SIZE + 4 + l0
+    elif nseg == 2:
+        if l3 or not l1 or l1 > segment_max:
+            return None
+        end = start + PREAMBLE_SIZE + 4 + l0 + l1 + EPILOGUE_SIZE
+    elif nseg == 4:
+        if not l3 or l1 > segment_max or l3 > data_max:
+            return None
+        end = start + PREAMBLE_SIZE + 4 + l0 + l1 + l3 + EPILOGUE_SIZE
+    else:
+        return None
+    if end > end_avail:
+        return None
+    if _crc(mv[start:start + 28], MASK32) ^ MASK32 != crc:
+        return None
+    p = start + PREAMBLE_SIZE
+    seg0 = mv[p:p + l0]
+    p += l0
+    if _crc(seg0, 0) ^ MASK32 != _unpack_u32(mv, p)[0]:
+        return None
+    if nseg == 1:
+        return end, (seg0,)
+    p += 4
+    seg1 = mv[p:p + l1]
+    if nseg == 2:
+        late, c1, c2, c3 = _unpack_epilogue(mv, p + l1)
+        if late != LATE_STATUS_COMPLETE or c2 or c3 or _crc(seg1, 0) ^ MASK32 != c1:
+            return None
+        return end, (seg0, seg1)
+    p += l1
+    seg3 = mv[p:p + l3]
+    late, c1, c2, c3 = _unpack_epilogue(mv, p + l3)
+    if (late != LATE_STATUS_COMPLETE or c2 != MASK32
+            or (_crc(seg1, 0) ^ MASK32 if l1 else MASK32) != c1  # empty: ~0, no call
+            or _crc(seg3, 0) ^ MASK32 != c3):
+        return None
+    return end, (seg0, seg1, _EMPTY_VIEW, seg3)
 
 
 class FrameDecoder:
@@ -302,59 +357,14 @@ class FrameDecoder:
         else (more bytes needed, control frames, big frames, aborted frames) and raises
         the precise error for a bad frame, so errors are worded in one place.
         """
-        start = self._start
-        if (self._hdr is not None or self._big is not None or self._may_banner
-                or self._end - start < PREAMBLE_SIZE):
+        if self._hdr is not None or self._big is not None or self._may_banner:
             return None
-        buf = self._buf
-        (tag, nseg, l0, _a0, l1, _a1, l2, _a2, l3, _a3, _flags, _rsv,
-         crc) = _unpack_preamble(buf, start)
-        if tag != TAG_MESSAGE or l2 or not l0 or l0 > self._segment_max:
+        r = scan_message_python(self._mv, self._start, self._end, self._segment_max,
+                                self._data_max)
+        if r is None:
             return None
-        if nseg == 1:
-            if l1 or l3:
-                return None
-            end = start + PREAMBLE_SIZE + 4 + l0
-        elif nseg == 2:
-            if l3 or not l1 or l1 > self._segment_max:
-                return None
-            end = start + PREAMBLE_SIZE + 4 + l0 + l1 + EPILOGUE_SIZE
-        elif nseg == 4:
-            if not l3 or l1 > self._segment_max or l3 > self._data_max:
-                return None
-            end = start + PREAMBLE_SIZE + 4 + l0 + l1 + l3 + EPILOGUE_SIZE
-        else:
-            return None
-        if end > self._end:
-            return None
-        mv = self._mv
-        if _crc(mv[start:start + 28], MASK32) ^ MASK32 != crc:
-            return None
-        p = start + PREAMBLE_SIZE
-        seg0 = mv[p:p + l0]
-        p += l0
-        if _crc(seg0, 0) ^ MASK32 != _unpack_u32(buf, p)[0]:
-            return None
-        if nseg == 1:
-            self._start = end
-            return (seg0,)
-        p += 4
-        seg1 = mv[p:p + l1]
-        if nseg == 2:
-            late, c1, c2, c3 = _unpack_epilogue(buf, p + l1)
-            if late != LATE_STATUS_COMPLETE or c2 or c3 or _crc(seg1, 0) ^ MASK32 != c1:
-                return None
-            self._start = end
-            return (seg0, seg1)
-        p += l1
-        seg3 = mv[p:p + l3]
-        late, c1, c2, c3 = _unpack_epilogue(buf, p + l3)
-        if (late != LATE_STATUS_COMPLETE or c2 != MASK32
-                or (_crc(seg1, 0) ^ MASK32 if l1 else MASK32) != c1  # empty: ~0, no call
-                or _crc(seg3, 0) ^ MASK32 != c3):
-            return None
-        self._start = end
-        return (seg0, seg1, _EMPTY_VIEW, seg3)
+        self._start = r[0]
+        return r[1]
 
     if ACCEL is None:
         next_message = next_message_python
@@ -370,6 +380,24 @@ class FrameDecoder:
             self._start = r[0]
             segs: tuple[memoryview, ...] = r[1]
             return segs
+
+    def message_span(self) -> tuple[memoryview, int, int, int, int] | None:
+        """``(chunk, start, end, segment_max, data_max)``: where whole MESSAGE frames may
+        lie for a batch scan (:func:`protocol.message.decode_messages`), or ``None``
+        while the next frame is not on the fast path's ground (a banner may still come,
+        a big frame has its own buffer, a pending preamble was already parsed)."""
+        if self._hdr is not None or self._big is not None or self._may_banner:
+            return None
+        return self._mv, self._start, self._end, self._segment_max, self._data_max
+
+    def advance(self, expect: int, to: int) -> bool:
+        """Consume up to offset ``to`` of the span :meth:`message_span` returned, if
+        nothing moved since (the first unconsumed byte is still at ``expect``); False,
+        and nothing consumed, if it did: the batch is stale."""
+        if self._start != expect or self._hdr is not None or self._big is not None:
+            return False
+        self._start = to
+        return True
 
     def _parse_preamble(self, off: int) -> _Header:
         """Validate the preamble at ``off`` and return its header; allocates nothing."""

@@ -33,6 +33,7 @@ from .buffer import Buffer
 from .ceph.header import HEADER2
 from .errors import LocalProtocolError, RemoteProtocolError
 from .accel import ACCEL
+from .frame_decoder import scan_message_python
 from .frame_encoder import encode_message_frame
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "Message",
     "check_outgoing",
     "decode_message",
+    "decode_messages",
+    "decode_messages_python",
     "encode_header",
     "encode_messages",
     "message_segments",
@@ -263,3 +266,40 @@ def decode_message(segments: Sequence[memoryview], max_front: int = MAX_FRONT,
                 f"object: {exc}", "bad_msgpack") from exc
     return Message(wtype - ASYNCMSGR_TYPE_BASE, front, data, prio, tid, flags, seq, ack_seq,
                    False, middle, version, compat)
+
+
+def decode_messages_python(mv: memoryview, start: int, end: int, segment_max: int,
+                           data_max: int, max_front: int, asyncmsgr: bool, limit: int
+                           ) -> tuple[list[Message], list[int], int]:
+    """Up to ``limit`` consecutive whole MESSAGE frames of ``mv[start:end]``, decoded:
+    ``(messages, ends, max_ack)``, ``ends[i]`` the offset just after ``messages[i]``,
+    ``max_ack`` the highest ``ack_seq`` among them (0 for none). Nothing is consumed; it
+    stops at the first frame the fast scan or :func:`decode_message` would not take,
+    which the general decoder then handles (and words the error of). The receive batch
+    of issue 16; ``protocol._accel.decode_messages`` is its compiled twin."""
+    msgs: list[Message] = []
+    ends: list[int] = []
+    max_ack = 0
+    while len(msgs) < limit:
+        r = scan_message_python(mv, start, end, segment_max, data_max)
+        if r is None:
+            break
+        try:
+            msg = decode_message(r[1], max_front, asyncmsgr)
+        except RemoteProtocolError:
+            break
+        start = r[0]
+        msgs.append(msg)
+        ends.append(start)
+        if msg.ack_seq > max_ack:
+            max_ack = msg.ack_seq
+    return msgs, ends, max_ack
+
+
+if ACCEL is None:
+    decode_messages = decode_messages_python
+else:
+    # What the compiled batch builds and calls: the same class and the same unpackb, so
+    # both paths make the same objects and refuse the same fronts.
+    ACCEL.setup_decode(Message, _unpackb, _MSGPACK_ERRORS)
+    decode_messages = ACCEL.decode_messages

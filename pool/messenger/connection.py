@@ -230,32 +230,40 @@ class AsyncConnection(SocketIO):
             return
         msgr = self.msgr
         delivered = 0
+        # Messages come in batches (Exchange.received_messages: one compiled call decodes
+        # every plain MESSAGE frame of the buffer); next_event handles the rest, and its
+        # one message, if it is one, goes through the same loop as a batch of one.
+        single: tuple[Message, ...] = ()
         try:
             while True:
+                for batch in (single, wire.received_messages()):
+                    for msg in batch:
+                        if not msgr.deliver(self, msg):
+                            # Throttled, charged nothing: park this message and stop
+                            # reading (the rest of the batch stays in the stream).
+                            self._park(msg)
+                            return
+                        if self.wire is not wire:
+                            return  # the dispatcher marked us down or replaced the socket
+                        delivered += 1
+                        if delivered % _FLUSH_EVERY == 0 and self.session is not None \
+                                and self.session.has_outgoing():
+                            self._flush()
+                            if self.wire is not wire:
+                                return
+                        if (self._write_blocked or (self.session is not None and
+                                                    self.session.queued_count > self._queue_limit)) \
+                                and self._hold_input_for_output():
+                            # Replies pile up faster than the peer reads them: write first.
+                            self.schedule_flush()
+                            return
                 ev = wire.next_event()
                 if ev is NEED_DATA:
                     break
                 if type(ev) is MessageReceived:
-                    msg = ev.message
-                    if not msgr.deliver(self, msg):
-                        # Throttled, charged nothing: park this message and stop reading.
-                        self._park(msg)
-                        return
-                    if self.wire is not wire:
-                        return  # the dispatcher marked us down or replaced the socket
-                    delivered += 1
-                    if delivered % _FLUSH_EVERY == 0 and self.session is not None \
-                            and self.session.has_outgoing():
-                        self._flush()
-                        if self.wire is not wire:
-                            return
-                    if (self._write_blocked or (self.session is not None and
-                                                self.session.queued_count > self._queue_limit)) \
-                            and self._hold_input_for_output():
-                        # Replies pile up faster than the peer reads them: write first.
-                        self.schedule_flush()
-                        return
+                    single = (ev.message,)
                     continue
+                single = ()
                 self._handle_event(ev)
                 if self.wire is not wire:
                     return

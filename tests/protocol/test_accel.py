@@ -9,6 +9,7 @@ only the length checks stand between them and a read past the buffer.
 
 from __future__ import annotations
 
+import operator
 import os
 import struct
 import subprocess
@@ -23,8 +24,10 @@ from protocol.ceph.header import HEADER2
 from protocol.crc import crc32c
 from protocol.frame_encoder import encode_message_frame_python as encode_message_frame
 from protocol.frames import FrameDecoder, FrameLimits, encode_banner
+from protocol.message import Message, decode_messages_python
 
 from ..fuzzing import examples
+from .test_receive_batch import _fields, messages as batch_messages, _stream as batch_stream
 
 if accel.ACCEL is None and os.environ.get("ASYNCMSGR_REQUIRE_EXTENSIONS") == "1":
     pytest.fail(f"the compiled path is required here and missing: {accel.REASON}",
@@ -214,3 +217,57 @@ def test_the_decoder_and_encoder_run_the_compiled_path() -> None:
     segs = dec.next_message()
     assert segs is not None and [bytes(x) for x in segs] == [b"h" * 41, b"front", b"", b"data"]
     assert frame_decoder.ACCEL is A
+    from protocol import message
+
+    assert message.decode_messages is A.decode_messages
+
+
+def _both_batches(stream: bytes, max_front: int = 1 << 24, asyncmsgr: bool = True,
+                  limit: int = 64) -> tuple[object, object]:
+    """The receive batch of ``stream`` (after a prefix, as in a real buffer) on both paths,
+    as comparable values: the messages' fields, the end offsets, the highest ack."""
+    assert A is not None
+    pad = 5
+    mv = memoryview(bytearray(b"\xaa" * pad + stream + b"\x55" * 3))
+    args = (mv, pad, pad + len(stream), LIMITS.segment_max, LIMITS.data_max, max_front,
+            asyncmsgr, limit)
+    out = []
+    for impl in (A.decode_messages, decode_messages_python):
+        msgs, ends, ack = impl(*args)
+        out.append(([_fields(m) for m in msgs], ends, ack))
+    return out[0], out[1]
+
+
+@given(st.lists(batch_messages, max_size=6), st.booleans(), st.integers(1, 7))
+@settings(max_examples=examples(200), deadline=None)
+def test_decode_messages_matches_the_pure_batch(msgs: list[Message], asyncmsgr: bool,
+                                                limit: int) -> None:
+    stream = batch_stream(msgs)
+    compiled, pure = _both_batches(stream, asyncmsgr=asyncmsgr, limit=limit)
+    assert compiled == pure
+    for cut in range(0, len(stream), max(1, len(stream) // 30)):
+        assert operator.eq(*_both_batches(stream[:cut], asyncmsgr=asyncmsgr))
+
+
+@given(st.lists(batch_messages, min_size=1, max_size=3), st.data())
+@settings(max_examples=examples(100), deadline=None)
+def test_decode_messages_matches_after_bit_flips_and_small_front_caps(
+        msgs: list[Message], data: st.DataObject) -> None:
+    stream = bytearray(batch_stream(msgs))
+    for _ in range(10):
+        bit = data.draw(st.integers(0, len(stream) * 8 - 1))
+        stream[bit // 8] ^= 1 << (bit % 8)
+        assert operator.eq(*_both_batches(bytes(stream))), bit
+        stream[bit // 8] ^= 1 << (bit % 8)
+    cap = data.draw(st.integers(0, 64))
+    assert operator.eq(*_both_batches(bytes(stream), max_front=cap))
+
+
+def test_decode_messages_refuses_offsets_outside_the_buffer() -> None:
+    assert A is not None
+    mv = memoryview(bytearray(10))
+    for start, end in ((-1, 5), (0, 11), (6, 5)):
+        with pytest.raises(ValueError):
+            A.decode_messages(mv, start, end, 100, 100, 100, True, 8)
+    with pytest.raises(TypeError):
+        A.decode_messages(b"not a memoryview", 0, 0, 1, 1, 1, True, 1)  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ _TARGET = textwrap.dedent("""
         from protocol.crc import crc32c
         from protocol.frame_encoder import encode_message_frame_python as encode_message_frame
         from protocol.frames import FrameDecoder, FrameLimits, encode_banner
+        from protocol.message import decode_messages_python
     A = accel.ACCEL
     assert A is not None, accel.REASON
     LIM = FrameLimits(segment_max=4096, data_max=8192)
@@ -52,6 +53,11 @@ _TARGET = textwrap.dedent("""
         r = A.scan_message(mv, pad, len(mv), LIM.segment_max, LIM.data_max)
         return None if r is None else (r[0] - pad, [bytes(s) for s in r[1]])
 
+    def batch(impl, stream, pad):
+        mv = memoryview(bytearray(b"P" * pad + stream))
+        msgs, ends, ack = impl(mv, pad, len(mv), LIM.segment_max, LIM.data_max, 300, True, 4)
+        return [(m.type, m.front, bytes(m.data), m.seq, m.ack_seq, m.raw) for m in msgs], ends, ack
+
     def length(fdp, small):
         if fdp.ConsumeBool():
             return LENGTHS[fdp.ConsumeIntInRange(0, len(LENGTHS) - 1)]
@@ -70,6 +76,10 @@ _TARGET = textwrap.dedent("""
         crcs = []
         for i, n in enumerate(l):
             seg = fdp.ConsumeBytes(min(n, 600))
+            if i == 0 and n == 41 and fdp.ConsumeBool():  # a header decode_messages takes
+                seg = struct.pack("<QQHHHIHQBHH", fdp.ConsumeIntInRange(0, 9), 0,
+                                  fdp.ConsumeIntInRange(0x7FF0, 0x8010), 127, 1,
+                                  fdp.ConsumeIntInRange(0, 1), 0, 3, 0, 1, 0)
             crcs.append(crc32c(seg, 0xFFFFFFFF))
             out += seg
             if i == 0:
@@ -87,6 +97,7 @@ _TARGET = textwrap.dedent("""
         if fdp.ConsumeBool():
             stream += frame(fdp)
         assert compiled(stream, pad) == reference(stream), stream.hex()
+        assert batch(A.decode_messages, stream, pad) == batch(decode_messages_python, stream, pad)
         h, f, d = (fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 5000)) for _ in range(3))
         assert ([bytes(x) for x in A.encode_message_frame(h, f, d)]
                 == [bytes(x) for x in encode_message_frame(h, f, d)])
@@ -102,8 +113,12 @@ _UNDER_ASAN = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("_accel", sys.argv[1])
     A = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(A)
+    import msgpack
     from protocol.crc import crc32c
     from protocol.frame_encoder import encode_message_frame_python as encode_message_frame
+    from protocol.message import HEADER, Message
+    A.setup_decode(Message, msgpack.unpackb, (ValueError, TypeError, RecursionError,
+                                              OverflowError, msgpack.exceptions.UnpackException))
     LENGTHS = [0, 1, 7, 40, 41, 4095, 4096, 4097, 65536, 65537, 1 << 31, 0xFFFFFFFF]
     SEG, DATA = 65536, 1 << 20
     scans = 0
@@ -115,11 +130,16 @@ _UNDER_ASAN = textwrap.dedent("""
         for pad in (0, 3):
             mv = memoryview(bytearray(b"P" * pad + stream))
             A.scan_message(mv, pad, len(mv), SEG, DATA)
+            A.decode_messages(mv, pad, len(mv), SEG, DATA, 200, True, 4)
             scans += 1
 
     frames = [b"".join(bytes(x) for x in encode_message_frame(os.urandom(h), os.urandom(f),
                                                               os.urandom(d)))
               for h, f, d in itertools.product((1, 41), (0, 9, 300), (0, 5, 4096, 5000))]
+    # headers decode_messages takes (asyncmsgr and Ceph types), fronts valid msgpack or not
+    for t, front in itertools.product((1, 0x8001), (b"", b"\\x93\\x01\\xa1x\\xc0", b"\\xc1", os.urandom(300))):
+        hdr = HEADER.pack(5, 6, t, 127, 1, 0, 0, 4, 0, 1, 0)
+        frames.append(b"".join(bytes(x) for x in encode_message_frame(hdr, front, b"d" * 9)))
     for fr in frames:  # every truncation, and every single-bit flip of the preamble/epilogue
         for cut in range(len(fr) + 1):
             scan(fr[:cut])
