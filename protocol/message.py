@@ -52,6 +52,7 @@ __all__ = [
     "decode_messages_python",
     "encode_header",
     "encode_messages",
+    "encode_messages_python",
     "message_segments",
     "refuse_ceph_peer",
 ]
@@ -74,6 +75,7 @@ _packb = msgpack.packb
 _unpackb = msgpack.unpackb
 #: the compiled header + frame builder, or None on the pure-Python path
 _encode_message = None if ACCEL is None else ACCEL.encode_message
+_encode_batch = None if ACCEL is None else ACCEL.encode_batch
 _pack_header = HEADER2.pack
 _unpack_header = HEADER2.unpack
 _HEADER_SIZE = HEADER2.size
@@ -182,11 +184,31 @@ def refuse_ceph_peer(msg: Message) -> NoReturn:
         "messages to it (protocol.ceph.messages, Message(..., raw=True))", "ceph_peer")
 
 
-def encode_messages(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Buffer],
+def encode_messages(batch: list[Message], asyncmsgr_peer: bool, out: list[Buffer],
                     seal: Callable[[list[Buffer]], bytes] | None = None) -> None:
     """Append the MESSAGE frames of a numbered batch to ``out`` (each frame sealed into
     one record by ``seal`` in secure mode). An asyncmsgr message for a peer that did not
-    announce asyncmsgr is a ``LocalProtocolError`` before its frame is built."""
+    announce asyncmsgr is a ``LocalProtocolError`` before its frame is built.
+
+    Compiled, without ``seal``: ``protocol._accel.encode_batch`` encodes the batch into
+    one joined buffer (the same bytes), leaving to :func:`encode_messages_python` only a
+    message it cannot take (a middle segment, a field to word an error about)."""
+    if _encode_batch is None or seal is not None:
+        encode_messages_python(batch, asyncmsgr_peer, out, seal)
+        return
+    i, n = 0, len(batch)
+    while True:
+        i = _encode_batch(batch, i, asyncmsgr_peer, out)
+        if i >= n:
+            return
+        encode_messages_python(batch[i:i + 1], asyncmsgr_peer, out)
+        i += 1
+
+
+def encode_messages_python(batch: Sequence[Message], asyncmsgr_peer: bool, out: list[Buffer],
+                           seal: Callable[[list[Buffer]], bytes] | None = None) -> None:
+    """:func:`encode_messages`, one message at a time (the pure-Python reference; with the
+    extension, each frame is still built by its compiled ``encode_message``)."""
     enc = _encode_message
     base = ASYNCMSGR_TYPE_BASE
     for msg in batch:

@@ -157,6 +157,16 @@ _UNDER_ASAN = textwrap.dedent("""
         A.encode_message_frame(os.urandom(h), bytearray(os.urandom(f)),
                                memoryview(os.urandom(d)))
         A.encode_message(1 << 63, 2, 3, 4, 5, 6, 7, 8, os.urandom(f), os.urandom(d))
+        batch = []
+        for raw, t in ((True, 0xFFFF), (False, 0x7FFF), (False, 0x8000), (True, -1)):
+            m = Message(t, os.urandom(f) if raw else f, memoryview(os.urandom(d)), raw=raw,
+                        seq=1 << 63, ack_seq=(1 << 64) - 1)
+            if t >= 0 and (raw or t <= 0x7FFF):
+                m.encoded_front()
+            batch.append(m)
+        out = []
+        A.encode_batch(batch, 0, True, out)
+        A.encode_batch(batch, 3, False, out)
     for n in range(0, 70):
         A.crc32c(os.urandom(n)[1:], 0xFFFFFFFF)
     print("scans", scans)
@@ -202,7 +212,8 @@ def test_the_compiled_path_under_asan_and_ubsan(tmp_path: Path) -> None:
     inc = sysconfig.get_paths()["include"]
     subprocess.run(["gcc", "-O1", "-g", "-fno-omit-frame-pointer", "-shared", "-fPIC",
                     "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                    f"-I{inc}", str(ROOT / "protocol" / "_accel.c"), "-o", str(so)],
+                    f"-I{inc}", *map(str, sorted((ROOT / "protocol").glob("_accel*.c"))),
+                    "-o", str(so)],
                    check=True, timeout=120)
     script = tmp_path / "under_asan.py"
     script.write_text(_UNDER_ASAN)

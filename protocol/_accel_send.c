@@ -1,0 +1,298 @@
+/* protocol._accel, send: MESSAGE frames, one at a time or a batch into one buffer.
+ *
+ * Same bytes as protocol/frame_encoder.py (encode_message_frame_python) and
+ * protocol/message.py (_pack, encode_messages); tests/protocol/test_accel.py holds the two
+ * to that.
+ */
+#include "_accel.h"
+
+/* -- send: one MESSAGE frame --------------------------------------------------------- */
+
+static void put_preamble(unsigned char *b, unsigned nseg, uint32_t l0, uint32_t l1, uint32_t l3) {
+    memset(b, 0, PREAMBLE_SIZE);
+    b[0] = TAG_MESSAGE;
+    b[1] = (unsigned char)nseg;
+    wr32(b + 2, l0); wr16(b + 6, ALIGN_DEFAULT);
+    if (nseg > 1) { wr32(b + 8, l1); wr16(b + 12, ALIGN_DEFAULT); }
+    if (nseg == 4) { wr16(b + 18, ALIGN_DEFAULT); wr32(b + 20, l3); wr16(b + 24, ALIGN_DATA); }
+    wr32(b + 28, CRC(0, b, 28));
+}
+
+static void put_epilogue(unsigned char *e, uint32_t c1, uint32_t c2, uint32_t c3) {
+    e[0] = LATE_STATUS_COMPLETE;
+    wr32(e + 1, c1); wr32(e + 5, c2); wr32(e + 9, c3);
+}
+
+/* The layout of a frame without a middle segment: its segment count, whether its data
+ * goes out as its own buffer (over SMALL_DATA: not copied), and the size of the part
+ * written in one piece (all of it, or up to the data when split). */
+typedef struct {
+    uint32_t l0, l1, l3;
+    unsigned nseg;
+    int split;
+    Py_ssize_t head;
+} layout_t;
+
+static int frame_layout(Py_ssize_t hlen, Py_ssize_t flen, Py_ssize_t dlen, layout_t *lo) {
+    if (hlen > MASK32 || flen > MASK32 || dlen > MASK32) {
+        PyErr_SetString(PyExc_OverflowError, "a frame segment is limited to 4 GiB - 1");
+        return -1;
+    }
+    lo->l0 = (uint32_t)hlen; lo->l1 = (uint32_t)flen; lo->l3 = (uint32_t)dlen;
+    lo->nseg = lo->l3 ? 4 : (lo->l1 ? 2 : 1);
+    lo->split = lo->l3 > SMALL_DATA;
+    lo->head = PREAMBLE_SIZE + lo->l0 + 4 + (lo->nseg > 1 ? lo->l1 : 0);
+    if (lo->nseg > 1 && !lo->split) lo->head += lo->l3 + EPILOGUE_SIZE;
+    return 0;
+}
+
+/* Write the frame's first piece (lo->head bytes) at b; for a split frame, *epi gets the
+ * epilogue that follows the data. */
+static void write_frame(unsigned char *b, const layout_t *lo, const unsigned char *hdr,
+                        const unsigned char *front, const unsigned char *data,
+                        unsigned char epi[EPILOGUE_SIZE]) {
+    uint32_t l0 = lo->l0, l1 = lo->l1, l3 = lo->l3;
+    put_preamble(b, lo->nseg, l0, l1, l3);
+    unsigned char *q = b + PREAMBLE_SIZE;
+    if (l0) memcpy(q, hdr, l0);
+    wr32(q + l0, CRC(MASK32, hdr, l0));
+    q += l0 + 4;
+    uint32_t c1 = 0, c3 = 0;
+    if (lo->nseg > 1) {
+        if (l1) memcpy(q, front, l1);
+        q += l1;
+        c1 = l1 ? CRC(MASK32, front, l1) : MASK32;
+    }
+    if (lo->nseg == 4) c3 = CRC(MASK32, data, l3);
+    if (lo->nseg == 2) {
+        put_epilogue(q, c1, 0, 0);
+    } else if (lo->nseg == 4 && !lo->split) {
+        memcpy(q, data, l3);
+        put_epilogue(q + l3, c1, MASK32, c3);
+    } else if (lo->nseg == 4) {
+        put_epilogue(epi, c1, MASK32, c3);
+    }
+}
+
+/* The frame of a message without a middle segment, byte for byte what
+ * protocol.frames.encode_message_frame returns: one bytes object, or for data over
+ * SMALL_DATA [head bytes, data itself (not copied), epilogue bytes]. */
+static PyObject *build_frame(const unsigned char *hdr, Py_ssize_t hlen, const Py_buffer *f,
+                             const Py_buffer *d, PyObject *data_obj) {
+    layout_t lo;
+    if (frame_layout(hlen, f->len, d->len, &lo) < 0) return NULL;
+    unsigned char e[EPILOGUE_SIZE];
+    PyObject *head = PyBytes_FromStringAndSize(NULL, lo.head), *epi = NULL, *out;
+    if (!head) return NULL;
+    write_frame((unsigned char *)PyBytes_AS_STRING(head), &lo, hdr, f->buf, d->buf, e);
+    if (lo.split) {
+        epi = PyBytes_FromStringAndSize((const char *)e, EPILOGUE_SIZE);
+        if (!epi) { Py_DECREF(head); return NULL; }
+    }
+    out = PyList_New(epi ? 3 : 1);
+    if (!out) { Py_DECREF(head); Py_XDECREF(epi); return NULL; }
+    PyList_SET_ITEM(out, 0, head);
+    if (epi) {
+        Py_INCREF(data_obj);
+        PyList_SET_ITEM(out, 1, data_obj);
+        PyList_SET_ITEM(out, 2, epi);
+    }
+    return out;
+}
+
+/* encode_message_frame(header, front, data) -> list of buffers */
+PyObject *accel_encode_message_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode_message_frame(header, front, data)");
+        return NULL;
+    }
+    Py_buffer h, f, d;
+    if (PyObject_GetBuffer(args[0], &h, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &f, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&h); return NULL; }
+    if (PyObject_GetBuffer(args[2], &d, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&h); PyBuffer_Release(&f); return NULL;
+    }
+    PyObject *out = build_frame((const unsigned char *)h.buf, h.len, &f, &d, args[2]);
+    PyBuffer_Release(&h); PyBuffer_Release(&f); PyBuffer_Release(&d);
+    return out;
+}
+
+static int get_uint(PyObject *o, unsigned long long max, unsigned long long *v) {
+    if (!PyLong_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "message header fields are ints");
+        return -1;
+    }
+    *v = PyLong_AsUnsignedLongLong(o);
+    if (*v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (*v > max) {
+        PyErr_SetString(PyExc_OverflowError, "message header field out of range");
+        return -1;
+    }
+    return 0;
+}
+
+/* ceph_msg_header2 from v = (seq, tid, type, priority, version, ack_seq, flags, compat),
+ * packed as protocol.message._pack packs it ("<QQHHHIHQBHH", padding/data_off 0). */
+static void pack_header(unsigned char hdr[HEADER2_SIZE], const unsigned long long v[8]) {
+    memset(hdr, 0, HEADER2_SIZE);
+    for (int i = 0; i < 8; i++) { hdr[i] = (unsigned char)(v[0] >> (8 * i)); hdr[8 + i] = (unsigned char)(v[1] >> (8 * i)); }
+    wr16(hdr + 16, (uint16_t)v[2]);
+    wr16(hdr + 18, (uint16_t)v[3]);
+    wr16(hdr + 20, (uint16_t)v[4]);
+    /* data_pre_padding_len (u32 @22) and data_off (u16 @26) are 0 */
+    for (int i = 0; i < 8; i++) hdr[28 + i] = (unsigned char)(v[5] >> (8 * i));
+    hdr[36] = (unsigned char)v[6];
+    wr16(hdr + 37, (uint16_t)v[7]);
+    /* reserved (u16 @39) is 0 */
+}
+
+static const unsigned long long header_max[8] = {
+    0xFFFFFFFFFFFFFFFFull, 0xFFFFFFFFFFFFFFFFull, 0xFFFF, 0xFFFF, 0xFFFF,
+    0xFFFFFFFFFFFFFFFFull, 0xFF, 0xFFFF};
+
+/* encode_message(seq, tid, type, priority, version, ack_seq, flags, compat, front, data)
+ *
+ * ceph_msg_header2 packed as protocol.message packs it, then its frame (no middle).
+ * A field out of range raises OverflowError (TypeError for a non-int): the caller then
+ * asks the Python packer, which names the field. */
+PyObject *accel_encode_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "encode_message(seq, tid, type, priority, version, "
+                                         "ack_seq, flags, compat, front, data)");
+        return NULL;
+    }
+    unsigned long long v[8];
+    for (int i = 0; i < 8; i++)
+        if (get_uint(args[i], header_max[i], &v[i]) < 0) return NULL;
+    unsigned char hdr[HEADER2_SIZE];
+    pack_header(hdr, v);
+    Py_buffer f, d;
+    if (PyObject_GetBuffer(args[8], &f, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[9], &d, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&f); return NULL; }
+    PyObject *out = build_frame(hdr, HEADER2_SIZE, &f, &d, args[9]);
+    PyBuffer_Release(&f); PyBuffer_Release(&d);
+    return out;
+}
+
+
+/* -- send: a batch ------------------------------------------------------------------------- */
+
+/* Message attributes the batch reads, in header order, then the rest. */
+enum { A_SEQ, A_TID, A_TYPE, A_PRIORITY, A_VERSION, A_ACK_SEQ, A_FLAGS, A_COMPAT,
+       A_RAW, A_MIDDLE, A_FRONT, A_DATA, N_ATTRS };
+static PyObject *attr_names[N_ATTRS];
+
+int accel_send_init(void) {
+    static const char *names[N_ATTRS] = {"seq", "tid", "type", "priority", "version",
+                                         "ack_seq", "flags", "compat_version", "raw",
+                                         "middle", "_front", "data"};
+    for (int i = 0; i < N_ATTRS; i++)
+        if (!(attr_names[i] = PyUnicode_InternFromString(names[i]))) return -1;
+    return 0;
+}
+
+/* A growing buffer of joined frames, handed to `out` as one bytes object. */
+typedef struct { unsigned char *p; Py_ssize_t len, cap; } joined_t;
+
+static unsigned char *joined_room(joined_t *j, Py_ssize_t n) {
+    if (j->len + n > j->cap) {
+        Py_ssize_t cap = j->cap ? j->cap : 4096;
+        while (cap < j->len + n) cap *= 2;
+        unsigned char *p = PyMem_Realloc(j->p, (size_t)cap);
+        if (!p) { PyErr_NoMemory(); return NULL; }
+        j->p = p; j->cap = cap;
+    }
+    unsigned char *at = j->p + j->len;
+    j->len += n;
+    return at;
+}
+
+static int joined_flush(joined_t *j, PyObject *out) {
+    if (!j->len) return 0;
+    PyObject *b = PyBytes_FromStringAndSize((const char *)j->p, j->len);
+    if (!b) return -1;
+    int r = PyList_Append(out, b);
+    Py_DECREF(b);
+    j->len = 0;
+    return r;
+}
+
+/* Encode one message into j (and out, for split data). 1: done; 0: not for the batch
+ * (the Python path takes it, and words any error); -1: error set. */
+static int batch_one(PyObject *msg, int asyncmsgr, joined_t *j, PyObject *out) {
+    PyObject *a[N_ATTRS] = {NULL};
+    int r = 0;
+    for (int i = 0; i < N_ATTRS; i++)
+        if (!(a[i] = PyObject_GetAttr(msg, attr_names[i]))) goto refuse;
+    int raw = a[A_RAW] == Py_True;
+    if ((!raw && a[A_RAW] != Py_False) || (!raw && !asyncmsgr)) goto done;
+    if (!PyBytes_CheckExact(a[A_FRONT])) goto done; /* front not encoded yet */
+    if (!PyBytes_CheckExact(a[A_MIDDLE]) || PyBytes_GET_SIZE(a[A_MIDDLE])) goto done;
+    unsigned long long v[8];
+    for (int i = 0; i < 8; i++)
+        if (get_uint(a[i], header_max[i], &v[i]) < 0) goto refuse;
+    if (!raw) {
+        if (v[A_TYPE] > 0x7FFF) goto done;
+        v[A_TYPE] += ASYNCMSGR_TYPE_BASE;
+    }
+    Py_buffer d;
+    if (PyObject_GetBuffer(a[A_DATA], &d, PyBUF_SIMPLE) < 0) goto refuse;
+    unsigned char hdr[HEADER2_SIZE], epi[EPILOGUE_SIZE];
+    pack_header(hdr, v);
+    layout_t lo;
+    unsigned char *at;
+    if (frame_layout(HEADER2_SIZE, PyBytes_GET_SIZE(a[A_FRONT]), d.len, &lo) < 0 ||
+        !(at = joined_room(j, lo.head))) {
+        PyBuffer_Release(&d);
+        r = -1;
+        goto done;
+    }
+    write_frame(at, &lo, hdr, (const unsigned char *)PyBytes_AS_STRING(a[A_FRONT]), d.buf, epi);
+    PyBuffer_Release(&d);
+    r = 1;
+    if (lo.split) {  /* [joined so far + head] [data, not copied] [epilogue ...] */
+        if (joined_flush(j, out) < 0 || PyList_Append(out, a[A_DATA]) < 0 ||
+            !(at = joined_room(j, EPILOGUE_SIZE)))
+            r = -1;
+        else
+            memcpy(at, epi, EPILOGUE_SIZE);
+    }
+    goto done;
+refuse: /* a missing attribute or a field out of range: the Python path says which */
+    if (PyErr_ExceptionMatches(PyExc_MemoryError)) r = -1; else PyErr_Clear();
+done:
+    for (int i = 0; i < N_ATTRS; i++) Py_XDECREF(a[i]);
+    return r;
+}
+
+/* encode_batch(messages, start, asyncmsgr, out) -> int
+ *
+ * The MESSAGE frames of messages[start:] (numbered by the session), byte for byte what
+ * protocol.message.encode_messages appends, appended to out with consecutive small
+ * frames joined into one bytes object (data over SMALL_DATA stays its own buffer).
+ * It stops at the first message the Python path must take (a middle segment, a front
+ * not yet encoded, a field out of range, an asyncmsgr message for a Ceph peer) and
+ * returns its index; len(messages) when all were encoded. */
+PyObject *accel_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4 || !PyList_Check(args[0]) || !PyList_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "encode_batch(messages: list, start, asyncmsgr, out: list)");
+        return NULL;
+    }
+    PyObject *msgs = args[0], *out = args[3];
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    int asyncmsgr = PyObject_IsTrue(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    if (i < 0) i = 0;
+    joined_t j = {NULL, 0, 0};
+    int r = 1;
+    for (; i < PyList_GET_SIZE(msgs); i++) {
+        r = batch_one(PyList_GET_ITEM(msgs, i), asyncmsgr, &j, out);
+        if (r <= 0) break;
+    }
+    if (r >= 0 && joined_flush(&j, out) < 0) r = -1;
+    PyMem_Free(j.p);
+    return r < 0 ? NULL : PyLong_FromSsize_t(i);
+}
