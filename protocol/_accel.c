@@ -100,6 +100,11 @@ static PyMethodDef methods[] = {
      " -> (messages, ends, max_ack)"},
     {"setup_decode", (PyCFunction)(void (*)(void))accel_setup_decode, METH_FASTCALL,
      "setup_decode(message_class, unpackb, errors): what decode_messages builds and calls."},
+    {"setup_encode", (PyCFunction)(void (*)(void))accel_setup_encode, METH_FASTCALL,
+     "setup_encode(packb): the msgpack encoder check_message encodes fronts with."},
+    {"check_message", (PyCFunction)(void (*)(void))accel_check_message, METH_FASTCALL,
+     "check_message(msg, ceph_peer) -> bool: check_outgoing's checks, compiled; False "
+     "means check_outgoing must look."},
     {"encode_batch", (PyCFunction)(void (*)(void))accel_encode_batch, METH_FASTCALL,
      "encode_batch(messages, start, asyncmsgr, out) -> int: the MESSAGE frames of "
      "messages[start:] appended to out, small ones joined; returns where it stopped."},

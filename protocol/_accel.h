@@ -58,5 +58,7 @@ int accel_send_init(void);
 PyObject *accel_encode_message_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *accel_encode_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *accel_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *accel_setup_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *accel_check_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

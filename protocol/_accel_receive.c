@@ -5,6 +5,7 @@
  * holds the two to that.
  */
 #include "_accel.h"
+#include <structmember.h> /* T_OBJECT_EX */
 
 /* -- receive: one whole, valid MESSAGE frame ------------------------------------------ */
 
@@ -136,6 +137,55 @@ fail:
  * exceptions that mean "not one valid msgpack object", and unpackb's keyword names */
 static PyObject *message_cls, *unpackb, *unpack_errors, *unpack_kwnames;
 
+/* Message's fields in __init__ order, then _front (init=False, default None). */
+#define N_FIELDS 13
+static const char *field_names[N_FIELDS] = {
+    "type", "front", "data", "priority", "tid", "flags", "seq", "ack_seq", "raw", "middle",
+    "version", "compat_version", "_front"};
+/* Where each field's slot lies in a Message, when the class is exactly the slots
+ * dataclass above (no other slots, every one an object slot): then a message is built
+ * by filling its slots, what its __init__ does, without running the Python __init__.
+ * 0 when it is not: the class is called instead. */
+static Py_ssize_t field_offset[N_FIELDS];
+static int fill_slots;
+
+static int find_slots(PyObject *cls) {
+    PyObject *slots = PyObject_GetAttrString(cls, "__slots__");
+    if (!slots) { PyErr_Clear(); return 0; }
+    int ok = PyTuple_Check(slots) && PyTuple_GET_SIZE(slots) == N_FIELDS &&
+             PyType_Check(cls) && !PyObject_HasAttrString(cls, "__post_init__");
+    for (int i = 0; ok && i < N_FIELDS; i++) {
+        PyObject *name = PyTuple_GET_ITEM(slots, i);
+        ok = PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, field_names[i]) == 0;
+        PyObject *d = ok ? PyObject_GetAttr(cls, name) : NULL;
+        if (!d) { PyErr_Clear(); ok = 0; break; }
+        ok = Py_IS_TYPE(d, &PyMemberDescr_Type) &&
+             ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX;
+        if (ok) field_offset[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        Py_DECREF(d);
+    }
+    Py_DECREF(slots);
+    return ok;
+}
+
+/* A Message from its 12 __init__ arguments (references stolen), _front None. */
+static PyObject *new_message(PyObject *v[N_FIELDS - 1]) {
+    PyObject *out;
+    if (fill_slots) {
+        PyTypeObject *tp = (PyTypeObject *)message_cls;
+        out = tp->tp_alloc(tp, 0);
+        if (out) {
+            for (int i = 0; i < N_FIELDS - 1; i++) *(PyObject **)((char *)out + field_offset[i]) = v[i];
+            *(PyObject **)((char *)out + field_offset[N_FIELDS - 1]) = Py_NewRef(Py_None);
+            return out;
+        }
+    } else {
+        out = PyObject_Vectorcall(message_cls, v, N_FIELDS - 1, NULL);
+    }
+    for (int i = 0; i < N_FIELDS - 1; i++) Py_DECREF(v[i]);
+    return out;
+}
+
 PyObject *accel_setup_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 3 || !PyCallable_Check(args[0]) || !PyCallable_Check(args[1]) ||
@@ -149,6 +199,7 @@ PyObject *accel_setup_decode(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (!names) return NULL;
     Py_XSETREF(unpack_kwnames, names);
     Py_INCREF(args[0]); Py_XSETREF(message_cls, args[0]);
+    fill_slots = find_slots(args[0]);
     Py_INCREF(args[1]); Py_XSETREF(unpackb, args[1]);
     Py_INCREF(args[2]); Py_XSETREF(unpack_errors, args[2]);
     Py_RETURN_NONE;
@@ -199,26 +250,22 @@ static PyObject *decode_one(PyObject *mv, const unsigned char *base, Py_ssize_t 
         data = PyBytes_FromStringAndSize(NULL, 0);
     }
     PyObject *middle = PyBytes_FromStringAndSize(NULL, 0);
-    PyObject *f[10] = {
-        PyLong_FromUnsignedLong(raw ? wtype : wtype - ASYNCMSGR_TYPE_BASE),
+    /* Message(type, front, data, priority, tid, flags, seq, ack_seq, raw, middle,
+     *         version, compat_version) */
+    PyObject *v[N_FIELDS - 1] = {
+        PyLong_FromUnsignedLong(raw ? wtype : wtype - ASYNCMSGR_TYPE_BASE), front, data,
         PyLong_FromUnsignedLong(rd16(h + 18)), PyLong_FromUnsignedLongLong(tid),
         PyLong_FromUnsignedLong(h[36]), PyLong_FromUnsignedLongLong(seq),
-        PyLong_FromUnsignedLongLong(ack), PyLong_FromUnsignedLong(rd16(h + 20)),
-        PyLong_FromUnsignedLong(rd16(h + 37)), NULL, NULL};
-    int ok = data && middle;
-    for (int i = 0; i < 8; i++) ok = ok && f[i];
-    if (ok) {
-        /* Message(type, front, data, priority, tid, flags, seq, ack_seq, raw, middle,
-         *         version, compat_version) */
-        PyObject *argv[12] = {f[0], front, data, f[1], f[2], f[3], f[4], f[5],
-                              raw ? Py_True : Py_False, middle, f[6], f[7]};
-        out = PyObject_Vectorcall(message_cls, argv, 12, NULL);
-        if (out) *ack_out = ack;
+        PyLong_FromUnsignedLongLong(ack), Py_NewRef(raw ? Py_True : Py_False), middle,
+        PyLong_FromUnsignedLong(rd16(h + 20)), PyLong_FromUnsignedLong(rd16(h + 37))};
+    int ok = 1;
+    for (int i = 0; i < N_FIELDS - 1; i++) ok = ok && v[i];
+    if (!ok) {
+        for (int i = 0; i < N_FIELDS - 1; i++) Py_XDECREF(v[i]);
+        return NULL;
     }
-    for (int i = 0; i < 8; i++) Py_XDECREF(f[i]);
-    Py_DECREF(front);
-    Py_XDECREF(data);
-    Py_XDECREF(middle);
+    out = new_message(v);
+    if (out) *ack_out = ack;
     return out;
 }
 

@@ -296,3 +296,97 @@ PyObject *accel_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyMem_Free(j.p);
     return r < 0 ? NULL : PyLong_FromSsize_t(i);
 }
+
+/* -- send: the check at queue time ----------------------------------------------------------- */
+
+static PyObject *packb; /* msgpack.packb, set once by protocol.message (setup_encode) */
+static PyObject *packb_kwnames, *front_name, *raw_name;
+
+PyObject *accel_setup_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 1 || !PyCallable_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "setup_encode(packb)");
+        return NULL;
+    }
+    if (!packb_kwnames && !(packb_kwnames = Py_BuildValue("(s)", "use_bin_type"))) return NULL;
+    Py_INCREF(args[0]);
+    Py_XSETREF(packb, args[0]);
+    Py_RETURN_NONE;
+}
+
+/* The front segment as Message.encoded_front makes it, or NULL with no error set where
+ * that would raise (the Python path then says why). */
+static PyObject *encode_front(PyObject *front, int raw) {
+    if (front == Py_None) return PyBytes_FromStringAndSize(NULL, 0);
+    if (raw) {
+        if (PyBytes_CheckExact(front)) return Py_NewRef(front);
+        if (PyByteArray_Check(front) || PyMemoryView_Check(front) || PyBytes_Check(front)) {
+            PyObject *b = PyBytes_FromObject(front);
+            if (!b) PyErr_Clear();
+            return b;
+        }
+        return NULL;
+    }
+    PyObject *argv[2] = {front, Py_True};
+    PyObject *b = PyObject_Vectorcall(packb, argv, 1, packb_kwnames);
+    if (!b || !PyBytes_CheckExact(b)) { PyErr_Clear(); Py_XDECREF(b); return NULL; }
+    return b;
+}
+
+/* check_message(msg, ceph_peer) -> bool
+ *
+ * protocol.message.check_outgoing, compiled, for a message it can vouch for: True when
+ * every header field the sender sets is in range and the front is encoded (and cached in
+ * msg._front, as encoded_front caches it). False, with nothing changed but a cached
+ * front, when check_outgoing must look (and raise the worded error): an asyncmsgr
+ * message for a Ceph peer, a field out of range or not an int, a front it cannot encode. */
+PyObject *accel_check_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "check_message(msg, ceph_peer)");
+        return NULL;
+    }
+    if (!packb) {
+        PyErr_SetString(PyExc_RuntimeError, "check_message before setup_encode");
+        return NULL;
+    }
+    PyObject *msg = args[0];
+    if (!front_name && (!(front_name = PyUnicode_InternFromString("front")) ||
+                        !(raw_name = PyUnicode_InternFromString("raw"))))
+        return NULL;
+    PyObject *a[N_ATTRS] = {NULL};
+    PyObject *result = Py_False, *front = NULL, *enc = NULL;
+    /* the header fields check_outgoing packs (seq and ack_seq are the session's) */
+    static const int checked[] = {A_TID, A_TYPE, A_PRIORITY, A_VERSION, A_FLAGS, A_COMPAT};
+    for (size_t k = 0; k < sizeof checked / sizeof checked[0]; k++)
+        if (!(a[checked[k]] = PyObject_GetAttr(msg, attr_names[checked[k]]))) goto refuse;
+    if (!(a[A_RAW] = PyObject_GetAttr(msg, raw_name)) ||
+        !(a[A_FRONT] = PyObject_GetAttr(msg, attr_names[A_FRONT])))
+        goto refuse;
+    int raw = a[A_RAW] == Py_True;
+    if (!raw && a[A_RAW] != Py_False) goto done;
+    if (!raw && PyObject_IsTrue(args[1])) goto done; /* asyncmsgr message, Ceph peer */
+    for (size_t k = 0; k < sizeof checked / sizeof checked[0]; k++) {
+        unsigned long long v;
+        int i = checked[k];
+        if (i == A_TYPE && !raw && !PyLong_CheckExact(a[i])) goto done; /* e.g. a bool */
+        if (get_uint(a[i], header_max[i], &v) < 0) goto refuse;
+        if (i == A_TYPE && !raw && v > 0x7FFF) goto done;
+    }
+    if (a[A_FRONT] == Py_None) { /* not encoded yet: encode and cache it */
+        if (!(front = PyObject_GetAttr(msg, front_name))) goto refuse;
+        if (!(enc = encode_front(front, raw))) goto done;
+        if (PyObject_SetAttr(msg, attr_names[A_FRONT], enc) < 0) goto refuse;
+    } else if (!PyBytes_CheckExact(a[A_FRONT])) {
+        goto done;
+    }
+    result = Py_True;
+    goto done;
+refuse:
+    if (PyErr_ExceptionMatches(PyExc_MemoryError)) result = NULL; else PyErr_Clear();
+done:
+    for (int i = 0; i < N_ATTRS; i++) Py_XDECREF(a[i]);
+    Py_XDECREF(front);
+    Py_XDECREF(enc);
+    return Py_XNewRef(result);
+}

@@ -47,6 +47,7 @@ __all__ = [
     "PRIO_LOW",
     "Message",
     "check_outgoing",
+    "check_outgoing_python",
     "decode_message",
     "decode_messages",
     "decode_messages_python",
@@ -76,6 +77,8 @@ _unpackb = msgpack.unpackb
 #: the compiled header + frame builder, or None on the pure-Python path
 _encode_message = None if ACCEL is None else ACCEL.encode_message
 _encode_batch = None if ACCEL is None else ACCEL.encode_batch
+#: check_outgoing's checks, compiled (False: let the Python checks word the error)
+_check_message = None if ACCEL is None else ACCEL.check_message
 _pack_header = HEADER2.pack
 _unpack_header = HEADER2.unpack
 _HEADER_SIZE = HEADER2.size
@@ -171,6 +174,13 @@ def check_outgoing(msg: Message, ceph_peer: bool = False) -> None:
     is an asyncmsgr message and the peer is known to be a Ceph daemon. Call it when the
     message is queued, so the sender hears of its mistake instead of the session failing
     later, after the message took a sequence number. The front encoding is cached."""
+    if _check_message is not None and _check_message(msg, ceph_peer):
+        return  # the compiled twin vouched for it (and cached the front)
+    check_outgoing_python(msg, ceph_peer)
+
+
+def check_outgoing_python(msg: Message, ceph_peer: bool = False) -> None:
+    """:func:`check_outgoing` in Python: the reference, and the one that words errors."""
     if ceph_peer and not msg.raw:
         refuse_ceph_peer(msg)
     _pack(msg, 0, 0)  # packing is the range check (seq/ack are the session's)
@@ -324,4 +334,5 @@ else:
     # What the compiled batch builds and calls: the same class and the same unpackb, so
     # both paths make the same objects and refuse the same fronts.
     ACCEL.setup_decode(Message, _unpackb, _MSGPACK_ERRORS)
+    ACCEL.setup_encode(_packb)
     decode_messages = ACCEL.decode_messages

@@ -327,3 +327,72 @@ def test_encode_batch_joins_small_frames_and_keeps_big_data_uncopied() -> None:
     batch.insert(1, Message(9, "mid", middle=b"m", seq=9))
     assert A.encode_batch(batch, 0, True, []) == 1  # stops where Python must take over
     assert A.encode_batch(batch, 2, True, []) == 4
+
+
+def test_decoded_messages_are_whole_messages() -> None:
+    """The compiled batch fills a Message's slots directly (what its __init__ does): every
+    field is readable, the front cache is empty, and re-encoding gives the same frame."""
+    assert A is not None
+    sent = [Message(5, {"k": [1, 2]}, b"x" * 10, priority=200, tid=7, flags=3, seq=9,
+                    ack_seq=4, version=2, compat_version=1)]
+    stream = batch_stream(sent)
+    msgs, _, _ = A.decode_messages(memoryview(bytearray(stream)), 0, len(stream),
+                                   LIMITS.segment_max, LIMITS.data_max, 1 << 20, True, 8)
+    (m,) = msgs
+    assert type(m) is Message and m._front is None
+    assert _fields(m) == _fields(sent[0]) and repr(m).startswith("Message(type=5")
+    assert batch_stream(msgs) == stream
+
+
+def test_decode_messages_calls_a_class_it_cannot_fill() -> None:
+    """A message class that is not exactly the slots dataclass (here: a __post_init__) is
+    called, not filled: whatever its __init__ does still happens."""
+    assert A is not None
+    import dataclasses
+
+    import msgpack
+
+    from protocol import message
+
+    @dataclasses.dataclass(slots=True, eq=False)
+    class Checked(Message):
+        def __post_init__(self) -> None:
+            self.tid += 1000
+
+    stream = batch_stream([Message(1, "a", seq=1, tid=1)])
+    mv = memoryview(bytearray(stream))
+    try:
+        A.setup_decode(Checked, msgpack.unpackb, message._MSGPACK_ERRORS)
+        (m,), _, _ = A.decode_messages(mv, 0, len(stream), 4096, 4096, 4096, True, 8)
+        assert type(m) is Checked and m.tid == 1001
+    finally:
+        A.setup_decode(Message, msgpack.unpackb, message._MSGPACK_ERRORS)
+    (m,), _, _ = A.decode_messages(mv, 0, len(stream), 4096, 4096, 4096, True, 8)
+    assert type(m) is Message and m.tid == 1
+
+
+ints = st.integers(-1, 1 << 16) | st.sampled_from([True, 1 << 64, -(1 << 63), 0x7FFF, 0x8000])
+odd = st.sampled_from([1.5, "7", None])
+
+
+@given(st.builds(
+    lambda raw, t, front, fields: Message(t, front, raw=raw, **fields), st.booleans(),
+    ints | odd, st.none() | st.integers() | st.text(max_size=5) | st.binary(max_size=5)
+    | st.sampled_from([bytearray(b"ba"), memoryview(b"mv"), {1, 2}, object()]),
+    st.fixed_dictionaries({k: ints | odd for k in ("tid", "priority", "version", "flags",
+                                                   "compat_version")})), st.booleans())
+@settings(max_examples=examples(400), deadline=None)
+def test_check_message_agrees_with_check_outgoing(msg: Message, ceph_peer: bool) -> None:
+    """Passed by both (the same front cached), or refused by both with the same error."""
+    import copy
+
+    from protocol.message import check_outgoing, check_outgoing_python
+
+    outcomes = []
+    for check, m in ((check_outgoing, msg), (check_outgoing_python, copy.copy(msg))):
+        try:
+            check(m, ceph_peer)
+            outcomes.append(("ok", m.encoded_front()))
+        except LocalProtocolError as err:
+            outcomes.append(("error", err.code, err.reason))
+    assert outcomes[0] == outcomes[1]
