@@ -101,10 +101,12 @@ static PyMethodDef methods[] = {
     {"setup_decode", (PyCFunction)(void (*)(void))accel_setup_decode, METH_FASTCALL,
      "setup_decode(message_class, unpackb, errors): what decode_messages builds and calls."},
     {"setup_encode", (PyCFunction)(void (*)(void))accel_setup_encode, METH_FASTCALL,
-     "setup_encode(packb): the msgpack encoder check_message encodes fronts with."},
-    {"check_message", (PyCFunction)(void (*)(void))accel_check_message, METH_FASTCALL,
-     "check_message(msg, ceph_peer) -> bool: check_outgoing's checks, compiled; False "
-     "means check_outgoing must look."},
+     "setup_encode(packb, check_outgoing_python): what check_outgoing encodes fronts with, "
+     "and what it leaves the rest (and every error) to."},
+    {"check_outgoing", (PyCFunction)(void (*)(void))accel_check_outgoing,
+     METH_FASTCALL | METH_KEYWORDS,
+     "check_outgoing(msg, ceph_peer=False) -> None: protocol.message.check_outgoing, "
+     "compiled (raises LocalProtocolError for a message that cannot be sent)."},
     {"encode_batch", (PyCFunction)(void (*)(void))accel_encode_batch, METH_FASTCALL,
      "encode_batch(messages, start, asyncmsgr, out) -> int: the MESSAGE frames of "
      "messages[start:] appended to out, small ones joined; returns where it stopped."},

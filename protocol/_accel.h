@@ -59,6 +59,7 @@ PyObject *accel_encode_message_frame(PyObject *self, PyObject *const *args, Py_s
 PyObject *accel_encode_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *accel_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *accel_setup_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
-PyObject *accel_check_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *accel_check_outgoing(PyObject *self, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames);
 
 #endif

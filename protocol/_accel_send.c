@@ -300,17 +300,23 @@ PyObject *accel_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t n
 /* -- send: the check at queue time ----------------------------------------------------------- */
 
 static PyObject *packb; /* msgpack.packb, set once by protocol.message (setup_encode) */
-static PyObject *packb_kwnames, *front_name, *raw_name;
+static PyObject *check_python; /* protocol.message.check_outgoing_python: words the errors */
+static PyObject *packb_kwnames, *front_name, *ceph_peer_name;
 
 PyObject *accel_setup_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 1 || !PyCallable_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "setup_encode(packb)");
+    if (nargs != 2 || !PyCallable_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "setup_encode(packb, check_outgoing_python)");
         return NULL;
     }
     if (!packb_kwnames && !(packb_kwnames = Py_BuildValue("(s)", "use_bin_type"))) return NULL;
+    if (!front_name && (!(front_name = PyUnicode_InternFromString("front")) ||
+                        !(ceph_peer_name = PyUnicode_InternFromString("ceph_peer"))))
+        return NULL;
     Py_INCREF(args[0]);
     Py_XSETREF(packb, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(check_python, args[1]);
     Py_RETURN_NONE;
 }
 
@@ -333,39 +339,24 @@ static PyObject *encode_front(PyObject *front, int raw) {
     return b;
 }
 
-/* check_message(msg, ceph_peer) -> bool
- *
- * protocol.message.check_outgoing, compiled, for a message it can vouch for: True when
- * every header field the sender sets is in range and the front is encoded (and cached in
- * msg._front, as encoded_front caches it). False, with nothing changed but a cached
- * front, when check_outgoing must look (and raise the worded error): an asyncmsgr
- * message for a Ceph peer, a field out of range or not an int, a front it cannot encode. */
-PyObject *accel_check_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "check_message(msg, ceph_peer)");
-        return NULL;
-    }
-    if (!packb) {
-        PyErr_SetString(PyExc_RuntimeError, "check_message before setup_encode");
-        return NULL;
-    }
-    PyObject *msg = args[0];
-    if (!front_name && (!(front_name = PyUnicode_InternFromString("front")) ||
-                        !(raw_name = PyUnicode_InternFromString("raw"))))
-        return NULL;
+/* 1: every header field the sender sets is in range and the front is encoded (and
+ * cached in msg._front, as encoded_front caches it); 0: check_outgoing_python must look
+ * (an asyncmsgr message for a Ceph peer, a field out of range or not an int, a front
+ * this cannot encode), nothing changed; -1: error set. */
+static int vouch(PyObject *msg, int ceph_peer) {
     PyObject *a[N_ATTRS] = {NULL};
-    PyObject *result = Py_False, *front = NULL, *enc = NULL;
+    PyObject *front = NULL, *enc = NULL;
+    int result = 0;
     /* the header fields check_outgoing packs (seq and ack_seq are the session's) */
     static const int checked[] = {A_TID, A_TYPE, A_PRIORITY, A_VERSION, A_FLAGS, A_COMPAT};
     for (size_t k = 0; k < sizeof checked / sizeof checked[0]; k++)
         if (!(a[checked[k]] = PyObject_GetAttr(msg, attr_names[checked[k]]))) goto refuse;
-    if (!(a[A_RAW] = PyObject_GetAttr(msg, raw_name)) ||
+    if (!(a[A_RAW] = PyObject_GetAttr(msg, attr_names[A_RAW])) ||
         !(a[A_FRONT] = PyObject_GetAttr(msg, attr_names[A_FRONT])))
         goto refuse;
     int raw = a[A_RAW] == Py_True;
     if (!raw && a[A_RAW] != Py_False) goto done;
-    if (!raw && PyObject_IsTrue(args[1])) goto done; /* asyncmsgr message, Ceph peer */
+    if (!raw && ceph_peer) goto done; /* an asyncmsgr message for a Ceph peer */
     for (size_t k = 0; k < sizeof checked / sizeof checked[0]; k++) {
         unsigned long long v;
         int i = checked[k];
@@ -380,13 +371,44 @@ PyObject *accel_check_message(PyObject *self, PyObject *const *args, Py_ssize_t 
     } else if (!PyBytes_CheckExact(a[A_FRONT])) {
         goto done;
     }
-    result = Py_True;
+    result = 1;
     goto done;
 refuse:
-    if (PyErr_ExceptionMatches(PyExc_MemoryError)) result = NULL; else PyErr_Clear();
+    if (PyErr_ExceptionMatches(PyExc_MemoryError)) result = -1; else PyErr_Clear();
 done:
     for (int i = 0; i < N_ATTRS; i++) Py_XDECREF(a[i]);
     Py_XDECREF(front);
     Py_XDECREF(enc);
-    return Py_XNewRef(result);
+    return result;
+}
+
+/* check_outgoing(msg, ceph_peer=False) -> None
+ *
+ * protocol.message.check_outgoing, compiled: returns at once for a message it can vouch
+ * for; anything else goes to check_outgoing_python, which raises the worded
+ * LocalProtocolError (or finds nothing wrong), so every message is judged as before. */
+PyObject *accel_check_outgoing(PyObject *self, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames) {
+    (void)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *peer = nargs > 1 ? args[1] : Py_False;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs < 1 || nargs + nkw > 2 || (nkw && (nargs != 1 ||
+            PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, 0), ceph_peer_name) != 0))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "check_outgoing(msg, ceph_peer=False)");
+        return NULL;
+    }
+    if (nkw) peer = args[1];
+    if (!check_python) {
+        PyErr_SetString(PyExc_RuntimeError, "check_outgoing before setup_encode");
+        return NULL;
+    }
+    int ceph_peer = PyObject_IsTrue(peer);
+    if (ceph_peer < 0) return NULL;
+    int r = vouch(args[0], ceph_peer);
+    if (r < 0) return NULL;
+    if (r) Py_RETURN_NONE;
+    PyObject *argv[2] = {args[0], ceph_peer ? Py_True : Py_False};
+    return PyObject_Vectorcall(check_python, argv, 2, NULL);
 }

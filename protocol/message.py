@@ -77,8 +77,6 @@ _unpackb = msgpack.unpackb
 #: the compiled header + frame builder, or None on the pure-Python path
 _encode_message = None if ACCEL is None else ACCEL.encode_message
 _encode_batch = None if ACCEL is None else ACCEL.encode_batch
-#: check_outgoing's checks, compiled (False: let the Python checks word the error)
-_check_message = None if ACCEL is None else ACCEL.check_message
 _pack_header = HEADER2.pack
 _unpack_header = HEADER2.unpack
 _HEADER_SIZE = HEADER2.size
@@ -168,19 +166,16 @@ def encode_header(msg: Message) -> bytes:
     return _pack(msg, msg.seq, msg.ack_seq)
 
 
-def check_outgoing(msg: Message, ceph_peer: bool = False) -> None:
+def check_outgoing_python(msg: Message, ceph_peer: bool = False) -> None:
     """Raise ``LocalProtocolError`` now if ``msg`` cannot be encoded (header fields out of
     range, a front that is not msgpack-able or, for a Ceph message, not bytes), or if it
     is an asyncmsgr message and the peer is known to be a Ceph daemon. Call it when the
     message is queued, so the sender hears of its mistake instead of the session failing
-    later, after the message took a sequence number. The front encoding is cached."""
-    if _check_message is not None and _check_message(msg, ceph_peer):
-        return  # the compiled twin vouched for it (and cached the front)
-    check_outgoing_python(msg, ceph_peer)
+    later, after the message took a sequence number. The front encoding is cached.
 
-
-def check_outgoing_python(msg: Message, ceph_peer: bool = False) -> None:
-    """:func:`check_outgoing` in Python: the reference, and the one that words errors."""
+    :data:`check_outgoing` is this, or its compiled twin (``protocol._accel``), which
+    passes a message it can vouch for at once and hands every other one to this
+    function, so errors are worded here alone."""
     if ceph_peer and not msg.raw:
         refuse_ceph_peer(msg)
     _pack(msg, 0, 0)  # packing is the range check (seq/ack are the session's)
@@ -330,9 +325,11 @@ def decode_messages_python(mv: memoryview, start: int, end: int, segment_max: in
 
 if ACCEL is None:
     decode_messages = decode_messages_python
+    check_outgoing = check_outgoing_python
 else:
     # What the compiled batch builds and calls: the same class and the same unpackb, so
     # both paths make the same objects and refuse the same fronts.
     ACCEL.setup_decode(Message, _unpackb, _MSGPACK_ERRORS)
-    ACCEL.setup_encode(_packb)
+    ACCEL.setup_encode(_packb, check_outgoing_python)
     decode_messages = ACCEL.decode_messages
+    check_outgoing = ACCEL.check_outgoing

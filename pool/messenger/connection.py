@@ -102,7 +102,8 @@ class AsyncConnection(SocketIO):
         assert self.session is not None
         self.session.queue(msg)
         if self.state is ConnState.READY:
-            self.schedule_flush()
+            if not self._flush_scheduled:  # (schedule_flush's own test, without its call)
+                self.schedule_flush()
         elif self.state is ConnState.STANDBY and not self.policy.server:
             self.start_connect()
         elif self.state is ConnState.STANDBY and not self.outgoing:

@@ -382,12 +382,13 @@ odd = st.sampled_from([1.5, "7", None])
     st.fixed_dictionaries({k: ints | odd for k in ("tid", "priority", "version", "flags",
                                                    "compat_version")})), st.booleans())
 @settings(max_examples=examples(400), deadline=None)
-def test_check_message_agrees_with_check_outgoing(msg: Message, ceph_peer: bool) -> None:
+def test_compiled_check_outgoing_agrees_with_check_outgoing_python(msg: Message, ceph_peer: bool) -> None:
     """Passed by both (the same front cached), or refused by both with the same error."""
     import copy
 
     from protocol.message import check_outgoing, check_outgoing_python
 
+    assert A is not None and check_outgoing is A.check_outgoing
     outcomes = []
     for check, m in ((check_outgoing, msg), (check_outgoing_python, copy.copy(msg))):
         try:
@@ -396,3 +397,16 @@ def test_check_message_agrees_with_check_outgoing(msg: Message, ceph_peer: bool)
         except LocalProtocolError as err:
             outcomes.append(("error", err.code, err.reason))
     assert outcomes[0] == outcomes[1]
+
+
+def test_compiled_check_outgoing_takes_its_arguments_as_the_python_one_does() -> None:
+    assert A is not None
+    A.check_outgoing(Message(1, "x"))
+    A.check_outgoing(Message(1, b"x", raw=True), True)
+    with pytest.raises(LocalProtocolError, match="Ceph daemon"):
+        A.check_outgoing(Message(1, "x"), ceph_peer=True)
+    for bad in ((), (Message(1), False, 1)):
+        with pytest.raises(TypeError):
+            A.check_outgoing(*bad)
+    with pytest.raises(TypeError):
+        A.check_outgoing(Message(1), peer=True)  # type: ignore[call-arg]

@@ -164,10 +164,10 @@ _UNDER_ASAN = textwrap.dedent("""
             if t >= 0 and (raw or t <= 0x7FFF):
                 m.encoded_front()
             batch.append(m)
-        A.setup_encode(msgpack.packb)
+        A.setup_encode(msgpack.packb, lambda m, peer: None)
         for m in batch + [Message(1, {1, 2}), Message(True, None), Message(1, b"x", raw=True)]:
-            A.check_message(m, False)
-            A.check_message(m, True)
+            A.check_outgoing(m)
+            A.check_outgoing(m, ceph_peer=True)
         out = []
         A.encode_batch(batch, 0, True, out)
         A.encode_batch(batch, 3, False, out)
