@@ -100,6 +100,9 @@ static PyMethodDef methods[] = {
      " -> (messages, ends, max_ack)"},
     {"setup_decode", (PyCFunction)(void (*)(void))accel_setup_decode, METH_FASTCALL,
      "setup_decode(message_class, unpackb, errors): what decode_messages builds and calls."},
+    {"new_buffer", accel_new_buffer, METH_O,
+     "new_buffer(size) -> bytearray: receive memory, not zeroed (the decoder reads only "
+     "what the socket wrote)."},
     {"setup_encode", (PyCFunction)(void (*)(void))accel_setup_encode, METH_FASTCALL,
      "setup_encode(packb, check_outgoing_python): what check_outgoing encodes fronts with, "
      "and what it leaves the rest (and every error) to."},

@@ -49,6 +49,7 @@ static inline uint64_t rd64(const unsigned char *p) {
 
 /* _accel_receive.c */
 int accel_receive_init(void);
+PyObject *accel_new_buffer(PyObject *self, PyObject *arg);
 PyObject *accel_scan_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *accel_setup_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *accel_decode_messages(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

@@ -193,30 +193,35 @@ int accel_send_init(void) {
     return 0;
 }
 
-/* A growing buffer of joined frames, handed to `out` as one bytes object. */
-typedef struct { unsigned char *p; Py_ssize_t len, cap; } joined_t;
-
-static unsigned char *joined_room(joined_t *j, Py_ssize_t n) {
-    if (j->len + n > j->cap) {
-        Py_ssize_t cap = j->cap ? j->cap : 4096;
-        while (cap < j->len + n) cap *= 2;
-        unsigned char *p = PyMem_Realloc(j->p, (size_t)cap);
-        if (!p) { PyErr_NoMemory(); return NULL; }
-        j->p = p; j->cap = cap;
-    }
-    unsigned char *at = j->p + j->len;
-    j->len += n;
-    return at;
-}
+/* Frames joined into one bytes object, written in place: a buffer sized for the frames
+ * left (if they are like this one; JOINED_MIN to JOINED_CAP, at least one frame's head) is
+ * filled and, once the next piece does not fit, trimmed to what it holds and appended
+ * to `out`. Each byte is copied once, into it. */
+#define JOINED_CAP (64 * 1024)
+#define JOINED_MIN 4096
+typedef struct { PyObject *b; Py_ssize_t len, left; } joined_t;
 
 static int joined_flush(joined_t *j, PyObject *out) {
-    if (!j->len) return 0;
-    PyObject *b = PyBytes_FromStringAndSize((const char *)j->p, j->len);
-    if (!b) return -1;
+    if (!j->b) return 0;
+    PyObject *b = j->b;
+    j->b = NULL;
+    if (j->len != PyBytes_GET_SIZE(b) && _PyBytes_Resize(&b, j->len) < 0) return -1;
     int r = PyList_Append(out, b);
     Py_DECREF(b);
-    j->len = 0;
     return r;
+}
+
+static unsigned char *joined_room(joined_t *j, Py_ssize_t n, PyObject *out) {
+    if (j->b && j->len + n > PyBytes_GET_SIZE(j->b) && joined_flush(j, out) < 0) return NULL;
+    if (!j->b) {
+        Py_ssize_t cap = j->left > JOINED_CAP / n ? JOINED_CAP : j->left * n;
+        cap = cap < JOINED_MIN ? JOINED_MIN : cap;
+        if (!(j->b = PyBytes_FromStringAndSize(NULL, cap > n ? cap : n))) return NULL;
+        j->len = 0;
+    }
+    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(j->b) + j->len;
+    j->len += n;
+    return at;
 }
 
 /* Encode one message into j (and out, for split data). 1: done; 0: not for the batch
@@ -244,7 +249,7 @@ static int batch_one(PyObject *msg, int asyncmsgr, joined_t *j, PyObject *out) {
     layout_t lo;
     unsigned char *at;
     if (frame_layout(HEADER2_SIZE, PyBytes_GET_SIZE(a[A_FRONT]), d.len, &lo) < 0 ||
-        !(at = joined_room(j, lo.head))) {
+        !(at = joined_room(j, lo.head, out))) {
         PyBuffer_Release(&d);
         r = -1;
         goto done;
@@ -254,7 +259,7 @@ static int batch_one(PyObject *msg, int asyncmsgr, joined_t *j, PyObject *out) {
     r = 1;
     if (lo.split) {  /* [joined so far + head] [data, not copied] [epilogue ...] */
         if (joined_flush(j, out) < 0 || PyList_Append(out, a[A_DATA]) < 0 ||
-            !(at = joined_room(j, EPILOGUE_SIZE)))
+            !(at = joined_room(j, EPILOGUE_SIZE, out)))
             r = -1;
         else
             memcpy(at, epi, EPILOGUE_SIZE);
@@ -289,11 +294,12 @@ PyObject *accel_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t n
     joined_t j = {NULL, 0, 0};
     int r = 1;
     for (; i < PyList_GET_SIZE(msgs); i++) {
+        j.left = PyList_GET_SIZE(msgs) - i;
         r = batch_one(PyList_GET_ITEM(msgs, i), asyncmsgr, &j, out);
         if (r <= 0) break;
     }
     if (r >= 0 && joined_flush(&j, out) < 0) r = -1;
-    PyMem_Free(j.p);
+    Py_XDECREF(j.b);
     return r < 0 ? NULL : PyLong_FromSsize_t(i);
 }
 

@@ -28,6 +28,9 @@ _unpack_epilogue = EPILOGUE.unpack_from
 _unpack_u32 = U32.unpack_from
 if ACCEL is not None:
     _scan = ACCEL.scan_message  # the compiled MESSAGE-frame scan
+#: receive memory: not zeroed where the extension can make it so (the decoder reads only
+#: below ``_end``, what the socket wrote), a zeroed bytearray otherwise
+_new_buffer = bytearray if ACCEL is None else ACCEL.new_buffer
 
 # Parsed preamble: (tag, nseg, len0, len1, len2, len3, flags, total on-wire size).
 _Header = tuple[int, int, int, int, int, int, int, int]
@@ -149,7 +152,7 @@ class FrameDecoder:
         self._control_max = limits.control_max
         self._segment_max = limits.segment_max
         self._data_max = limits.data_max
-        self._buf = bytearray(chunk_size)
+        self._buf = _new_buffer(chunk_size)
         self._mv = memoryview(self._buf)
         self._start = 0  # first byte not yet returned (as banner or frame)
         self._end = 0  # first byte not yet received
@@ -249,7 +252,7 @@ class FrameDecoder:
     def _rotate(self, size: int) -> None:
         """Retire the current chunk: allocate a fresh one and move the leftover bytes."""
         leftover = self._mv[self._start:self._end]
-        buf = bytearray(size)
+        buf = _new_buffer(size)
         n = len(leftover)
         buf[:n] = leftover
         self._buf = buf
@@ -260,7 +263,7 @@ class FrameDecoder:
 
     def _enter_big(self, hdr: _Header) -> None:
         """Give the (validated, size-capped) pending frame its own exact-size buffer."""
-        big = bytearray(hdr[7])
+        big = _new_buffer(hdr[7])
         have = self._end - self._start
         big[:have] = self._mv[self._start:self._end]
         self._big = big

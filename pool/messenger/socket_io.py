@@ -170,6 +170,15 @@ class SocketIO(ConnStateMachine):
             nread += n
             if n < len(buf):
                 break
+            # The lent tail is full: parse it before asking for more room, or the next
+            # get_buffer would move every byte not yet parsed into a fresh chunk (with
+            # a backlog, a copy of up to a chunk per read).
+            msgr.bytes_in += nread
+            nread = 0
+            self.last_active = self.center.now()
+            self._process()
+            if self.sock is not sock or self.wire is not wire or self.reading_paused:
+                return
         if nread:
             msgr.bytes_in += nread
             self.last_active = self.center.now()

@@ -410,3 +410,16 @@ def test_compiled_check_outgoing_takes_its_arguments_as_the_python_one_does() ->
             A.check_outgoing(*bad)
     with pytest.raises(TypeError):
         A.check_outgoing(Message(1), peer=True)  # type: ignore[call-arg]
+
+
+def test_new_buffer_is_receive_memory_of_the_size_asked() -> None:
+    assert A is not None
+    from protocol import frame_decoder
+
+    assert frame_decoder._new_buffer is A.new_buffer
+    b = A.new_buffer(1000)
+    assert type(b) is bytearray and len(b) == 1000
+    memoryview(b)[10:20] = b"x" * 10  # writable like any chunk
+    assert b[10:20] == b"x" * 10 and A.new_buffer(0) == bytearray()
+    with pytest.raises(ValueError):
+        A.new_buffer(-1)
