@@ -36,12 +36,20 @@ def test_median_over_rounds_and_errors() -> None:
 def test_target_lines_say_met_or_not() -> None:
     rows = [_row("asyncmsgr", rps_w128=100.0, cpu_us_per_req=3.0, rtt_p50_us=50.0),
             _row("uvloop", rps_w128=100.0), _row("pyzmq", rps_w128=60.0),
-            _row("epoll", cpu_us_per_req=2.0), _row("asyncio", rtt_p50_us=50.0)]
-    lines = {line.split("  ")[1]: line for line in bench_tcp.target_lines(rows)[1:]}
+            _row("epoll", cpu_us_per_req=2.0), _row("asyncio", rtt_p50_us=50.0),
+            _row("asyncmsgr-secure", cpu_us_per_req=4.5)]
+    text = bench_tcp.target_lines(rows)
+    assert text[0] == "\ntargets at 64 B (asyncmsgr / peer):"
+    lines = {line.split("  ")[1]: line for line in text[1:]}
     assert lines["req/s w128 vs uvloop"].endswith("1.00x  (target >= 1.0x: met)")
     assert lines["req/s w128 vs pyzmq"].endswith("1.67x  (target >= 2.0x: NOT met)")
-    assert lines["server CPU/req vs epoll"].endswith("1.50x  (target <= 1.2x: NOT met)")
-    assert lines["w1 RTT p50 vs asyncio"].endswith("1.00x  (target <= 1.1x: met)")
+    assert lines["server CPU/req vs epoll"].endswith("1.50x  (target <= 1.5x: met)")
+    assert lines["w1 RTT p50 vs asyncio"].endswith("1.00x  (target <= 1.2x: met)")
+    assert lines["secure CPU/req vs crc"].endswith("1.50x  (target <= 1.3x: NOT met)")
+    big = [dict(r, payload=4096) for r in rows[:2]]
+    assert bench_tcp.target_lines(rows + big)[-2:] == [
+        "\ntargets at 4096 B (asyncmsgr / peer):",
+        "  req/s w128 vs uvloop        1.00x  (target >= 1.0x: met)"]
 
 
 @pytest.mark.timeout(90)

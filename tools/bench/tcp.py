@@ -142,12 +142,15 @@ def register(sub: Any) -> None:
 
 
 _FIGURES = ("rps_w1", "rtt_p50_us", "rtt_p99_us", "rps_w128", "cpu_us_per_req", "peak_rss_kb")
-# (what, figure, peer, target ratio asyncmsgr / peer, True when the ratio must be >= it)
+# Issue 16's targets: (what, figure, peer, target, True when the ratio must be >= it).
+# The ratio is asyncmsgr / peer, except for a peer named "X/asyncmsgr": then it is X's
+# figure over asyncmsgr's (secure mode against crc mode).
 _TARGETS = (
     ("req/s w128 vs uvloop", "rps_w128", "uvloop", 1.0, True),
     ("req/s w128 vs pyzmq", "rps_w128", "pyzmq", 2.0, True),
-    ("server CPU/req vs epoll", "cpu_us_per_req", "epoll", 1.2, False),
-    ("w1 RTT p50 vs asyncio", "rtt_p50_us", "asyncio", 1.1, False),
+    ("server CPU/req vs epoll", "cpu_us_per_req", "epoll", 1.5, False),
+    ("w1 RTT p50 vs asyncio", "rtt_p50_us", "asyncio", 1.2, False),
+    ("secure CPU/req vs crc", "cpu_us_per_req", "asyncmsgr-secure/asyncmsgr", 1.3, False),
 )
 
 
@@ -169,20 +172,26 @@ def median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Issue 5's targets at 64 B, read from ``rows``: ratio, target, met or not."""
-    by = {r["server"]: r for r in rows if r.get("payload") == 64 and "rps_w128" in r}
-    base = by.get("asyncmsgr")
-    lines = []
-    for what, fig, peer, target, higher in _TARGETS:
-        other = by.get(peer)
-        if base is None or other is None or not other[fig]:
-            continue
-        ratio = base[fig] / other[fig]
-        met = ratio >= target if higher else ratio <= target
-        sign = ">=" if higher else "<="
-        lines.append(f"  {what:<26} {ratio:5.2f}x  (target {sign} {target}x: "
-                     f"{'met' if met else 'NOT met'})")
-    return ["\ntargets at 64 B (asyncmsgr / peer):", *lines] if lines else []
+    """Issue 16's targets, at each payload measured, read from ``rows``: ratio, target,
+    met or not."""
+    out: list[str] = []
+    for payload in sorted({r.get("payload") for r in rows if "rps_w128" in r}):
+        by = {r["server"]: r for r in rows if r.get("payload") == payload and "rps_w128" in r}
+        base = by.get("asyncmsgr")
+        lines = []
+        for what, fig, peer, target, higher in _TARGETS:
+            inverse = peer.endswith("/asyncmsgr")
+            other = by.get(peer.split("/")[0])
+            if base is None or other is None or not other[fig] or not base[fig]:
+                continue
+            ratio = other[fig] / base[fig] if inverse else base[fig] / other[fig]
+            met = ratio >= target if higher else ratio <= target
+            sign = ">=" if higher else "<="
+            lines.append(f"  {what:<26} {ratio:5.2f}x  (target {sign} {target}x: "
+                         f"{'met' if met else 'NOT met'})")
+        if lines:
+            out += [f"\ntargets at {payload} B (asyncmsgr / peer):", *lines]
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
