@@ -289,7 +289,7 @@ class Exchange:
         advance, on_receive = dec.advance, s.on_receive
         ready = State.READY
         for msg, nxt in zip(msgs, ends):
-            if self.state is not ready or not advance(at, nxt):
+            if self.state is not ready or not advance(mv, at, nxt):
                 return  # closed, or the stream moved under a stale batch
             at = nxt
             if on_receive(msg.seq):

@@ -43,7 +43,6 @@ _EMPTY_VIEW = memoryview(b"")
 _MIN_TAIL = 2048
 
 
-
 def scan_message_python(mv: memoryview, start: int, end_avail: int, segment_max: int,
                         data_max: int) -> tuple[int, tuple[memoryview, ...]] | None:
     """``(new_start, segments)`` of a whole, valid MESSAGE frame of 1, 2 or 4 segments
@@ -393,11 +392,12 @@ class FrameDecoder:
             return None
         return self._mv, self._start, self._end, self._segment_max, self._data_max
 
-    def advance(self, expect: int, to: int) -> bool:
+    def advance(self, chunk: memoryview, expect: int, to: int) -> bool:
         """Consume up to offset ``to`` of the span :meth:`message_span` returned, if
-        nothing moved since (the first unconsumed byte is still at ``expect``); False,
-        and nothing consumed, if it did: the batch is stale."""
-        if self._start != expect or self._hdr is not None or self._big is not None:
+        nothing moved since (the same chunk, its first unconsumed byte still at
+        ``expect``); False, and nothing consumed, if it did: the batch is stale."""
+        if (self._start != expect or self._mv is not chunk or self._hdr is not None
+                or self._big is not None):
             return False
         self._start = to
         return True

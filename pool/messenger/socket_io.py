@@ -177,7 +177,8 @@ class SocketIO(ConnStateMachine):
             nread = 0
             self.last_active = self.center.now()
             self._process()
-            if self.sock is not sock or self.wire is not wire or self.reading_paused:
+            if (self.sock is not sock or self.wire is not wire or self.reading_paused
+                    or self._migrating):
                 return
         if nread:
             msgr.bytes_in += nread

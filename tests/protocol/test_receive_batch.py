@@ -222,3 +222,16 @@ def test_a_control_frame_ahead_keeps_its_place_in_the_order() -> None:
     ev = server.next_event()
     assert type(ev).__name__ == "KeepaliveReceived"
     assert [m.front for m in server.received_messages()] == ["after the keepalive"]
+
+
+def test_advance_refuses_a_span_of_another_chunk() -> None:
+    """A batch is stale once its chunk was retired, even where the offsets still match."""
+    one = _stream([Message(1, "a", seq=1)])
+    dec = _decoder(one)
+    span = dec.message_span()
+    assert span is not None
+    mv, start, _, _, _ = span
+    retired = memoryview(bytearray(len(mv)))  # same size, same offsets, another chunk
+    assert not dec.advance(retired, start, start + len(one))
+    assert not dec.advance(mv, start + 1, start + len(one))  # the stream moved
+    assert dec.advance(mv, start, start + len(one)) and dec.buffered == 0
