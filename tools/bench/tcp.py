@@ -175,7 +175,7 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Issue 16's targets, at each payload measured, read from ``rows``: ratio, target,
     met or not."""
     out: list[str] = []
-    for payload in sorted({r.get("payload") for r in rows if "rps_w128" in r}):
+    for payload in sorted({int(r["payload"]) for r in rows if "rps_w128" in r}):
         by = {r["server"]: r for r in rows if r.get("payload") == payload and "rps_w128" in r}
         base = by.get("asyncmsgr")
         lines = []
