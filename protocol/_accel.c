@@ -1,8 +1,9 @@
-/* protocol._accel: the compiled twin of the per-message msgr2.1 frame path.
+/* protocol._accel: the compiled twin of the per-message msgr2.1 path; this file holds
+ * CRC-32C and the module, _accel_receive.c and _accel_send.c the two directions.
  *
- * Same bytes and the same decisions as the pure-Python reference in protocol/frames.py
- * (FrameDecoder.next_message, encode_message_frame) and protocol/crc.py; the differential
- * tests in tests/protocol/test_accel.py hold the two to that. Python stays the reference:
+ * Same bytes and the same decisions as the pure-Python reference (protocol/crc.py,
+ * frame_decoder.py, frame_encoder.py, message.py); the differential tests in
+ * tests/protocol/test_accel.py hold the two to that. Python stays the reference:
  * everything rare (control frames, big frames, errors and their wording) is left to it.
  *
  * CRC-32C: the SSE4.2 crc32 instruction where the CPU has it (checked once at import with

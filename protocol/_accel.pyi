@@ -1,4 +1,4 @@
-"""Types of the compiled per-message frame path (protocol/_accel.c)."""
+"""Types of the compiled per-message path (protocol/_accel.c, _accel_receive.c, _accel_send.c)."""
 
 from collections.abc import Callable
 from typing import Any

@@ -1,10 +1,11 @@
 """Which implementation of the per-message frame path runs: compiled or pure Python.
 
 ``protocol._accel`` (C, built by setup.py when it can be) is the compiled twin of
-:func:`protocol.frames.encode_message_frame`, the fast path of
-:meth:`protocol.frames.FrameDecoder.next_message` and :func:`protocol.crc.crc32c`; the
-pure-Python code stays the reference, and the differential tests hold the two to the
-same bytes and decisions. ``ASYNCMSGR_NO_EXTENSIONS=1`` forces pure Python (the
+:func:`protocol.crc.crc32c`, :func:`protocol.frames.encode_message_frame`, the fast path
+of :meth:`protocol.frames.FrameDecoder.next_message`, and the per-message batches of
+:mod:`protocol.message`: ``decode_messages`` (receive), ``encode_messages`` and
+``check_outgoing`` (send); the pure-Python code stays the reference (the ``*_python``
+functions), and the differential tests hold the two to the same bytes and decisions. ``ASYNCMSGR_NO_EXTENSIONS=1`` forces pure Python (the
 aiohttp/yarl convention); a missing build falls back and :data:`REASON` says why.
 """
 
