@@ -35,9 +35,9 @@ _ASYNCMSGR = feat.ASYNCMSGR
 # assigned, not imported: a method call on an imported name is compiled as an attribute
 # load plus a bound method per call (CPython 3.11), and the pump runs per control frame
 _row = TRANSITIONS.get
+_local_row = LOCAL_TRANSITIONS.get
 #: messages decoded per batch call: bounds the work done ahead of a consumer that stops
 _BATCH = 64
-_local_row = LOCAL_TRANSITIONS.get
 
 
 class Exchange:
@@ -283,9 +283,7 @@ class Exchange:
             return
         s = self.session
         assert s is not None
-        sent = s.sent
-        if sent and sent[0].seq <= max_ack:
-            s.on_ack(max_ack)  # acks are cumulative: the batch's highest covers the rest
+        s.on_ack(max_ack)  # acks are cumulative: the batch's highest covers the rest
         advance, on_receive = dec.advance, s.on_receive
         ready = State.READY
         for msg, nxt in zip(msgs, ends):

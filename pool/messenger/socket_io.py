@@ -148,7 +148,6 @@ class SocketIO(ConnStateMachine):
             return
         msgr = self.msgr
         inject = self._inject
-        nread = 0
         for _ in range(_READS_PER_WAKEUP):
             buf = wire.get_buffer()
             if inject and msgr.rng.randrange(inject) == 0:
@@ -157,7 +156,7 @@ class SocketIO(ConnStateMachine):
             try:
                 n = sock.read_into(buf)
             except BlockingIOError:
-                break
+                return
             except OSError as err:
                 msgr.count_socket_error(err)
                 self.fault(f"read failed: {err.strerror or err}")
@@ -167,23 +166,15 @@ class SocketIO(ConnStateMachine):
                 self.fault("peer closed the connection")
                 return
             wire.buffer_updated(n)
-            nread += n
-            if n < len(buf):
-                break
-            # The lent tail is full: parse it before asking for more room, or the next
-            # get_buffer would move every byte not yet parsed into a fresh chunk (with
-            # a backlog, a copy of up to a chunk per read).
-            msgr.bytes_in += nread
-            nread = 0
+            msgr.bytes_in += n
             self.last_active = self.center.now()
+            # Parse each read before the next: once the lent tail is full, the next
+            # get_buffer would otherwise move every byte not yet parsed into a fresh
+            # chunk (with a backlog, a copy of up to a chunk per read).
             self._process()
-            if (self.sock is not sock or self.wire is not wire or self.reading_paused
-                    or self._migrating):
+            if (n < len(buf) or self.sock is not sock or self.wire is not wire
+                    or self.reading_paused or self._migrating):
                 return
-        if nread:
-            msgr.bytes_in += nread
-            self.last_active = self.center.now()
-            self._process()
 
     def _set_reading(self, on: bool) -> None:
         """Register READABLE when ``on`` and no pause reason holds. A stack that reports
