@@ -142,15 +142,14 @@ def register(sub: Any) -> None:
 
 
 _FIGURES = ("rps_w1", "rtt_p50_us", "rtt_p99_us", "rps_w128", "cpu_us_per_req", "peak_rss_kb")
-# Issue 16's targets: (what, figure, peer, target, True when the ratio must be >= it).
-# The ratio is asyncmsgr / peer, except for a peer named "X/asyncmsgr": then it is X's
-# figure over asyncmsgr's (secure mode against crc mode).
+# Issue 16's targets: (what, figure, numerator, denominator, target, True when the
+# ratio numerator / denominator must be >= it).
 _TARGETS = (
-    ("req/s w128 vs uvloop", "rps_w128", "uvloop", 1.0, True),
-    ("req/s w128 vs pyzmq", "rps_w128", "pyzmq", 2.0, True),
-    ("server CPU/req vs epoll", "cpu_us_per_req", "epoll", 1.5, False),
-    ("w1 RTT p50 vs asyncio", "rtt_p50_us", "asyncio", 1.2, False),
-    ("secure CPU/req vs crc", "cpu_us_per_req", "asyncmsgr-secure/asyncmsgr", 1.3, False),
+    ("req/s w128 vs uvloop", "rps_w128", "asyncmsgr", "uvloop", 1.0, True),
+    ("req/s w128 vs pyzmq", "rps_w128", "asyncmsgr", "pyzmq", 2.0, True),
+    ("server CPU/req vs epoll", "cpu_us_per_req", "asyncmsgr", "epoll", 1.5, False),
+    ("w1 RTT p50 vs asyncio", "rtt_p50_us", "asyncmsgr", "asyncio", 1.2, False),
+    ("secure CPU/req vs crc", "cpu_us_per_req", "asyncmsgr-secure", "asyncmsgr", 1.3, False),
 )
 
 
@@ -177,14 +176,12 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     out: list[str] = []
     for payload in sorted({int(r["payload"]) for r in rows if "rps_w128" in r}):
         by = {r["server"]: r for r in rows if r.get("payload") == payload and "rps_w128" in r}
-        base = by.get("asyncmsgr")
         lines = []
-        for what, fig, peer, target, higher in _TARGETS:
-            inverse = peer.endswith("/asyncmsgr")
-            other = by.get(peer.split("/")[0])
-            if base is None or other is None or not other[fig] or not base[fig]:
+        for what, fig, num, den, target, higher in _TARGETS:
+            a, b = by.get(num), by.get(den)
+            if a is None or b is None or not b[fig]:
                 continue
-            ratio = other[fig] / base[fig] if inverse else base[fig] / other[fig]
+            ratio = a[fig] / b[fig]
             met = ratio >= target if higher else ratio <= target
             sign = ">=" if higher else "<="
             lines.append(f"  {what:<26} {ratio:5.2f}x  (target {sign} {target}x: "
