@@ -91,3 +91,22 @@ def fork_child(fn: Callable[[], None]) -> int:
             code = 1
         os._exit(code)
     return pid
+
+
+def echo_until_eof(conn: ConnectedSocket, limit: float = DEADLINE) -> None:
+    """Send back whatever arrives on ``conn`` (64 KiB at a time) until the peer's EOF."""
+    echo = Flow(conn, b"")
+    pending = bytearray()
+
+    def step() -> bool:
+        echo.step()
+        pending.extend(echo.got)
+        echo.got.clear()
+        while pending:
+            try:
+                del pending[: conn.send([bytes(pending[:65536])])]
+            except (BlockingIOError, BrokenPipeError):
+                break
+        return echo.eof
+
+    pump([conn], step, limit)

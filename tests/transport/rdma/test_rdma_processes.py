@@ -17,6 +17,7 @@ from tests.transport.rdma.support import (
     DEADLINE,
     LEN,
     Flow,
+    echo_until_eof,
     fork_child,
     pump,
     raises,
@@ -50,21 +51,7 @@ def test_two_process_echo(tmpdir_path: str) -> None:
         while conn is None:
             wait_readable([server.fileno()], deadline)
             conn = server.accept()
-        echo = Flow(conn, b"")
-        pending = bytearray()
-
-        def step() -> bool:
-            echo.step()
-            pending.extend(echo.got)
-            echo.got.clear()
-            while pending:
-                try:
-                    del pending[: conn.send([bytes(pending[:65536])])]
-                except (BlockingIOError, BrokenPipeError):
-                    break
-            return echo.eof
-
-        pump([conn], step, 60)
+        echo_until_eof(conn, 60)
         conn.close()
     finally:
         _, status = os.waitpid(pid, 0)
@@ -263,21 +250,7 @@ def test_processor_hands_the_side_channel_to_a_worker_process(tmpdir_path: str) 
         _, fds = recv_fds(worker_ctl, 16, 1)
         ws = RdmaStack("softverbs", chunk_size=4096, rx_chunks=4, tx_chunks=4)
         conn = ws.adopt(_socket.socket(fileno=fds[0]))
-        echo = Flow(conn, b"")
-        pending = bytearray()
-
-        def step() -> bool:
-            echo.step()
-            pending.extend(echo.got)
-            echo.got.clear()
-            while pending:
-                try:
-                    del pending[: conn.send([bytes(pending)])]
-                except BlockingIOError:
-                    break
-            return echo.eof
-
-        pump([conn], step)
+        echo_until_eof(conn)
         conn.close()
         ws.close()
 
